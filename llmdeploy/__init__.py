@@ -1,0 +1,34 @@
+"""llmdeploy: compress, evaluate and deploy large language models.
+
+>>> import llmdeploy
+>>> model, tok = llmdeploy.load("tiny-llama")
+>>> model = llmdeploy.quant.RTN(bits=4, group_size=32)(model)
+"""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+from . import compress, data, eval, quant, recipe  # noqa: E402
+from .compress import Compose, Compressor, applied_recipe  # noqa: E402
+from .models import ZOO, get_adapter, load, save  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ZOO",
+    "Compose",
+    "Compressor",
+    "__version__",
+    "applied_recipe",
+    "compress",
+    "data",
+    "eval",
+    "get_adapter",
+    "load",
+    "quant",
+    "recipe",
+    "save",
+]

