@@ -1,0 +1,134 @@
+"""``llmdeploy compress | eval | info | demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("llmdeploy.cli")
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    import llmdeploy
+    from llmdeploy import recipe as recipes
+    from llmdeploy.data import calibration
+
+    compose, settings = recipes.load_with_settings(args.recipe)
+    model, tok = llmdeploy.load(args.model)
+    calib = None
+    if compose.needs_calibration:
+        calib = calibration(
+            tok,
+            args.calib_corpus or settings.get("corpus", "shakespeare"),
+            n_samples=args.n_samples or settings.get("n_samples", 128),
+            seq_len=args.seq_len or settings.get("seq_len", 512),
+            seed=args.seed if args.seed is not None else settings.get("seed", 0),
+        )
+    model = compose(model, calib)
+    out = llmdeploy.save(model, tok, args.output)
+    fp = llmdeploy.eval.footprint(model)
+    print(f"saved {out}: {fp.bits_per_param:.3f} bits/param overall, "
+          f"{fp.compressed_bits_per_param:.3f} in compressed modules")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import llmdeploy
+
+    model, tok = llmdeploy.load(args.model)
+    result: dict = {"model": args.model, "footprint": llmdeploy.eval.footprint(model).to_dict()}
+    for corpus in args.ppl or []:
+        r = llmdeploy.eval.perplexity(model, tok, corpus=corpus, seq_len=args.seq_len,
+                                      max_windows=args.max_windows, batch_size=args.batch_size)
+        result.setdefault("perplexity", {})[corpus] = r.to_dict()
+        print(f"{corpus}: ppl {r.ppl:.3f} over {r.n_tokens} tokens ({r.n_windows} windows of "
+              f"{r.seq_len}) in {r.seconds:.1f}s")
+    fp = result["footprint"]
+    print(f"bits/param: {fp['bits_per_param']:.3f} overall; parameters: {fp['params']:,}; "
+          f"memory: {fp['bytes'] / 2**20:.1f} MiB")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import llmdeploy
+    from llmdeploy.models.checkpoint import read_manifest
+
+    path = Path(args.dir)
+    manifest = read_manifest(path)
+    model, _ = llmdeploy.load(path)
+    fp = llmdeploy.eval.footprint(model)
+    disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"{path}")
+    print(f"  architecture: {model.config.model_type} ({type(model).__name__})")
+    print("  applied:" + ("" if manifest["recipe"] else " nothing (dense)"))
+    for step in manifest["recipe"]:
+        args_ = ", ".join(f"{k}={v}" for k, v in step.items() if k != "method")
+        print(f"    - {step['method']}({args_})")
+    print(f"  compressed modules: {len(manifest['modules'])}")
+    print(f"  parameters (dense equivalent): {fp.params:,}")
+    print(f"  bits/param: {fp.bits_per_param:.3f} overall, "
+          f"{fp.compressed_bits_per_param:.3f} in compressed modules")
+    print(f"  size: {fp.bytes / 2**20:.1f} MiB in memory, {disk / 2**20:.1f} MiB on disk")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, model_name=args.model, seq_len=args.seq_len, max_windows=args.windows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmdeploy", description="Compress, evaluate and deploy LLMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="apply a recipe to a model and save it")
+    c.add_argument("model", help="zoo name, HF directory/id, .gguf file or saved directory")
+    c.add_argument("--recipe", required=True, help="YAML recipe file or built-in recipe name")
+    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--calib-corpus", default=None, help="calibration corpus (default: shakespeare)")
+    c.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128)")
+    c.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512)")
+    c.add_argument("--seed", type=int, default=None)
+    c.set_defaults(func=_cmd_compress)
+
+    e = sub.add_parser("eval", help="evaluate a model (perplexity, footprint)")
+    e.add_argument("model")
+    e.add_argument("--ppl", action="append", metavar="CORPUS", help="perplexity on CORPUS's test split")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-windows", type=int, default=None)
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--json", default=None, help="write the results to this JSON file")
+    e.set_defaults(func=_cmd_eval)
+
+    i = sub.add_parser("info", help="what was applied to a saved model, its size and bits/param")
+    i.add_argument("dir")
+    i.set_defaults(func=_cmd_info)
+
+    d = sub.add_parser("demo", help="dense vs RTN 8/4/3-bit vs mixed precision on the embedded model")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--out", default="demo_results")
+    d.add_argument("--seq-len", type=int, default=512)
+    d.add_argument("--windows", type=int, default=32, help="perplexity windows per configuration")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from llmdeploy.errors import LLMDeployError
+
+    try:
+        return args.func(args)
+    except LLMDeployError as e:
+        print(f"llmdeploy: error: {e}", file=sys.stderr)
+        return 2

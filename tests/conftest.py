@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+FAMILIES = ["tiny-llama", "tiny-opt", "tiny-qwen2"]
+
+TEXT = (
+    "Now is the winter of our discontent made glorious summer by this sun of York; "
+    "and all the clouds that lour'd upon our house in the deep bosom of the ocean buried. "
+)
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    """A small local text file corpus (train: first 90% of lines, test: the rest)."""
+    lines = [f"{i}: {TEXT[(i * 7) % 50:]}{TEXT[: (i * 13) % 60]}" for i in range(400)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def ids_for(tok, n=2, seq=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, len(tok) - 3, (n, seq), generator=g)
