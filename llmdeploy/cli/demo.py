@@ -16,12 +16,15 @@ from ..quant import RTN
 
 log = logging.getLogger(__name__)
 
+# SmolLM2-135M's hidden size is 576 = 4.5 x 128, so groups of 128 do not divide it: the demo
+# uses groups of 64 (576 = 9 x 64, 1536 = 24 x 64).
+DEMO_GROUP = 64
 DEMO_CONFIGS: list[tuple[str, Compressor | None]] = [
     ("dense fp32", None),
-    ("RTN 8-bit g128", RTN(bits=8, group_size=128)),
-    ("RTN 4-bit g128", RTN(bits=4, group_size=128)),
-    ("RTN 3-bit g128", RTN(bits=3, group_size=128)),
-    ("mixed 4-bit, down_proj 8-bit", RTN(bits=4, group_size=128, overrides={"down_proj": 8, "fc2": 8})),
+    ("RTN 8-bit g64", RTN(bits=8, group_size=DEMO_GROUP)),
+    ("RTN 4-bit g64", RTN(bits=4, group_size=DEMO_GROUP)),
+    ("RTN 3-bit g64", RTN(bits=3, group_size=DEMO_GROUP)),
+    ("mixed: 4-bit g64, down_proj 8-bit", RTN(bits=4, group_size=DEMO_GROUP, overrides={"down_proj": 8, "fc2": 8})),
 ]
 
 
@@ -41,7 +44,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def run_demo(out_dir: str = "demo_results", model_name: str = "smollm2-135m", seq_len: int = 512,
-             max_windows: int | None = 32) -> list[dict]:
+             max_windows: int | None = 16) -> list[dict]:
     """Compress ``model_name`` with each demo configuration, measure, print and save a table."""
     t0 = time.perf_counter()
     dense, tok = load(model_name)

@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--out", default="demo_results")
     d.add_argument("--seq-len", type=int, default=512)
-    d.add_argument("--windows", type=int, default=32, help="perplexity windows per configuration")
+    d.add_argument("--windows", type=int, default=16, help="perplexity windows per configuration")
     d.set_defaults(func=_cmd_demo)
     return p
 

@@ -1,0 +1,37 @@
+import json
+
+import torch
+
+import llmdeploy
+from llmdeploy.cli.main import main
+
+from .conftest import ids_for
+
+
+def test_compress_info_eval(tmp_path, capsys, text_corpus):
+    rec = tmp_path / "r.yaml"
+    rec.write_text("- method: rtn\n  bits: 4\n  group_size: 32\n")
+    out = tmp_path / "out"
+    assert main(["compress", "tiny-llama", "--recipe", str(rec), "-o", str(out)]) == 0
+    model, tok = llmdeploy.load(out)
+    ref, _ = llmdeploy.load("tiny-llama")
+    llmdeploy.quant.RTN(bits=4, group_size=32)(ref)
+    ids = ids_for(tok)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "rtn(bits=4, group_size=32" in text and "bits/param" in text
+
+    js = tmp_path / "r.json"
+    assert main(["eval", str(out), "--ppl", text_corpus, "--seq-len", "64", "--json", str(js)]) == 0
+    result = json.loads(js.read_text())
+    assert result["perplexity"][text_corpus]["ppl"] > 1
+
+
+def test_cli_errors_are_clear(capsys, tmp_path):
+    assert main(["eval", "no-such-model"]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    assert main(["info", str(tmp_path / "junk")]) == 2
+    assert "not a directory written by llmdeploy.save" in capsys.readouterr().err
