@@ -32,9 +32,10 @@ def footprint(model: nn.Module) -> Footprint:
     seen: set[int] = set()
     params = total_bits = 0
     comp_params = comp_bits = 0
-    compressed = {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
     inside = set()
-    for name, mod in compressed.items():
+    for mod in model.modules():
+        if not isinstance(mod, CompressedModule):
+            continue
         bits = mod.storage_bits()
         comp_params += mod.nominal_params()
         comp_bits += bits
