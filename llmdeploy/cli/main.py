@@ -39,18 +39,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import llmdeploy
 
     model, tok = llmdeploy.load(args.model)
-    result: dict = {"model": args.model, "footprint": llmdeploy.eval.footprint(model).to_dict()}
-    for corpus in args.ppl or []:
-        r = llmdeploy.eval.perplexity(model, tok, corpus=corpus, seq_len=args.seq_len,
-                                      max_windows=args.max_windows, batch_size=args.batch_size)
-        result.setdefault("perplexity", {})[corpus] = r.to_dict()
-        print(f"{corpus}: ppl {r.ppl:.3f} over {r.n_tokens} tokens ({r.n_windows} windows of "
-              f"{r.seq_len}) in {r.seconds:.1f}s")
-    fp = result["footprint"]
+    speed = False
+    if args.speed:
+        speed = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
+    result = llmdeploy.eval.evaluate(
+        model, tok, name=args.name, model_name=args.model, ppl=args.ppl or [], seq_len=args.seq_len,
+        max_windows=args.max_windows, tasks=",".join(args.tasks or []), limit=args.limit,
+        speed=speed, batch_size=args.batch_size,
+    )
+    for corpus, r in result.perplexity.items():
+        print(f"{corpus}: ppl {r['ppl']:.3f} over {r['n_tokens']} tokens ({r['n_windows']} windows "
+              f"of {r['seq_len']}) in {r['seconds']:.1f}s")
+    for task, metrics in result.zero_shot.items():
+        print(f"{task}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if "stderr" not in k))
+    if result.speed:
+        s = result.speed
+        print("speed: prefill " + ", ".join(f"b{b} {v:.0f} tok/s" for b, v in s["prefill_tokens_per_s"].items())
+              + "; decode " + ", ".join(f"b{b} {v:.1f} tok/s" for b, v in s["decode_tokens_per_s"].items())
+              + f"; p50 {s['latency_ms_p50']:.1f} ms/token, p95 {s['latency_ms_p95']:.1f}; "
+              f"peak memory +{s['peak_memory_mb']:.0f} MiB")
+    fp = result.footprint
     print(f"bits/param: {fp['bits_per_param']:.3f} overall; parameters: {fp['params']:,}; "
-          f"memory: {fp['bytes'] / 2**20:.1f} MiB")
+          f"memory: {fp['bytes'] / 2**20:.1f} MiB; disk: {fp['disk_bytes'] / 2**20:.1f} MiB")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        result.save(args.json)
+        print(f"results written to {args.json}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from llmdeploy.report import build_report
+
+    md = build_report(args.results_dir, args.out)
+    print(md.read_text())
     return 0
 
 
@@ -105,8 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=2048)
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--tasks", action="append", metavar="T1,T2",
+                   help="zero-shot lm-eval tasks (e.g. shakespeare_nextline,shakespeare_lastword,piqa)")
+    e.add_argument("--limit", type=int, default=None, help="items per zero-shot task")
+    e.add_argument("--speed", action="store_true", help="measure prefill/decode speed and memory")
+    e.add_argument("--prompt-len", type=int, default=128)
+    e.add_argument("--new-tokens", type=int, default=32)
+    e.add_argument("--name", default=None, help="name of this row in reports")
     e.add_argument("--json", default=None, help="write the results to this JSON file")
     e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("report", help="Markdown table and plots from a folder of result JSON files")
+    r.add_argument("results_dir")
+    r.add_argument("--out", default=None, help="output folder (default: the results folder)")
+    r.set_defaults(func=_cmd_report)
 
     i = sub.add_parser("info", help="what was applied to a saved model, its size and bits/param")
     i.add_argument("dir")

@@ -8,6 +8,7 @@ they replace. Tied tensors are counted once.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from torch import nn
 
@@ -17,33 +18,51 @@ from ..compress.modules import CompressedModule
 @dataclass
 class Footprint:
     params: int  # nominal parameters (dense equivalent)
-    bytes: int  # bytes held in memory by parameters and buffers (tied tensors once)
+    bytes: int  # bytes of the state dict in memory (tied tensors once)
     compressed_params: int  # nominal parameters of the compressed modules
     compressed_bytes: int  # bytes those modules hold
     bits_per_param: float  # whole model
     compressed_bits_per_param: float  # compressed modules only (nan if none)
+    disk_bytes: int | None = None  # size of the safetensors file a save writes (if measured)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def footprint(model: nn.Module) -> Footprint:
-    """Parameters, bytes in memory and bits per parameter of ``model``."""
+def disk_bytes(model: nn.Module) -> int:
+    """Bytes of the safetensors file that :func:`llmdeploy.save` writes for ``model``."""
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "model.safetensors"
+        save_model(model, str(path))
+        return path.stat().st_size
+
+
+def footprint(model: nn.Module, *, disk: bool = False) -> Footprint:
+    """Parameters, bytes in memory and bits per parameter of ``model``.
+
+    With ``disk=True`` the model's weights are also written to a temporary safetensors file to
+    measure their size on disk.
+    """
     seen: set[int] = set()
     params = total_bits = 0
     comp_params = comp_bits = 0
-    inside = set()
-    for mod in model.modules():
-        if not isinstance(mod, CompressedModule):
+    prefixes = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, CompressedModule):
+            comp_params += mod.nominal_params()
+            comp_bits += mod.storage_bits()
+            prefixes.append(name + ".")
+    # What a checkpoint holds: the state dict (non-persistent buffers such as rotary tables are
+    # recomputed, not stored), tied tensors once.
+    for key, t in model.state_dict(keep_vars=True).items():
+        if any(key.startswith(p) for p in prefixes):
             continue
-        bits = mod.storage_bits()
-        comp_params += mod.nominal_params()
-        comp_bits += bits
-        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-            inside.add(t.data_ptr())
-    for t in list(model.parameters()) + list(model.buffers()):
         ptr = t.data_ptr()
-        if ptr in seen or ptr in inside:
+        if ptr in seen:
             continue
         seen.add(ptr)
         total_bits += t.numel() * t.element_size() * 8
@@ -58,4 +77,5 @@ def footprint(model: nn.Module) -> Footprint:
         compressed_bytes=comp_bits // 8,
         bits_per_param=total_bits / max(params, 1),
         compressed_bits_per_param=comp_bits / comp_params if comp_params else float("nan"),
+        disk_bytes=disk_bytes(model) if disk else None,
     )

@@ -1,0 +1,163 @@
+"""Offline zero-shot tasks built from the Shakespeare test plays, run through lm-eval as local
+JSON tasks (``dataset_path: json``), so zero-shot accuracy needs no hub.
+
+- ``shakespeare_nextline`` (multiple choice, acc / acc_norm): given a passage of consecutive
+  lines of a test play, pick the true next line among 4; the 3 distractors are lines drawn from
+  *other* test works (so style alone does not give the answer away), all distinct from the
+  answer and from each other; the answer's position is uniform over the 4 slots.
+- ``shakespeare_lastword`` (LAMBADA-style, acc / perplexity): given a passage, predict the last
+  word of its last line (a word of at least 4 letters; trailing punctuation is dropped). acc is
+  1 when that word is the greedy continuation, as in lambada_openai.
+
+Items are drawn from the test split only (never seen in calibration), deterministically for a
+seed; the defaults give 300 items per task. ``task_dir()`` writes the JSONL data and the task
+YAMLs (data, not code) into the cache and returns the folder to pass to lm-eval's
+``--include_path``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+from ..data.corpora import shakespeare_files, shakespeare_split, work_key
+from ..fetch import cache_dir
+
+TASK_NAMES = ("shakespeare_nextline", "shakespeare_lastword")
+TASKS_VERSION = 1
+CONTEXT_LINES = 6
+_WORD_END = re.compile(r"^(.*\S)\s+([A-Za-z][a-z]{3,})([^A-Za-z0-9]*)$")
+
+
+def _play_lines() -> dict[str, list[str]]:
+    """Non-empty, stripped lines of each test-split file, by file name."""
+    files = {p.name: p for p in shakespeare_files()}
+    out = {}
+    for name in shakespeare_split()["test"]:
+        text = files[name].read_text(encoding="utf-8", errors="replace")
+        out[name] = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return out
+
+
+def _is_verse(line: str) -> bool:
+    return len(line.split()) >= 4
+
+
+def build_nextline(n_items: int = 300, seed: int = 0, context_lines: int = CONTEXT_LINES) -> list[dict]:
+    """Items ``{"context", "choices" (4 lines), "label", "play"}`` of the next-line task."""
+    rng = random.Random(seed)
+    plays = _play_lines()
+    names = sorted(plays)
+    pool = {n: [ln for ln in plays[n] if _is_verse(ln)] for n in names}
+    items: list[dict] = []
+    seen: set[tuple[str, int]] = set()
+    while len(items) < n_items:
+        play = rng.choice(names)
+        lines = plays[play]
+        i = rng.randrange(context_lines, len(lines))
+        if (play, i) in seen:
+            continue
+        seen.add((play, i))
+        answer, context = lines[i], lines[i - context_lines : i]
+        if not _is_verse(answer) or answer in context:
+            continue
+        others = [n for n in names if work_key(n) != work_key(play)]
+        distractors: list[str] = []
+        while len(distractors) < 3:
+            cand = rng.choice(pool[rng.choice(others)])
+            if cand != answer and cand not in distractors and cand not in context:
+                distractors.append(cand)
+        label = rng.randrange(4)
+        choices = distractors[:label] + [answer] + distractors[label:]
+        items.append({"context": "\n".join(context), "choices": choices, "label": label, "play": play})
+    return items
+
+
+def build_lastword(n_items: int = 300, seed: int = 0, context_lines: int = CONTEXT_LINES) -> list[dict]:
+    """Items ``{"context", "target" (" word"), "play"}`` of the last-word task."""
+    rng = random.Random(seed + 1)
+    plays = _play_lines()
+    names = sorted(plays)
+    items: list[dict] = []
+    seen: set[tuple[str, int]] = set()
+    while len(items) < n_items:
+        play = rng.choice(names)
+        lines = plays[play]
+        i = rng.randrange(context_lines, len(lines))
+        if (play, i) in seen:
+            continue
+        seen.add((play, i))
+        m = _WORD_END.match(lines[i])
+        if m is None or not _is_verse(lines[i]):
+            continue
+        context = "\n".join(lines[i - context_lines : i] + [m.group(1)])
+        items.append({"context": context, "target": " " + m.group(2), "play": play})
+    return items
+
+
+def _yaml_nextline(data: Path) -> str:
+    return f"""task: shakespeare_nextline
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: "\\n"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {TASKS_VERSION}
+"""
+
+
+def _yaml_lastword(data: Path) -> str:
+    return f"""task: shakespeare_lastword
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {json.dumps(str(data))}
+output_type: loglikelihood
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+metric_list:
+  - metric: perplexity
+    aggregation: perplexity
+    higher_is_better: false
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: {TASKS_VERSION}
+"""
+
+
+def task_dir(n_items: int = 300, seed: int = 0, root: str | Path | None = None) -> Path:
+    """Write the offline tasks (JSONL + lm-eval YAML) and return their folder (cached)."""
+    folder = Path(root) if root is not None else cache_dir() / "tasks" / f"v{TASKS_VERSION}-n{n_items}-s{seed}"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, build, render in (
+        ("shakespeare_nextline", build_nextline, _yaml_nextline),
+        ("shakespeare_lastword", build_lastword, _yaml_lastword),
+    ):
+        data = folder / f"{name}.jsonl"
+        tmp = data.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(item) + "\n" for item in build(n_items, seed)))
+        tmp.replace(data)
+        (folder / f"{name}.yaml").write_text(render(data.resolve()))
+    done.write_text("ok\n")
+    return folder
