@@ -8,11 +8,15 @@ from llmdeploy.quant.dynamic_int8 import int8_matmul, quantize_per_row
 from .conftest import ids_for
 
 
-@pytest.mark.parametrize("rows", [3, 40])
-def test_int8_matmul_is_exact(rows):
-    a = torch.randint(-127, 128, (rows, 96), dtype=torch.int8)
-    b = torch.randint(-127, 128, (24, 96), dtype=torch.int8)
-    assert torch.equal(int8_matmul(a, b), a.long().mm(b.long().T).int())
+@pytest.mark.parametrize("rows,k", [(3, 96), (40, 96), (5, 2500)])
+def test_int8_matmul_is_exact(rows, k):
+    a = torch.randint(-127, 128, (rows, k), dtype=torch.int8)
+    b = torch.randint(-127, 128, (24, k), dtype=torch.int8)
+    a[0] = 127  # worst case: the largest possible sums
+    b[0] = 127
+    got = int8_matmul(a, b)
+    assert got.dtype == torch.int32
+    assert torch.equal(got, a.long().mm(b.long().T).int())
 
 
 @pytest.mark.parametrize("bias", [False, True])

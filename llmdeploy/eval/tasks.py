@@ -6,8 +6,10 @@ JSON tasks (``dataset_path: json``), so zero-shot accuracy needs no hub.
   *other* test works (so style alone does not give the answer away), all distinct from the
   answer and from each other; the answer's position is uniform over the 4 slots.
 - ``shakespeare_lastword`` (LAMBADA-style, acc / perplexity): given a passage, predict the last
-  word of its last line (a word of at least 4 letters; trailing punctuation is dropped). acc is
-  1 when that word is the greedy continuation, as in lambada_openai.
+  word of its last line (a word of at least 4 letters; trailing punctuation is dropped). As in
+  LAMBADA, the passage carries what is needed to guess it: only lines whose last word already
+  occurs earlier in the passage are used. acc is 1 when that word is the greedy continuation,
+  as in lambada_openai.
 
 Items are drawn from the test split only (never seen in calibration), deterministically for a
 seed; the defaults give 300 items per task. ``task_dir()`` writes the JSONL data and the task
@@ -26,8 +28,8 @@ from ..data.corpora import shakespeare_files, shakespeare_split, work_key
 from ..fetch import cache_dir
 
 TASK_NAMES = ("shakespeare_nextline", "shakespeare_lastword")
-TASKS_VERSION = 1
-CONTEXT_LINES = 6
+TASKS_VERSION = 2
+CONTEXT_LINES = 8
 _WORD_END = re.compile(r"^(.*\S)\s+([A-Za-z][a-z]{3,})([^A-Za-z0-9]*)$")
 
 
@@ -92,7 +94,11 @@ def build_lastword(n_items: int = 300, seed: int = 0, context_lines: int = CONTE
         m = _WORD_END.match(lines[i])
         if m is None or not _is_verse(lines[i]):
             continue
-        context = "\n".join(lines[i - context_lines : i] + [m.group(1)])
+        before = lines[i - context_lines : i] + [m.group(1)]
+        words = {w.lower() for w in re.findall(r"[A-Za-z']+", " ".join(before))}
+        if m.group(2).lower() not in words:
+            continue
+        context = "\n".join(before)
         items.append({"context": context, "target": " " + m.group(2), "play": play})
     return items
 

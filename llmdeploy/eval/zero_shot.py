@@ -69,7 +69,11 @@ def zero_shot(
         tasks = [t for t in tasks.split(",") if t]
     t0 = time.perf_counter()
     lm = wrap_for_lm_eval(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    manager = TaskManager(include_path=str(task_dir(n_items=n_items, seed=seed)))
+    # Indexing lm-eval's thousands of built-in task files takes seconds: skip it when only the
+    # offline tasks are asked for.
+    only_offline = all(t in OFFLINE_TASKS for t in tasks)
+    manager = TaskManager(include_path=str(task_dir(n_items=n_items, seed=seed)),
+                          include_defaults=not only_offline)
     was_training = model.training
     model.eval()
     out = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit,

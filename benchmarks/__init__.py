@@ -1,0 +1,1 @@
+"""Benchmarks of llmdeploy: speed and quality goals live here, not in timed tests."""
