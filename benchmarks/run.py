@@ -1,6 +1,6 @@
 """Run the scoreboard: every registered method on the embedded model with a fixed protocol.
 
-    python -m benchmarks.run --suite quick     # ~10-15 minutes on 2 cores
+    python -m benchmarks.run --suite quick     # ~12 minutes on 2 cores
     python -m benchmarks.run --suite full      # an hour or two
     python -m benchmarks.run --suite quick --only rtn-w4-g64   # re-run one row
 
@@ -35,7 +35,7 @@ MODEL = "smollm2-135m"
 CALIB = {"corpus": "shakespeare", "n_samples": 128, "seq_len": 512, "seed": 0}
 SEQ_LEN = 512
 SUITES = {
-    "quick": {"max_windows": 16, "limit": 40, "speed": {"prompt_len": 64, "new_tokens": 8, "repeats": 3}},
+    "quick": {"max_windows": 16, "limit": 24, "speed": {"prompt_len": 64, "new_tokens": 8, "repeats": 3}},
     "full": {"max_windows": 128, "limit": None, "speed": {"prompt_len": 128, "new_tokens": 32, "repeats": 5}},
 }
 RESULTS = Path(__file__).resolve().parent / "results"
