@@ -1,6 +1,6 @@
 """Run the scoreboard: every registered method on the embedded model with a fixed protocol.
 
-    python -m benchmarks.run --suite quick     # ~12 minutes on 2 cores
+    python -m benchmarks.run --suite quick     # ~14 minutes on 2 cores (13.5 measured)
     python -m benchmarks.run --suite full      # an hour or two
     python -m benchmarks.run --suite quick --only rtn-w4-g64   # re-run one row
 
@@ -47,7 +47,10 @@ def preamble(suite: str) -> str:
         f"Model `{MODEL}` (SmolLM2-135M-Instruct; its GGUF stores the decoder linears as Q4_1, groups "
         f"of 32, so the dense fp32 weights already lie on a 4-bit grid). Perplexity: shakespeare test "
         f"split, seq_len {SEQ_LEN}, first {s['max_windows']} windows. Zero-shot: offline tasks, "
-        f"{s['limit'] or 'all 300'} items each, lm-eval, 0-shot; accuracies in %. Calibration: "
+        f"{s['limit'] or 'all 300'} items each, lm-eval, 0-shot; accuracies in %"
+        + (f" (with {s['limit']} items one standard error is about 10 points: use the full suite "
+           "to compare accuracies)" if s["limit"] else "")
+        + ". Calibration: "
         f"{CALIB['n_samples']} x {CALIB['seq_len']} tokens of the shakespeare train split, seed "
         f"{CALIB['seed']}. Speed: fp32 on CPU, {torch.get_num_threads()} threads, prefill of "
         f"{s['speed']['prompt_len']} tokens, {s['speed']['new_tokens']} greedy decode steps, medians of "
@@ -56,6 +59,10 @@ def preamble(suite: str) -> str:
         "embedding is 28 M of the 135 M parameters). `python -m benchmarks.run --suite "
         f"{suite}` regenerates this file."
     )
+
+
+def write_report(suite: str, out: Path) -> Path:
+    return build_report(out, title=f"Scoreboard — {suite} suite", preamble=preamble(suite))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         result.save(out / f"{method.name}.json")
         log.info("%s: %s", method.name, result.markdown_row())
         del model
-    md = build_report(out, title=f"Scoreboard — {args.suite} suite", preamble=preamble(args.suite))
+    md = write_report(args.suite, out)
     log.info("done in %.0fs: %s", time.perf_counter() - t0, md)
     print(md.read_text())
     return 0

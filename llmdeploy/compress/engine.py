@@ -24,6 +24,9 @@ from ..models.adapters import ModelAdapter, get_adapter
 log = logging.getLogger(__name__)
 
 
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+
+
 class _Captured(Exception):
     """Raised by the hook on block 0 once its inputs are stored: the rest of the model is skipped."""
 
@@ -125,7 +128,9 @@ def capture_block_inputs(
         kw = dict(kw)
         hidden = args[0] if args else kw.pop("hidden_states")
         inputs.append(hidden.detach().to(store_device))
-        kwargs.append(to_device({k: v for k, v in kw.items() if k != "past_key_values" and k != "past_key_value"}, store_device))
+        # No KV cache while calibrating: each block is re-run on the same inputs.
+        kw = {k: v for k, v in kw.items() if k not in _CACHE_KWARGS}
+        kwargs.append(to_device(kw, store_device))
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
