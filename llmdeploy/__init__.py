@@ -11,7 +11,7 @@ import logging
 
 __version__ = "0.1.0"
 
-from . import compress, data, eval, quant, recipe  # noqa: E402
+from . import compress, data, eval, prune, quant, recipe  # noqa: E402
 from .compress import Compose, Compressor, applied_recipe  # noqa: E402
 from .models import ZOO, get_adapter, load, save  # noqa: E402
 
@@ -28,6 +28,7 @@ __all__ = [
     "eval",
     "get_adapter",
     "load",
+    "prune",
     "quant",
     "recipe",
     "save",

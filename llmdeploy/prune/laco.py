@@ -1,0 +1,127 @@
+"""LaCo, layer collapse (Yang et al., 2024): fold runs of later layers into an earlier one.
+
+Reserving-Differences-while-Seeking-Common (RDSC): folding layers ``l+1 … l+C-1`` into ``l``
+gives every parameter ``θ* = θ_l + Σ_{k=1}^{C-1} (θ_{l+k} − θ_l)``, each difference taken
+against the *original* ``θ_l``. (The official notebook accumulates into the tensor it is
+reading from, which turns the merge into plain layer dropping; this is the paper's formula.)
+
+The greedy search goes from the top of the network down: fold at ``l``; if the cosine
+similarity between the folded and the original model's last hidden states on a few
+calibration texts stays above ``threshold``, keep the fold and move down by ``interval``,
+otherwise move down by one; stop at ``lowest`` or once ``target_layers`` remain. A trial swaps a
+single merged layer into the block list (no copy of the whole model).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress.base import Compressor, register_method
+from ..errors import ConfigError
+from ..models.adapters import get_adapter
+from .layers import per_layer_config_lists, replace_blocks
+
+log = logging.getLogger(__name__)
+
+
+def rdsc_merge(layers: list[nn.Module]) -> nn.Module:
+    """A copy of ``layers[0]`` with ``θ_0 + Σ_k (θ_k − θ_0)`` for every floating tensor."""
+    merged = copy.deepcopy(layers[0])
+    base = layers[0].state_dict()
+    others = [layer.state_dict() for layer in layers[1:]]
+    new_state = {}
+    for key, theta in base.items():
+        if theta.dtype.is_floating_point:
+            acc = theta.clone()
+            for sd in others:
+                acc += sd[key] - theta
+            new_state[key] = acc
+        else:
+            new_state[key] = theta
+    merged.load_state_dict(new_state)
+    return merged
+
+
+@torch.no_grad()
+def _last_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+
+@register_method("laco")
+@dataclass
+class LaCo(Compressor):
+    """Layer collapse with RDSC merges and a representation-similarity guard.
+
+    ``merge_layers`` (C) layers are folded per merge, ``interval`` (I) is the minimum distance
+    between merges, ``threshold`` (T) the cosine similarity a fold must keep, ``lowest`` (L) and
+    ``highest`` (H, default: the last layer) bound where merges happen, and the search stops once
+    ``target_layers`` remain. The similarity is measured on the first ``n_samples`` calibration
+    windows cut to ``sample_len`` tokens: the mean over tokens of the cosine similarity of the
+    final hidden states.
+    """
+
+    merge_layers: int = 4
+    interval: int = 2
+    threshold: float = 0.65
+    lowest: int = 1
+    highest: int | None = None
+    target_layers: int | None = None
+    n_samples: int = 5
+    sample_len: int = 256
+    needs_calibration = True
+
+    def validate(self, model: nn.Module) -> None:
+        n = len(get_adapter(model).blocks())
+        if self.merge_layers < 1:
+            raise ConfigError(f"laco: merge_layers must be >= 1, got {self.merge_layers}")
+        if self.interval < 1:
+            raise ConfigError(f"laco: interval must be >= 1, got {self.interval}")
+        high = n - 1 if self.highest is None else self.highest
+        if not 0 <= self.lowest <= high < n:
+            raise ConfigError(f"laco: need 0 <= lowest ({self.lowest}) <= highest ({high}) < {n} layers")
+        if self.target_layers is not None and not 0 < self.target_layers <= n:
+            raise ConfigError(f"laco: target_layers must be in 1..{n}, got {self.target_layers}")
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        adapter = get_adapter(model)
+        blocks = list(adapter.blocks())
+        n_original = len(blocks)
+        origins = list(range(n_original))
+        per_layer = per_layer_config_lists(model)
+        ids = calib[: self.n_samples, : self.sample_len].to(next(model.parameters()).device)
+        reference = _last_hidden(model, ids)
+        target = self.target_layers or 1
+        c = self.merge_layers
+        high = len(blocks) - 1 if self.highest is None else self.highest
+        l = high - c + 1  # noqa: E741 - the paper's name
+        self.merges_: list[dict] = []
+        while l >= self.lowest and len(blocks) > target and c > 1:
+            span = min(c, len(blocks) - l, len(blocks) - target + 1)
+            if span < 2:
+                l -= 1  # noqa: E741
+                continue
+            merged = rdsc_merge(blocks[l : l + span])
+            trial = blocks[:l] + [merged] + blocks[l + span :]
+            trial_origins = origins[:l] + [origins[l]] + origins[l + span :]
+            replace_blocks(model, trial, trial_origins, per_layer)
+            sim = F.cosine_similarity(_last_hidden(model, ids).float(), reference.float(), dim=-1).mean().item()
+            accepted = sim > self.threshold
+            log.info("LaCo: fold layers %s into %d: similarity %.4f -> %s",
+                     origins[l + 1 : l + span], origins[l], sim, "accept" if accepted else "reject")
+            if accepted:
+                self.merges_.append({"into": origins[l], "folded": origins[l + 1 : l + span], "similarity": sim})
+                blocks, origins = trial, trial_origins
+                l -= self.interval  # noqa: E741
+            else:
+                l -= 1  # noqa: E741
+        replace_blocks(model, blocks, origins, per_layer)
+        self.kept_ = origins
+        self.removed_ = [i for i in range(n_original) if i not in origins]
+        log.info("LaCo: %d layers remain (removed original layers %s)", len(blocks), self.removed_)
+        return model
