@@ -79,21 +79,26 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dense, tok = llmdeploy.load(MODEL)
     calib = None
+    state: dict = {}
     for method in methods:
         log.info("=== %s", method.name)
         t1 = time.perf_counter()
-        compressor = method.build()
+        compressor = method.build(state)
         model = dense
         if compressor is not None:
             if compressor.needs_calibration and calib is None:
                 calib = calibration(tok, **CALIB)
             model = compressor(copy.deepcopy(dense), calib)
+            state[method.name] = compressor
         compress_s = time.perf_counter() - t1
         result = evaluate(model, tok, name=method.name, model_name=MODEL, ppl=["shakespeare"],
                           seq_len=SEQ_LEN, max_windows=suite["max_windows"], tasks=list(OFFLINE_TASKS),
                           limit=suite["limit"], speed=suite["speed"])
         result.meta.update(suite=args.suite, compress_seconds=compress_s, note=method.note,
-                           calibration=CALIB)
+                           calibration=CALIB, layers=model.config.num_hidden_layers)
+        for attr in ("removed_", "merges_"):
+            if hasattr(compressor, attr):
+                result.meta[attr.rstrip("_")] = getattr(compressor, attr)
         result.save(out / f"{method.name}.json")
         log.info("%s: %s", method.name, result.markdown_row())
         del model

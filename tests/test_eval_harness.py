@@ -55,7 +55,7 @@ def test_evaluate_result_round_trip_and_report(tmp_path):
     assert again.to_dict() == json.loads(rows[1].to_json())
     assert again.recipe[0]["bits"] == 8 and "shakespeare" in again.perplexity
     row = again.markdown_row()
-    assert row.startswith("| w8 | 8.750 |") and f"{again.perplexity['shakespeare']['ppl']:.2f}" in row
+    assert row.startswith(f"| w8 | {again.footprint['params'] / 1e6:.1f} | 8.750 |") and f"{again.perplexity['shakespeare']['ppl']:.2f}" in row
     md = build_report(tmp_path / "res", tmp_path / "report", title="T")
     text = md.read_text()
     assert text.count("\n| w") == 3 and "pareto.png" in text

@@ -20,6 +20,14 @@ def test_rdsc_merge_matches_hand_computation():
     assert not any(p is q for p in merged.parameters() for q in layers[0].parameters())
 
 
+def test_fold_of_two_layers_keeps_the_upper_one():
+    model, _ = llmdeploy.load("tiny-qwen2")
+    a, b = model.model.layers[0], model.model.layers[1]
+    merged = rdsc_merge([a, b])  # θ_a + (θ_b − θ_a) = θ_b
+    for (n, x), (_, y) in zip(merged.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, msg=n)
+
+
 def test_fold_of_one_layer_is_identity():
     model, tok = llmdeploy.load("tiny-llama")
     layer = model.model.layers[1]

@@ -67,7 +67,7 @@ class EvalResult:
 
     @staticmethod
     def markdown_header(corpora: Sequence[str], tasks: Sequence[str], speed: bool) -> str:
-        cols = ["method", "bits/param (compressed)", "bits/param (model)", "size (MiB)"]
+        cols = ["method", "params (M)", "bits/param (compressed)", "bits/param (model)", "size (MiB)"]
         cols += [f"ppl {c}" for c in corpora]
         cols += [f"{t} ({HEADLINE_METRIC.get(t, 'acc')})" for t in tasks]
         if speed:
@@ -81,7 +81,7 @@ class EvalResult:
         speed = self.speed is not None if speed is None else speed
         fp = self.footprint
         cb = fp.get("compressed_bits_per_param", float("nan"))
-        cells = [self.name, "—" if _nan(cb) else f"{cb:.3f}", f"{fp.get('bits_per_param', float('nan')):.3f}",
+        cells = [self.name, f"{fp.get('params', 0) / 1e6:.1f}", "—" if _nan(cb) else f"{cb:.3f}", f"{fp.get('bits_per_param', float('nan')):.3f}",
                  f"{fp.get('bytes', 0) / 2**20:.1f}"]
         cells += [_fmt(self.perplexity.get(c, {}).get("ppl"), 2) for c in corpora]
         cells += [_fmt(self.task_score(t) * 100, 1) for t in tasks]

@@ -4,6 +4,9 @@ Reserving-Differences-while-Seeking-Common (RDSC): folding layers ``l+1 … l+C-
 gives every parameter ``θ* = θ_l + Σ_{k=1}^{C-1} (θ_{l+k} − θ_l)``, each difference taken
 against the *original* ``θ_l``. (The official notebook accumulates into the tensor it is
 reading from, which turns the merge into plain layer dropping; this is the paper's formula.)
+Note what the formula implies: with ``C = 2`` the fold is ``θ_l + (θ_{l+1} − θ_l) = θ_{l+1}``,
+i.e. layer ``l`` is dropped and ``l+1`` kept; merging starts to differ from dropping at ``C >= 3``
+(``θ_{l+1} + θ_{l+2} − θ_l``). The paper uses ``C = 4``.
 
 The greedy search goes from the top of the network down: fold at ``l``; if the cosine
 similarity between the folded and the original model's last hidden states on a few

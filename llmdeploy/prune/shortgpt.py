@@ -42,6 +42,7 @@ class ShortGPT(Compressor):
     """Drop the ``n_remove`` decoder layers with the lowest Block Influence."""
 
     n_remove: int = 1
+    n_samples: int | None = None  # calibration windows used (default: all)
     needs_calibration = True
 
     def validate(self, model: nn.Module) -> None:
@@ -50,7 +51,7 @@ class ShortGPT(Compressor):
             raise ConfigError(f"shortgpt: n_remove must be in 1..{n - 1} for {n} layers, got {self.n_remove}")
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
-        scores = block_influence(model, calib)
+        scores = block_influence(model, calib if self.n_samples is None else calib[: self.n_samples])
         remove = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[: self.n_remove])
         log.info("ShortGPT block influence %s; removing layers %s",
                  [round(s, 4) for s in scores], remove)
