@@ -108,6 +108,9 @@ def build_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
         raise FileNotFoundError(f"no result JSON files in {results_dir}")
     corpora = sorted({c for r in results for c in r.perplexity})
     parts = [f"# {title}\n", preamble.strip() + "\n" if preamble else "", markdown_table(results), ""]
+    notes = [f"- **{r.name}**: {r.meta['note']}" for r in results if r.meta.get("note")]
+    if notes:
+        parts += ["Notes:\n", "\n".join(notes), ""]
     if corpora and plot_pareto(results, corpora[0], out / "pareto.png"):
         parts.append("![perplexity vs bits per parameter](pareto.png)\n")
     if plot_accuracy(results, out / "accuracy_vs_size.png"):
