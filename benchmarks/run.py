@@ -1,6 +1,6 @@
 """Run the scoreboard: every registered method on the embedded model with a fixed protocol.
 
-    python -m benchmarks.run --suite quick     # ~14 minutes on 2 cores (13.5 measured)
+    python -m benchmarks.run --suite quick     # ~14 minutes on 2 cores (13.7 measured)
     python -m benchmarks.run --suite full      # an hour or two
     python -m benchmarks.run --suite quick --only rtn-w4-g64   # re-run one row
 
@@ -35,7 +35,7 @@ MODEL = "smollm2-135m"
 CALIB = {"corpus": "shakespeare", "n_samples": 128, "seq_len": 512, "seed": 0}
 SEQ_LEN = 512
 SUITES = {
-    "quick": {"max_windows": 16, "limit": 24, "speed": {"prompt_len": 64, "new_tokens": 8, "repeats": 3}},
+    "quick": {"max_windows": 8, "limit": 16, "speed": {"prompt_len": 64, "new_tokens": 4, "repeats": 2}},
     "full": {"max_windows": 128, "limit": None, "speed": {"prompt_len": 128, "new_tokens": 32, "repeats": 5}},
 }
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,7 +48,7 @@ def preamble(suite: str) -> str:
         f"of 32, so the dense fp32 weights already lie on a 4-bit grid). Perplexity: shakespeare test "
         f"split, seq_len {SEQ_LEN}, first {s['max_windows']} windows. Zero-shot: offline tasks, "
         f"{s['limit'] or 'all 300'} items each, lm-eval, 0-shot; accuracies in %"
-        + (f" (with {s['limit']} items one standard error is about 10 points: use the full suite "
+        + (f" (with {s['limit']} items one standard error is about 12 points: use the full suite "
            "to compare accuracies)" if s["limit"] else "")
         + ". Calibration: "
         f"{CALIB['n_samples']} x {CALIB['seq_len']} tokens of the shakespeare train split, seed "
@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         for attr in ("removed_", "merges_"):
             if hasattr(compressor, attr):
                 result.meta[attr.rstrip("_")] = getattr(compressor, attr)
+        if hasattr(compressor, "removed_"):
+            result.meta["note"] += f"; removed original layers {compressor.removed_}"
+        if getattr(compressor, "merges_", None):
+            sims = [round(m["similarity"], 3) for m in compressor.merges_]
+            result.meta["note"] += f"; accepted fold similarities {sims}"
         result.save(out / f"{method.name}.json")
         log.info("%s: %s", method.name, result.markdown_row())
         del model

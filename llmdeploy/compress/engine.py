@@ -197,30 +197,33 @@ def run_blockwise(
     was_training = model.training
     model.eval()
     outside = _move_outside_blocks(model, adapter, device)
-    blocks[0].to(device)
-    inputs, kwargs = capture_block_inputs(
-        model, calib, adapter, batch_size=batch_size, device=device, store_device=store_device
-    )
-    blocks[0].to(block_devices[0])
-    prefix = adapter.blocks_prefix()
-    for i in tqdm(range(len(blocks)), desc=desc, leave=False):
-        block = blocks[i]
-        for x in inputs:
-            if not torch.isfinite(x).all():
-                raise CalibrationDataError(
-                    f"the inputs of block {i} contain NaN or inf: the model (or a compressor applied "
-                    "to an earlier block) produced non-finite activations on the calibration data"
-                )
-        if record_inputs is not None:
-            record_inputs.append(torch.cat(inputs))
-        block.to(device)
-        ctx = BlockContext(i, f"{prefix}.{i}", block, adapter, inputs, kwargs, device)
-        if process is not None:
-            process(ctx)
-        inputs = ctx.forward(blocks[i])  # the (possibly replaced) block's outputs
-        blocks[i].to(block_devices[i])
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    _move_outside_blocks(model, adapter, outside)
-    model.train(was_training)
+    try:
+        blocks[0].to(device)
+        inputs, kwargs = capture_block_inputs(
+            model, calib, adapter, batch_size=batch_size, device=device, store_device=store_device
+        )
+        blocks[0].to(block_devices[0])
+        prefix = adapter.blocks_prefix()
+        for i in tqdm(range(len(blocks)), desc=desc, leave=False):
+            block = blocks[i]
+            for x in inputs:
+                if not torch.isfinite(x).all():
+                    raise CalibrationDataError(
+                        f"the inputs of block {i} contain NaN or inf: the model (or a compressor "
+                        "applied to an earlier block) produced non-finite activations on the "
+                        "calibration data"
+                    )
+            if record_inputs is not None:
+                record_inputs.append(torch.cat(inputs))
+            block.to(device)
+            ctx = BlockContext(i, f"{prefix}.{i}", block, adapter, inputs, kwargs, device)
+            if process is not None:
+                process(ctx)
+            inputs = ctx.forward(blocks[i])  # the (possibly replaced) block's outputs
+            blocks[i].to(block_devices[i])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:  # the model is left where it was, also after an error
+        _move_outside_blocks(model, adapter, outside)
+        model.train(was_training)
     return inputs
