@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from pathlib import Path
 
 from ..compress.base import Compressor
-from ..eval.footprint import footprint
-from ..eval.perplexity import perplexity
+from ..eval.results import EvalResult, evaluate
 from ..models.loading import load
 from ..quant import RTN
+from ..report import build_report
 
 log = logging.getLogger(__name__)
 
@@ -28,45 +27,26 @@ DEMO_CONFIGS: list[tuple[str, Compressor | None]] = [
 ]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = [
-        "| configuration | bits/param (quantized linears) | bits/param (model) | size (MiB) | perplexity | Δ vs dense |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    base = rows[0]["ppl"]
-    for r in rows:
-        lin = "—" if r["linear_bits"] != r["linear_bits"] else f"{r['linear_bits']:.3f}"
-        lines.append(
-            f"| {r['name']} | {lin} | {r['model_bits']:.3f} | {r['mib']:.1f} | {r['ppl']:.2f} | "
-            f"{r['ppl'] - base:+.2f} |"
-        )
-    return "\n".join(lines)
-
-
 def run_demo(out_dir: str = "demo_results", model_name: str = "smollm2-135m", seq_len: int = 512,
-             max_windows: int | None = 16) -> list[dict]:
-    """Compress ``model_name`` with each demo configuration, measure, print and save a table."""
+             max_windows: int | None = 16) -> list[EvalResult]:
+    """Compress ``model_name`` with each demo configuration, evaluate it with the shared harness
+    (perplexity and footprint), and write one JSON per configuration plus the report."""
     t0 = time.perf_counter()
     dense, tok = load(model_name)
-    rows = []
+    out = Path(out_dir)
+    results = []
     for name, compressor in DEMO_CONFIGS:
         log.info("demo: %s", name)
         model = dense if compressor is None else compressor(copy.deepcopy(dense))
-        fp = footprint(model)
-        r = perplexity(model, tok, corpus="shakespeare", seq_len=seq_len, max_windows=max_windows)
-        rows.append(dict(name=name, recipe=None if compressor is None else compressor.to_dict(),
-                         linear_bits=fp.compressed_bits_per_param, model_bits=fp.bits_per_param,
-                         mib=fp.bytes / 2**20, ppl=r.ppl, n_tokens=r.n_tokens, seconds=r.seconds))
-        if model is not dense:
-            del model
-    table = markdown_table(rows)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    header = (f"{model_name}, perplexity on the shakespeare test plays, seq_len {seq_len}, "
-              f"{rows[0]['n_tokens']} scored tokens ({max_windows} windows); total {time.perf_counter() - t0:.0f}s\n\n")
-    (out / "results.md").write_text(header + table + "\n")
-    (out / "results.json").write_text(json.dumps(
-        {"model": model_name, "seq_len": seq_len, "max_windows": max_windows, "rows": rows}, indent=2))
-    print(header + table)
+        r = evaluate(model, tok, name=name, model_name=model_name, ppl="shakespeare",
+                     seq_len=seq_len, max_windows=max_windows)
+        r.save(out / f"{len(results)}.json")
+        results.append(r)
+        del model
+    tokens = results[0].perplexity["shakespeare"]["n_tokens"]
+    md = build_report(out, title=f"llmdeploy demo: {model_name}", preamble=(
+        f"Perplexity on the shakespeare test plays, seq_len {seq_len}, {tokens} scored tokens "
+        f"({max_windows} windows); total {time.perf_counter() - t0:.0f}s."))
+    print(md.read_text().split("![")[0].strip())
     print(f"\nwritten to {out.resolve()}")
-    return rows
+    return results

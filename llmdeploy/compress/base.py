@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -159,8 +159,3 @@ def check_calibration(calib: torch.Tensor | None, who: str) -> None:
             raise CalibrationDataError("calibration data contains NaN or inf; pass token ids")
         raise CalibrationDataError(f"calibration data must hold integer token ids, got {calib.dtype}")
 
-
-def match_any(name: str, patterns: Sequence[str]) -> bool:
-    import re
-
-    return any(re.search(p, name) for p in patterns)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 MODULES: dict[str, type[CompressedModule]] = {}
@@ -54,8 +53,3 @@ def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
     """All compressed modules of ``model`` by qualified name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
 
-
-def empty_like_kwargs(cls_name: str, kwargs: dict[str, Any], dtype: torch.dtype) -> CompressedModule:
-    """Rebuild an empty module of a registered class (used by checkpoint loading)."""
-    cls = MODULES[cls_name]
-    return cls(**kwargs, dtype=dtype)

@@ -24,6 +24,8 @@ import random
 import re
 from pathlib import Path
 
+import yaml
+
 from ..data.corpora import shakespeare_files, shakespeare_split, work_key
 from ..fetch import cache_dir
 
@@ -105,50 +107,24 @@ def build_lastword(n_items: int = 300, seed: int = 0, context_lines: int = CONTE
     return items
 
 
-def _yaml_nextline(data: Path) -> str:
-    return f"""task: shakespeare_nextline
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data))}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: "\\n"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: {TASKS_VERSION}
-"""
-
-
-def _yaml_lastword(data: Path) -> str:
-    return f"""task: shakespeare_lastword
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {json.dumps(str(data))}
-output_type: loglikelihood
-test_split: test
-doc_to_text: "{{{{context}}}}"
-doc_to_target: "{{{{target}}}}"
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: {TASKS_VERSION}
-"""
+def _task_config(name: str, data: Path) -> dict:
+    """The lm-eval task config (a local JSON task) of one offline task."""
+    common = {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "doc_to_text": "{{context}}",
+        "metadata": {"version": TASKS_VERSION},
+    }
+    if name == "shakespeare_nextline":
+        return {**common, "output_type": "multiple_choice", "doc_to_choice": "{{choices}}",
+                "doc_to_target": "label", "target_delimiter": "\n",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                                for m in ("acc", "acc_norm")]}
+    return {**common, "output_type": "loglikelihood", "doc_to_target": "{{target}}",
+            "metric_list": [{"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+                            {"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
 
 
 def task_dir(n_items: int = 300, seed: int = 0, root: str | Path | None = None) -> Path:
@@ -158,14 +134,11 @@ def task_dir(n_items: int = 300, seed: int = 0, root: str | Path | None = None) 
     if done.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    for name, build, render in (
-        ("shakespeare_nextline", build_nextline, _yaml_nextline),
-        ("shakespeare_lastword", build_lastword, _yaml_lastword),
-    ):
+    for name, build in (("shakespeare_nextline", build_nextline), ("shakespeare_lastword", build_lastword)):
         data = folder / f"{name}.jsonl"
         tmp = data.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(item) + "\n" for item in build(n_items, seed)))
         tmp.replace(data)
-        (folder / f"{name}.yaml").write_text(render(data.resolve()))
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(_task_config(name, data.resolve()), sort_keys=False))
     done.write_text("ok\n")
     return folder
