@@ -23,6 +23,25 @@ class LinearSpec:
     role: str  # "attn_in", "attn_out", "mlp_in", "mlp_out"
 
 
+#: the order in which the linear groups of a block compute (inputs of later groups depend on
+#: the outputs of earlier ones): what "sequential" calibration walks through
+ROLE_ORDER = ("attn_in", "attn_out", "mlp_in", "mlp_out")
+
+
+@dataclass(frozen=True)
+class MLPParts:
+    """A block's MLP, ``down(act(gate(x)) * up(x))`` (gated) or ``down(act(up(x)))`` (plain)."""
+
+    up: nn.Linear
+    down: nn.Linear
+    act: nn.Module
+    gate: nn.Linear | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+
 class ModelAdapter:
     """Where a causal LM of one family keeps its parts. Subclasses fill in the paths."""
 
@@ -34,6 +53,11 @@ class ModelAdapter:
     input_norm_path: ClassVar[str]
     post_attn_norm_path: ClassVar[str]
     linear_specs: ClassVar[tuple[LinearSpec, ...]]
+    # the MLP: gate (None for a plain MLP), up (first linear), down (second), activation
+    mlp_gate_path: ClassVar[str | None] = None
+    mlp_up_path: ClassVar[str]
+    mlp_down_path: ClassVar[str]
+    mlp_act_path: ClassVar[str]
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -73,6 +97,26 @@ class ModelAdapter:
                 names.append(f"{self.blocks_path}.{i}.{path}")
         return names
 
+    def linear_groups(self, block: nn.Module) -> list[list[str]]:
+        """The block's linears grouped by role, in computation order (see ``ROLE_ORDER``); a
+        group's inputs depend only on earlier groups."""
+        groups = []
+        for role in ROLE_ORDER:
+            group = [s.path for s in self.linear_specs if s.role == role and _has(block, s.path)]
+            if group:
+                groups.append(group)
+        return groups
+
+    def mlp_parts(self, block: nn.Module) -> MLPParts:
+        """The block's MLP linears and activation."""
+        gate = block.get_submodule(self.mlp_gate_path) if self.mlp_gate_path else None
+        return MLPParts(
+            up=block.get_submodule(self.mlp_up_path),
+            down=block.get_submodule(self.mlp_down_path),
+            act=block.get_submodule(self.mlp_act_path),
+            gate=gate,
+        )
+
     def input_norm(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.input_norm_path)
 
@@ -111,6 +155,10 @@ class LlamaAdapter(ModelAdapter):
         LinearSpec("mlp.up_proj", "mlp_in"),
         LinearSpec("mlp.down_proj", "mlp_out"),
     )
+    mlp_gate_path = "mlp.gate_proj"
+    mlp_up_path = "mlp.up_proj"
+    mlp_down_path = "mlp.down_proj"
+    mlp_act_path = "mlp.act_fn"
 
 
 class OPTAdapter(ModelAdapter):
@@ -134,6 +182,9 @@ class OPTAdapter(ModelAdapter):
         LinearSpec("fc1", "mlp_in"),
         LinearSpec("fc2", "mlp_out"),
     )
+    mlp_up_path = "fc1"
+    mlp_down_path = "fc2"
+    mlp_act_path = "activation_fn"
 
 
 ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, OPTAdapter]

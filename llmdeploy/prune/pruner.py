@@ -1,0 +1,114 @@
+"""Base of the weight-pruning compressors (magnitude, Wanda, SparseGPT, SparseLLM).
+
+Every decoder-block linear is pruned to the same pattern (embeddings and the head stay dense,
+as in the papers). Calibrated methods walk the blocks through the shared engine; with
+``sequential=True`` a block's linears are pruned group by group in computation order (q/k/v,
+then o, then the MLP inputs, then its output), each group calibrated on the outputs of the
+already-pruned groups before it. With ``compact=True`` the pruned linears are finally stored as
+:class:`SparseLinear` (bitmask or N:M layout); ``compact=False`` leaves dense ``nn.Linear``
+layers holding zeros, e.g. to quantize them afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..compress.base import Compressor
+from ..compress.engine import BlockContext, LinearStats, run_blockwise
+from ..compress.modules import CompressedModule
+from ..errors import ConfigError
+from ..models.adapters import get_adapter
+from .masks import SparsityPattern, check_divisible, parse_pattern
+from .sparse_linear import SparseLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WeightPruner(Compressor):
+    """Shared fields: target ``sparsity``, ``pattern`` ("unstructured", "2:4", "4:8", ...),
+    ``compact`` storage, ``sequential`` calibration, and the engine's ``device``/``batch_size``."""
+
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    compact: bool = True
+    sequential: bool = True
+    device: str | None = None
+    batch_size: int = 8
+
+    def pattern_(self) -> SparsityPattern:
+        return parse_pattern(self.pattern, self.sparsity)
+
+    def targets(self, model: nn.Module) -> list[str]:
+        """Names of the linears to prune (dense decoder-block linears)."""
+        adapter = get_adapter(model)
+        names = []
+        for name in adapter.linear_names():
+            mod = model.get_submodule(name)
+            if isinstance(mod, CompressedModule):
+                raise ConfigError(
+                    f"{name} is already compressed ({type(mod).__name__}); prune before quantizing "
+                    "(with compact=False the pruned layers stay dense and can be quantized next)"
+                )
+            names.append(name)
+        return names
+
+    def validate(self, model: nn.Module) -> None:
+        pattern = self.pattern_()
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        for name in self.targets(model):
+            check_divisible(name, model.get_submodule(name).in_features, pattern)
+
+    # -- the work ------------------------------------------------------------------
+    def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
+        pattern = self.pattern_()
+        if self.needs_calibration:
+            run_blockwise(model, calib, lambda ctx: self.prune_block(ctx, pattern),
+                          device=self.device, batch_size=self.batch_size, desc=type(self).__name__)
+        else:
+            for name in self.targets(model):
+                lin = model.get_submodule(name)
+                with torch.no_grad():
+                    lin.weight.copy_(self.prune_weight(lin.weight, pattern, None))
+        if self.compact:
+            compact(model, pattern, self.targets(model))
+        return model
+
+    def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
+        """Prune one block's linears, group by group (or all at once) on calibration stats."""
+        groups = ctx.adapter.linear_groups(ctx.block)
+        if not self.sequential:
+            groups = [[n for g in groups for n in g]]
+        linears = ctx.linears()
+        for group in groups:
+            stats = ctx.collect_stats(group)
+            for path in group:
+                lin = linears[path]
+                with torch.no_grad():
+                    lin.weight.copy_(self.prune_weight(lin.weight, pattern, stats[path]))
+
+    def prune_weight(self, weight: torch.Tensor, pattern: SparsityPattern,
+                     stats: LinearStats | None) -> torch.Tensor:
+        """The pruned version of one weight matrix (out, in)."""
+        raise NotImplementedError
+
+
+def compact(model: nn.Module, pattern: SparsityPattern, names: list[str]) -> None:
+    """Replace the named (pruned) linears by :class:`SparseLinear` in the smaller format."""
+    for name in names:
+        lin = model.get_submodule(name)
+        model.set_submodule(name, SparseLinear.from_linear(lin, pattern.n, pattern.m))
+
+
+def realised_sparsity(model: nn.Module) -> dict[str, float]:
+    """Fraction of zero weights of every decoder-block linear (dense or ``SparseLinear``)."""
+    out = {}
+    for name in get_adapter(model).linear_names():
+        w = model.get_submodule(name).weight
+        out[name] = 1.0 - int((w != 0).sum()) / w.numel()
+    return out

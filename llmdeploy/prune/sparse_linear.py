@@ -1,0 +1,150 @@
+"""``SparseLinear``: a pruned linear stored compactly, so a saved sparse model is really smaller.
+
+Two formats:
+
+* ``bitmask``: one bit per weight (packed) plus the kept values in row-major order:
+  ``1 + (1 − s)·b`` bits per weight for sparsity ``s`` and ``b``-bit values.
+* ``nm``: for an N:M pattern, the kept values as an ``(out, in·N/M)`` matrix plus the position
+  of each inside its group, ``ceil(log2 M)`` bits each (the layout of 2:4 sparse tensor cores):
+  ``N/M·(b + ceil(log2 M))`` bits per weight. For 2:4 the metadata costs 1 bit per weight,
+  like the bitmask; for 4:8 it would cost 1.5, so ``auto`` picks the bitmask there.
+
+The forward pass rebuilds the dense weight and runs a dense matmul (torch has no fast CPU
+kernel for unstructured sparsity at these densities): the saving is in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress.modules import CompressedModule, register_module
+from ..quant.packing import pack, unpack
+
+
+def _pack_flat(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    flat = codes.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return pack(flat, bits)
+
+
+def _unpack_flat(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return unpack(packed, bits, n + (-n) % 8)[:n]
+
+
+def _index_bits(m: int) -> int:
+    return max(1, math.ceil(math.log2(m)))
+
+
+def best_format(n: int, m: int) -> str:
+    """The smaller format for an N:M pattern (``m == 0``: unstructured, i.e. bitmask)."""
+    return "nm" if m and n * _index_bits(m) <= m else "bitmask"
+
+
+@register_module
+class SparseLinear(CompressedModule):
+    """A linear whose pruned weight is stored as a bitmask + values, or in N:M layout."""
+
+    fixed_dtype_buffers = ("mask", "indices")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        nnz: int,
+        format: str = "bitmask",
+        n: int = 0,
+        m: int = 0,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if format not in ("bitmask", "nm"):
+            raise ValueError(f"SparseLinear format must be 'bitmask' or 'nm', got {format!r}")
+        if format == "nm" and not (0 < n < m and in_features % m == 0):
+            raise ValueError(f"the 'nm' format needs 0 < n < m with m dividing in_features, got {n}:{m}")
+        self.in_features, self.out_features = in_features, out_features
+        self.format, self.n, self.m, self.nnz = format, n, m, nnz
+        numel = in_features * out_features
+        if format == "bitmask":
+            self.register_buffer("mask", torch.zeros(-(-numel // 8), dtype=torch.uint8))
+            self.register_buffer("values", torch.zeros(nnz, dtype=dtype))
+            self.register_buffer("indices", None)
+        else:
+            kept = out_features * in_features // m * n
+            bits = _index_bits(m)
+            self.register_buffer("mask", None)
+            self.register_buffer("values", torch.zeros(out_features, in_features // m * n, dtype=dtype))
+            self.register_buffer("indices", torch.zeros(-(-kept // 8) * bits, dtype=torch.uint8))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, n: int = 0, m: int = 0, format: str = "auto") -> SparseLinear:
+        """Store ``linear``'s weight compactly; its zeros are the pruned entries.
+
+        With ``format="nm"`` every group of ``m`` must hold at most ``n`` non-zeros.
+        """
+        w = linear.weight.detach()
+        out_f, in_f = w.shape
+        format = best_format(n, m) if format == "auto" else format
+        if format == "bitmask":
+            keep = w != 0
+            mod = cls(in_f, out_f, int(keep.sum()), "bitmask", n, m, linear.bias is not None, w.dtype)
+            mod.mask = _pack_flat(keep, 1)
+            mod.values = w[keep].clone()
+        else:
+            groups = w.reshape(out_f, in_f // m, m)
+            if int((groups != 0).sum(-1).max()) > n:
+                raise ValueError(f"the weight has groups of {m} with more than {n} non-zeros: it is not {n}:{m} sparse")
+            idx = torch.topk((groups != 0).to(torch.int8), n, dim=-1, sorted=False).indices.sort(-1).values
+            mod = cls(in_f, out_f, out_f * in_f // m * n, "nm", n, m, linear.bias is not None, w.dtype)
+            mod.values = torch.gather(groups, -1, idx).reshape(out_f, -1).clone()
+            mod.indices = _pack_flat(idx, _index_bits(m))
+        if linear.bias is not None:
+            mod.bias.data.copy_(linear.bias.data)
+        return mod.to(w.device)
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out, in) weight with its zeros put back."""
+        dtype = self.values.dtype if dtype is None else dtype
+        out_f, in_f = self.out_features, self.in_features
+        if self.format == "bitmask":
+            keep = _unpack_flat(self.mask, 1, out_f * in_f).bool()
+            w = torch.zeros(out_f * in_f, dtype=dtype, device=self.values.device)
+            return w.masked_scatter_(keep, self.values.to(dtype)).view(out_f, in_f)
+        groups = in_f // self.m
+        idx = _unpack_flat(self.indices, _index_bits(self.m), out_f * groups * self.n)
+        idx = idx.view(out_f, groups, self.n).long()
+        w = torch.zeros(out_f, groups, self.m, dtype=dtype, device=self.values.device)
+        w.scatter_(-1, idx, self.values.to(dtype).view(out_f, groups, self.n))
+        return w.view(out_f, in_f)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (for code that reads ``.weight``)."""
+        return self.dense_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype), self.bias)
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return dict(in_features=self.in_features, out_features=self.out_features, nnz=self.nnz,
+                    format=self.format, n=self.n, m=self.m, bias=self.bias is not None)
+
+    def nominal_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def sparsity(self) -> float:
+        """Fraction of zero weights (stored zeros of an N:M group count as zeros too)."""
+        return 1.0 - int((self.dense_weight() != 0).sum()) / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        pat = f", {self.n}:{self.m}" if self.m else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"format={self.format}{pat}, nnz={self.nnz}")

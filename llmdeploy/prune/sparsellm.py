@@ -1,0 +1,245 @@
+"""SparseLLM (Bai et al., NeurIPS 2024): global pruning of each block's MLP through auxiliary
+variables, solved by alternating closed-form updates.
+
+For a gated MLP ``Y = W_down (σ(W_gate X) ⊙ W_up X)`` (Llama-like) SparseLLM introduces the
+gate pre-activation ``s``, the up output ``z`` and the down input ``p`` and minimises, over sparse
+weights and free auxiliaries (rows are calibration tokens),
+
+    ‖Y − p W_downᵀ‖² + β ‖p − σ(s) ⊙ z‖² + α ‖z − X W_upᵀ‖² + α ‖s − X W_gateᵀ‖²
+
+where ``Y`` is the dense MLP's output on the block's (already pruned upstream) input ``X``. A
+plain MLP ``Y = W_2 σ(W_1 X)`` (OPT) has ``z`` (pre-activation) and ``p`` only. Each round:
+
+* ``p`` — ridge least squares: ``p = (Y W_down + β σ(s)⊙z)(W_downᵀW_down + βI)⁻¹``;
+* ``z`` — closed form, elementwise: ``(β σ(s) p + α X W_upᵀ) / (β σ(s)² + α)`` (gated), or
+  for a plain ReLU MLP the better of the two branch minimisers (the paper's update);
+* ``s`` (and ``z`` of a plain MLP with a smooth activation) — elementwise descent steps with
+  backtracking, which never increase the objective;
+* every weight — least squares onto its new target (``W_up``: X → z, ``W_gate``: X → s,
+  ``W_down``: p → Y), then re-pruned to the pattern by SparseGPT with that layer's Hessian
+  (XᵀX, or pᵀp for the down projection), which keeps masks exact.
+
+The weights start from SparseGPT's result on the same block (so the initial point is the local
+baseline), and the round with the lowest *true* MLP output error ‖MLP_sparse(X) − Y‖² is kept:
+the result is never worse than SparseGPT on a block. Attention projections are pruned with
+SparseGPT, as in the paper. Gram matrices and solves are float64 with relative damping, so
+models with large activation ranges stay finite. Where the reference code differs: it inverts
+in fp16 (NaN on LLaMA), hard-codes its per-layer schedule for 32 layers, and prunes only some
+layers; here every block of any depth and width is treated the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress.base import register_method
+from ..compress.engine import BlockContext
+from ..errors import ConfigError
+from ..models.adapters import MLPParts
+from .masks import SparsityPattern
+from .sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
+
+log = logging.getLogger(__name__)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x, w, b)
+
+
+def _solve_ls(target_x: torch.Tensor, xtx: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W minimising ‖T − X Wᵀ‖² + λ‖W‖² given ``target_x = TᵀX`` and ``xtx = XᵀX`` (float64)."""
+    H = xtx.to(torch.float64).clone()
+    H.diagonal().add_(percdamp * float(H.diagonal().mean().clamp_min(1e-12)))
+    L = torch.linalg.cholesky(H)
+    return torch.cholesky_solve(target_x.to(torch.float64).T, L).T.to(torch.float32)
+
+
+def _coupling_objective(s, p, u, m, act, alpha, beta):
+    a = act(s) if u is None else act(s) * u
+    return beta * (p - a).square() + alpha * (s - m).square()
+
+
+def activation_prox(
+    s: torch.Tensor, p: torch.Tensor, u: torch.Tensor | None, m: torch.Tensor, act: nn.Module,
+    alpha: float, beta: float, steps: int = 3,
+) -> torch.Tensor:
+    """Elementwise ``argmin_s β(p − σ(s)·u)² + α(s − m)²`` (``u = 1`` when None), starting at ``s``.
+
+    ReLU has a closed form (the better of the branch minimisers); other activations take
+    gradient steps with elementwise backtracking, so the objective never increases.
+    """
+    uu = torch.ones_like(p) if u is None else u
+    if isinstance(act, nn.ReLU):
+        pos = ((beta * uu * p + alpha * m) / (beta * uu.square() + alpha)).clamp_min(0)
+        neg = m.clamp_max(0)
+        f_pos = _coupling_objective(pos, p, u, m, act, alpha, beta)
+        f_neg = _coupling_objective(neg, p, u, m, act, alpha, beta)
+        return torch.where(f_pos <= f_neg, pos, neg)
+    s = s.clone()
+    for _ in range(steps):
+        with torch.enable_grad():
+            x = s.detach().requires_grad_(True)
+            f0 = _coupling_objective(x, p, u, m, act, alpha, beta)
+            (grad,) = torch.autograd.grad(f0.sum(), x)
+        f0 = f0.detach()
+        # 1/L for a quadratic model with curvature 2α + 2β·u²·(max σ')², then halve on failure
+        t = 1.0 / (2 * alpha + 2 * beta * 1.25 * uu.square())
+        done = torch.zeros_like(s, dtype=torch.bool)
+        for _ in range(4):
+            cand = s - t * grad
+            ok = (_coupling_objective(cand, p, u, m, act, alpha, beta) < f0) & ~done
+            s = torch.where(ok, cand, s)
+            done |= ok
+            t = t / 2
+    return s
+
+
+@dataclass
+class _MLPWeights:
+    up: torch.Tensor
+    down: torch.Tensor
+    gate: torch.Tensor | None
+
+
+@register_method("sparsellm")
+@dataclass
+class SparseLLM(SparseGPT):
+    """``SparseLLM(sparsity=0.7, iterations=4, alpha=1.0, beta=1.0)``.
+
+    ``alpha`` weighs the pre-activation fits and ``beta`` the activation coupling, both relative
+    to the output fit (the reference uses equal weights: 5.0 for LLaMA, 0.1 for OPT; only the
+    ratios matter). ``max_tokens`` caps the calibration tokens used by the MLP problem (a
+    deterministic subsample; None uses all). Other fields as in :class:`SparseGPT`.
+    """
+
+    iterations: int = 4
+    alpha: float = 1.0
+    beta: float = 1.0
+    max_tokens: int | None = None
+
+    def validate(self, model) -> None:
+        super().validate(model)
+        if self.iterations < 0:
+            raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
+        if not (self.alpha > 0 and self.beta > 0):
+            raise ConfigError(f"alpha and beta must be > 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+
+    # -- one block -------------------------------------------------------------------
+    def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
+        if not hasattr(self, "history_"):
+            self.history_: list[list[float]] = []
+        mlp = ctx.adapter.mlp_parts(ctx.block)
+        mlp_ids = {id(mlp.up), id(mlp.down), id(mlp.gate)}
+        linears = ctx.linears()
+        groups = [g for g in ctx.adapter.linear_groups(ctx.block)
+                  if not any(id(linears[n]) in mlp_ids for n in g)]
+        if not self.sequential:
+            groups = [[n for g in groups for n in g]]
+        for group in groups:  # attention: SparseGPT, as in the paper
+            stats = ctx.collect_stats(group)
+            for path in group:
+                with torch.no_grad():
+                    linears[path].weight.copy_(self.prune_weight(linears[path].weight, pattern, stats[path]))
+        x = self._mlp_inputs(ctx, mlp)
+        with torch.no_grad():
+            history = self._prune_mlp(x, mlp, pattern)
+        self.history_.append(history)
+        log.info("block %d: SparseLLM MLP relative error %.4g (SparseGPT) -> %.4g (best of %d rounds)",
+                 ctx.index, history[0], min(history), len(history) - 1)
+
+    def _mlp_inputs(self, ctx: BlockContext, mlp: MLPParts) -> torch.Tensor:
+        """The MLP's input rows X (tokens × hidden) on the compute device, float32."""
+        rows: list[torch.Tensor] = []
+
+        def hook(_mod, args):
+            rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+
+        handle = mlp.up.register_forward_pre_hook(hook)
+        try:
+            ctx.forward()
+        finally:
+            handle.remove()
+        x = torch.cat(rows)
+        if self.max_tokens is not None and x.shape[0] > self.max_tokens:
+            g = torch.Generator().manual_seed(ctx.index)
+            x = x[torch.randperm(x.shape[0], generator=g)[: self.max_tokens].to(x.device)]
+        return x
+
+    def _prune_mlp(self, X: torch.Tensor, mlp: MLPParts, pattern: SparsityPattern) -> list[float]:
+        """Run SparseLLM on one MLP in place; returns the relative output error of each round."""
+        act, alpha, beta = mlp.act, self.alpha, self.beta
+        f32 = lambda t: None if t is None else t.detach().to(X.device, torch.float32)  # noqa: E731
+        b_up, b_down = f32(mlp.up.bias), f32(mlp.down.bias)
+        b_gate = f32(mlp.gate.bias) if mlp.gated else None
+        dense = _MLPWeights(f32(mlp.up.weight), f32(mlp.down.weight), f32(mlp.gate.weight) if mlp.gated else None)
+
+        def forward(w: _MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
+            z = _linear(X, w.up, b_up)
+            a = act(_linear(X, w.gate, b_gate)) * z if mlp.gated else act(z)
+            return a, _linear(a, w.down, b_down)
+
+        _, Y = forward(dense)
+        Yc = Y if b_down is None else Y - b_down
+        y_norm = float(Y.square().sum().clamp_min(1e-30))
+        xtx = (X.T @ X).to(torch.float64)
+        ux = inverse_hessian_factor(xtx, self.percdamp)  # shared by up and gate (same inputs)
+
+        def prune(w: torch.Tensor, h: torch.Tensor, hinv: torch.Tensor | None = None) -> torch.Tensor:
+            return sparsegpt_prune(w, h, pattern, blocksize=self.blocksize, percdamp=self.percdamp, hinv=hinv)
+
+        # start: SparseGPT, sequential (the down projection sees the pruned MLP inputs)
+        w = _MLPWeights(prune(dense.up, xtx, ux), dense.down, prune(dense.gate, xtx, ux) if mlp.gated else None)
+        a, _ = forward(w)
+        w.down = prune(dense.down, (a.T @ a).to(torch.float64))
+        a, out = forward(w)
+        history = [float((out - Y).square().sum()) / y_norm]
+        best, best_err = w, history[0]
+
+        # auxiliaries start at the dense model's values (as in the reference code)
+        z = _linear(X, dense.up, b_up)
+        s = _linear(X, dense.gate, b_gate) if mlp.gated else None
+        p = act(s) * z if mlp.gated else act(z)
+        eye = torch.eye(p.shape[1], dtype=torch.float64, device=X.device)
+        for _ in range(self.iterations):
+            # p: ridge least squares between the output fit and the activation coupling
+            target = act(s) * z if mlp.gated else act(z)
+            lhs = (w.down.T @ w.down).to(torch.float64) + beta * eye
+            rhs = (Yc @ w.down + beta * target).to(torch.float64)
+            p = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(lhs)).T.to(torch.float32)
+            del rhs, target
+            m_up = _linear(X, w.up, b_up)
+            if mlp.gated:
+                g = act(s)
+                z = (beta * g * p + alpha * m_up) / (beta * g.square() + alpha)
+                del g
+                s = activation_prox(s, p, z, _linear(X, w.gate, b_gate), act, alpha, beta)
+            else:
+                z = activation_prox(z, p, None, m_up, act, alpha, beta)
+            del m_up
+            # weights: least squares onto the new targets, then re-pruned by SparseGPT
+            zt = z if b_up is None else z - b_up
+            new = _MLPWeights(prune(_solve_ls(zt.T @ X, xtx, self.percdamp), xtx, ux), w.down, None)
+            if mlp.gated:
+                st = s if b_gate is None else s - b_gate
+                new.gate = prune(_solve_ls(st.T @ X, xtx, self.percdamp), xtx, ux)
+            ptp = (p.T @ p).to(torch.float64)
+            new.down = prune(_solve_ls(Yc.T @ p, ptp, self.percdamp), ptp)
+            w = new
+            _, out = forward(w)
+            err = float((out - Y).square().sum()) / y_norm
+            history.append(err)
+            if err < best_err:
+                best, best_err = w, err
+        with torch.no_grad():
+            mlp.up.weight.copy_(best.up.to(mlp.up.weight))
+            mlp.down.weight.copy_(best.down.to(mlp.down.weight))
+            if mlp.gated:
+                mlp.gate.weight.copy_(best.gate.to(mlp.gate.weight))
+        return history
