@@ -88,14 +88,24 @@ def main(argv: list[str] | None = None) -> int:
         if compressor is not None:
             if compressor.needs_calibration and calib is None:
                 calib = calibration(tok, **CALIB)
-            model = compressor(copy.deepcopy(dense), calib)
+            used = calib if calib is None or method.calib_samples is None else calib[: method.calib_samples]
+            model = compressor(copy.deepcopy(dense), used)
             state[method.name] = compressor
         compress_s = time.perf_counter() - t1
         result = evaluate(model, tok, name=method.name, model_name=MODEL, ppl=["shakespeare"],
                           seq_len=SEQ_LEN, max_windows=suite["max_windows"], tasks=list(OFFLINE_TASKS),
                           limit=suite["limit"], speed=suite["speed"])
+        calib_meta = dict(CALIB, n_samples=method.calib_samples or CALIB["n_samples"])
         result.meta.update(suite=args.suite, compress_seconds=compress_s, note=method.note,
-                           calibration=CALIB, layers=model.config.num_hidden_layers)
+                           calibration=calib_meta, layers=model.config.num_hidden_layers)
+        if hasattr(compressor, "history_"):  # SparseLLM: MLP output error per block and round
+            first = [h[0] for h in compressor.history_]
+            best = [min(h) for h in compressor.history_]
+            result.meta["mlp_error_rounds"] = compressor.history_
+            result.meta["note"] += (
+                f"; MLP relative error, mean over blocks: SparseGPT start {sum(first) / len(first):.4f}, "
+                f"kept {sum(best) / len(best):.4f}; improved in {sum(b < f for b, f in zip(best, first))}"
+                f"/{len(first)} blocks")
         for attr in ("removed_", "merges_"):
             if hasattr(compressor, attr):
                 result.meta[attr.rstrip("_")] = getattr(compressor, attr)

@@ -1,10 +1,12 @@
 """Base of the weight-pruning compressors (magnitude, Wanda, SparseGPT, SparseLLM).
 
 Every decoder-block linear is pruned to the same pattern (embeddings and the head stay dense,
-as in the papers). Calibrated methods walk the blocks through the shared engine; with
-``sequential=True`` a block's linears are pruned group by group in computation order (q/k/v,
-then o, then the MLP inputs, then its output), each group calibrated on the outputs of the
-already-pruned groups before it. With ``compact=True`` the pruned linears are finally stored as
+as in the papers). Calibrated methods walk the blocks through the shared engine. As in the
+papers' code, a block's linears are calibrated together on the block's input (one pass); with
+``sequential=True`` they are pruned group by group in computation order instead (q/k/v, then o,
+then the MLP inputs, then its output), each group calibrated on the outputs of the
+already-pruned groups before it (GPTQ's "true sequential": a little more accurate, 2.5x the
+block passes). With ``compact=True`` the pruned linears are finally stored as
 :class:`SparseLinear` (bitmask or N:M layout); ``compact=False`` leaves dense ``nn.Linear``
 layers holding zeros, e.g. to quantize them afterwards.
 """
@@ -36,7 +38,7 @@ class WeightPruner(Compressor):
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
     compact: bool = True
-    sequential: bool = True
+    sequential: bool = False
     device: str | None = None
     batch_size: int = 8
 

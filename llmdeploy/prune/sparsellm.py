@@ -7,8 +7,11 @@ weights and free auxiliaries (rows are calibration tokens),
 
     ‖Y − p W_downᵀ‖² + β ‖p − σ(s) ⊙ z‖² + α ‖z − X W_upᵀ‖² + α ‖s − X W_gateᵀ‖²
 
-where ``Y`` is the dense MLP's output on the block's (already pruned upstream) input ``X``. A
-plain MLP ``Y = W_2 σ(W_1 X)`` (OPT) has ``z`` (pre-activation) and ``p`` only. Each round:
+where ``X`` is the MLP's input in the pruned network (upstream blocks and this block's attention
+already pruned) and ``Y`` the MLP output that would make this block reproduce the *dense*
+block's output: ``Y = dense_block(h) − (h + attn_pruned(h))``, so the MLP also absorbs the error
+of the pruned attention (the reference code targets the dense MLP's own output instead; this
+target is the block-level version of the paper's global objective). A plain MLP ``Y = W_2 σ(W_1 X)`` (OPT) has ``z`` (pre-activation) and ``p`` only. Each round:
 
 * ``p`` — ridge least squares: ``p = (Y W_down + β σ(s)⊙z)(W_downᵀW_down + βI)⁻¹``;
 * ``z`` — closed form, elementwise: ``(β σ(s) p + α X W_upᵀ) / (β σ(s)² + α)`` (gated), or
@@ -20,8 +23,9 @@ plain MLP ``Y = W_2 σ(W_1 X)`` (OPT) has ``z`` (pre-activation) and ``p`` only.
   (XᵀX, or pᵀp for the down projection), which keeps masks exact.
 
 The weights start from SparseGPT's result on the same block (so the initial point is the local
-baseline), and the round with the lowest *true* MLP output error ‖MLP_sparse(X) − Y‖² is kept:
-the result is never worse than SparseGPT on a block. Attention projections are pruned with
+baseline), and the round with the lowest *true* error ‖MLP_sparse(X) − Y‖² is kept — which is
+the block's output error against the dense block on the calibration tokens, so the result is
+never worse there than its SparseGPT start. Attention projections are pruned with
 SparseGPT, as in the paper. Gram matrices and solves are float64 with relative damping, so
 models with large activation ranges stay finite. Where the reference code differs: it inverts
 in fp16 (NaN on LLaMA), hard-codes its per-layer schedule for 32 layers, and prunes only some
@@ -66,7 +70,7 @@ def _coupling_objective(s, p, u, m, act, alpha, beta):
 
 def activation_prox(
     s: torch.Tensor, p: torch.Tensor, u: torch.Tensor | None, m: torch.Tensor, act: nn.Module,
-    alpha: float, beta: float, steps: int = 3,
+    alpha: float, beta: float, steps: int = 2,
 ) -> torch.Tensor:
     """Elementwise ``argmin_s β(p − σ(s)·u)² + α(s − m)²`` (``u = 1`` when None), starting at ``s``.
 
@@ -87,15 +91,16 @@ def activation_prox(
             f0 = _coupling_objective(x, p, u, m, act, alpha, beta)
             (grad,) = torch.autograd.grad(f0.sum(), x)
         f0 = f0.detach()
-        # 1/L for a quadratic model with curvature 2α + 2β·u²·(max σ')², then halve on failure
-        t = 1.0 / (2 * alpha + 2 * beta * 1.25 * uu.square())
-        done = torch.zeros_like(s, dtype=torch.bool)
-        for _ in range(4):
+        # 1/L for the curvature 2α + 2β·u²·(max σ')² of a quadratic model; quartered on failure
+        t = 1.0 / (2 * alpha + 2.5 * beta * uu.square())
+        for _ in range(2):
             cand = s - t * grad
-            ok = (_coupling_objective(cand, p, u, m, act, alpha, beta) < f0) & ~done
+            ok = _coupling_objective(cand, p, u, m, act, alpha, beta) < f0
             s = torch.where(ok, cand, s)
-            done |= ok
-            t = t / 2
+            if bool(ok.all()):
+                break
+            grad = grad.masked_fill(ok, 0.0)  # accepted elements stay where they are
+            t = t / 4
     return s
 
 
@@ -136,6 +141,7 @@ class SparseLLM(SparseGPT):
         if not hasattr(self, "history_"):
             self.history_: list[list[float]] = []
         mlp = ctx.adapter.mlp_parts(ctx.block)
+        dense_out = ctx.forward()  # the dense block's outputs: the MLP's target below
         mlp_ids = {id(mlp.up), id(mlp.down), id(mlp.gate)}
         linears = ctx.linears()
         groups = [g for g in ctx.adapter.linear_groups(ctx.block)
@@ -147,33 +153,46 @@ class SparseLLM(SparseGPT):
             for path in group:
                 with torch.no_grad():
                     linears[path].weight.copy_(self.prune_weight(linears[path].weight, pattern, stats[path]))
-        x = self._mlp_inputs(ctx, mlp)
+        x, target = self._mlp_problem(ctx, mlp, dense_out)
+        del dense_out
         with torch.no_grad():
-            history = self._prune_mlp(x, mlp, pattern)
+            history = self._prune_mlp(x, target, mlp, pattern)
         self.history_.append(history)
-        log.info("block %d: SparseLLM MLP relative error %.4g (SparseGPT) -> %.4g (best of %d rounds)",
-                 ctx.index, history[0], min(history), len(history) - 1)
+        log.info("block %d: SparseLLM block output error (relative to the MLP target) %.4g (SparseGPT start) -> %.4g "
+                 "(best of %d rounds)", ctx.index, history[0], min(history), len(history) - 1)
 
-    def _mlp_inputs(self, ctx: BlockContext, mlp: MLPParts) -> torch.Tensor:
-        """The MLP's input rows X (tokens × hidden) on the compute device, float32."""
-        rows: list[torch.Tensor] = []
+    def _mlp_problem(self, ctx: BlockContext, mlp: MLPParts, dense_out: list[torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the MLP's input X (with attention already pruned) and of its target: the
+        output that makes the block reproduce the dense block, ``dense_out − (block_out − mlp_out)``
+        (the residual stream after the pruned attention is subtracted). Float32, compute device."""
+        xs: list[torch.Tensor] = []
+        mlp_outs: list[torch.Tensor] = []
 
-        def hook(_mod, args):
-            rows.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+        def pre(_mod, args):
+            xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
 
-        handle = mlp.up.register_forward_pre_hook(hook)
+        def post(_mod, _args, out):
+            mlp_outs.append(out.detach().reshape(-1, out.shape[-1]).to(torch.float32))
+
+        handles = [mlp.up.register_forward_pre_hook(pre), mlp.down.register_forward_hook(post)]
         try:
-            ctx.forward()
+            outs = ctx.forward()
         finally:
-            handle.remove()
-        x = torch.cat(rows)
+            for h in handles:
+                h.remove()
+        rows = lambda ts: torch.cat([t.reshape(-1, t.shape[-1]).to(ctx.device, torch.float32) for t in ts])  # noqa: E731
+        x = torch.cat(xs)
+        target = rows(dense_out) - rows(outs) + torch.cat(mlp_outs)
         if self.max_tokens is not None and x.shape[0] > self.max_tokens:
             g = torch.Generator().manual_seed(ctx.index)
-            x = x[torch.randperm(x.shape[0], generator=g)[: self.max_tokens].to(x.device)]
-        return x
+            keep = torch.randperm(x.shape[0], generator=g)[: self.max_tokens].to(x.device)
+            x, target = x[keep], target[keep]
+        return x, target
 
-    def _prune_mlp(self, X: torch.Tensor, mlp: MLPParts, pattern: SparsityPattern) -> list[float]:
-        """Run SparseLLM on one MLP in place; returns the relative output error of each round."""
+    def _prune_mlp(self, X: torch.Tensor, Y: torch.Tensor, mlp: MLPParts, pattern: SparsityPattern) -> list[float]:
+        """Run SparseLLM on one MLP in place so that MLP(X) ≈ Y; returns the relative error
+        ‖MLP(X) − Y‖² / ‖Y‖² after SparseGPT (round 0) and after each round."""
         act, alpha, beta = mlp.act, self.alpha, self.beta
         f32 = lambda t: None if t is None else t.detach().to(X.device, torch.float32)  # noqa: E731
         b_up, b_down = f32(mlp.up.bias), f32(mlp.down.bias)
@@ -185,7 +204,6 @@ class SparseLLM(SparseGPT):
             a = act(_linear(X, w.gate, b_gate)) * z if mlp.gated else act(z)
             return a, _linear(a, w.down, b_down)
 
-        _, Y = forward(dense)
         Yc = Y if b_down is None else Y - b_down
         y_norm = float(Y.square().sum().clamp_min(1e-30))
         xtx = (X.T @ X).to(torch.float64)
@@ -210,10 +228,9 @@ class SparseLLM(SparseGPT):
         for _ in range(self.iterations):
             # p: ridge least squares between the output fit and the activation coupling
             target = act(s) * z if mlp.gated else act(z)
-            lhs = (w.down.T @ w.down).to(torch.float64) + beta * eye
-            rhs = (Yc @ w.down + beta * target).to(torch.float64)
-            p = torch.cholesky_solve(rhs.T, torch.linalg.cholesky(lhs)).T.to(torch.float32)
-            del rhs, target
+            lhs = (w.down.T @ w.down).to(torch.float64) + beta * eye  # SPD: inverse in float64
+            p = (Yc @ w.down + beta * target) @ torch.cholesky_inverse(torch.linalg.cholesky(lhs)).to(torch.float32)
+            del target
             m_up = _linear(X, w.up, b_up)
             if mlp.gated:
                 g = act(s)
