@@ -35,3 +35,17 @@ def test_cli_errors_are_clear(capsys, tmp_path):
     (tmp_path / "junk").mkdir()
     assert main(["info", str(tmp_path / "junk")]) == 2
     assert "not a directory written by llmdeploy.save" in capsys.readouterr().err
+
+
+def test_compress_with_a_pruning_recipe(tmp_path):
+    out = tmp_path / "out"
+    args = ["compress", "tiny-opt", "--recipe", "sparsegpt-2of4", "-o", str(out), "--n-samples", "4", "--seq-len", "64"]
+    assert main(args) == 0
+    model, tok = llmdeploy.load(out)
+    lin = model.get_submodule("model.decoder.layers.0.fc1")
+    assert isinstance(lin, llmdeploy.prune.SparseLinear) and lin.format == "nm"
+    ref, _ = llmdeploy.load("tiny-opt")
+    calib = llmdeploy.data.calibration(tok, "shakespeare", n_samples=4, seq_len=64, seed=0)
+    llmdeploy.prune.SparseGPT(pattern="2:4", sparsity=None)(ref, calib)
+    ids = ids_for(tok)
+    assert torch.equal(model(ids).logits, ref(ids).logits)

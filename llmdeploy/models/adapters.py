@@ -117,6 +117,12 @@ class ModelAdapter:
             gate=gate,
         )
 
+    @property
+    def pre_norm(self) -> bool:
+        """True when blocks compute ``h + attn(norm(h))`` then ``+ mlp(norm(·))`` (the norms sit
+        inside the residual branches), so a branch's output adds to the block output."""
+        return True
+
     def input_norm(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.input_norm_path)
 
@@ -185,6 +191,11 @@ class OPTAdapter(ModelAdapter):
     mlp_up_path = "fc1"
     mlp_down_path = "fc2"
     mlp_act_path = "activation_fn"
+
+    @property
+    def pre_norm(self) -> bool:
+        # OPT-350m normalises after the residual additions
+        return bool(getattr(self.model.config, "do_layer_norm_before", True))
 
 
 ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, OPTAdapter]

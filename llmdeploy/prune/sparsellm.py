@@ -44,7 +44,7 @@ from torch import nn
 from ..compress.base import register_method
 from ..compress.engine import BlockContext
 from ..errors import ConfigError
-from ..models.adapters import MLPParts
+from ..models.adapters import MLPParts, get_adapter
 from .masks import SparsityPattern
 from .sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
 
@@ -135,11 +135,18 @@ class SparseLLM(SparseGPT):
             raise ConfigError(f"alpha and beta must be > 0, got alpha={self.alpha}, beta={self.beta}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
+        if not get_adapter(model).pre_norm:
+            raise ConfigError(
+                "SparseLLM needs pre-norm blocks (the MLP output adds to the block output); this "
+                "model normalises after the residual additions (e.g. OPT-350m). Use SparseGPT."
+            )
+
+    def apply(self, model, calib):
+        self.history_: list[list[float]] = []
+        return super().apply(model, calib)
 
     # -- one block -------------------------------------------------------------------
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
-        if not hasattr(self, "history_"):
-            self.history_: list[list[float]] = []
         mlp = ctx.adapter.mlp_parts(ctx.block)
         dense_out = ctx.forward()  # the dense block's outputs: the MLP's target below
         mlp_ids = {id(mlp.up), id(mlp.down), id(mlp.gate)}
@@ -225,7 +232,9 @@ class SparseLLM(SparseGPT):
         s = _linear(X, dense.gate, b_gate) if mlp.gated else None
         p = act(s) * z if mlp.gated else act(z)
         eye = torch.eye(p.shape[1], dtype=torch.float64, device=X.device)
-        for _ in range(self.iterations):
+        # at sparsity 0 SparseGPT's start reproduces the block exactly: nothing to improve
+        rounds = 0 if not pattern.structured and pattern.sparsity == 0 else self.iterations
+        for _ in range(rounds):
             # p: ridge least squares between the output fit and the activation coupling
             target = act(s) * z if mlp.gated else act(z)
             lhs = (w.down.T @ w.down).to(torch.float64) + beta * eye  # SPD: inverse in float64
@@ -252,7 +261,7 @@ class SparseLLM(SparseGPT):
             _, out = forward(w)
             err = float((out - Y).square().sum()) / y_norm
             history.append(err)
-            if err < best_err:
+            if err < best_err * (1 - 1e-6):  # a real improvement, not float noise
                 best, best_err = w, err
         with torch.no_grad():
             mlp.up.weight.copy_(best.up.to(mlp.up.weight))
