@@ -10,7 +10,9 @@ Two formats:
   like the bitmask; for 4:8 it would cost 1.5, so ``auto`` picks the bitmask there.
 
 The forward pass rebuilds the dense weight and runs a dense matmul (torch has no fast CPU
-kernel for unstructured sparsity at these densities): the saving is in memory and on disk.
+kernel for unstructured sparsity at these densities): the saving is in memory and on disk, and
+the rebuild costs time — measured on 2 cores for a 1536×576 layer at batch 1: 6.6 ms (bitmask,
+``masked_scatter`` dominates) and 1.4 ms (2:4) against 0.16 ms for the dense matvec.
 """
 
 from __future__ import annotations
@@ -34,23 +36,7 @@ def _pack_flat(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack(flat, bits)
 
 
-_LUTS: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-
-def _lut(bits: int, device: torch.device) -> torch.Tensor:
-    """(256, 8/bits) table: the codes held in each byte value (same layout as :func:`pack`)."""
-    key = (bits, device)
-    if key not in _LUTS:
-        per = 8 // bits
-        byte = torch.arange(256, dtype=torch.int32).unsqueeze(1)
-        _LUTS[key] = ((byte >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)).to(
-            torch.uint8).to(device)
-    return _LUTS[key]
-
-
 def _unpack_flat(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    if 8 % bits == 0:  # one table lookup per byte: the forward pass decodes on every call
-        return _lut(bits, packed.device)[packed.long()].flatten()[:n]
     return unpack(packed, bits, n + (-n) % 8)[:n]
 
 
