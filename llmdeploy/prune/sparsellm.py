@@ -51,10 +51,6 @@ from .sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
 log = logging.getLogger(__name__)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w, b)
-
-
 def _solve_ls(target_x: torch.Tensor, xtx: torch.Tensor, percdamp: float) -> torch.Tensor:
     """W minimising ‖T − X Wᵀ‖² + λ‖W‖² given ``target_x = TᵀX`` and ``xtx = XᵀX`` (float64)."""
     H = xtx.to(torch.float64).clone()
@@ -207,9 +203,9 @@ class SparseLLM(SparseGPT):
         dense = _MLPWeights(f32(mlp.up.weight), f32(mlp.down.weight), f32(mlp.gate.weight) if mlp.gated else None)
 
         def forward(w: _MLPWeights) -> tuple[torch.Tensor, torch.Tensor]:
-            z = _linear(X, w.up, b_up)
-            a = act(_linear(X, w.gate, b_gate)) * z if mlp.gated else act(z)
-            return a, _linear(a, w.down, b_down)
+            z = F.linear(X, w.up, b_up)
+            a = act(F.linear(X, w.gate, b_gate)) * z if mlp.gated else act(z)
+            return a, F.linear(a, w.down, b_down)
 
         Yc = Y if b_down is None else Y - b_down
         y_norm = float(Y.square().sum().clamp_min(1e-30))
@@ -228,8 +224,8 @@ class SparseLLM(SparseGPT):
         best, best_err = w, history[0]
 
         # auxiliaries start at the dense model's values (as in the reference code)
-        z = _linear(X, dense.up, b_up)
-        s = _linear(X, dense.gate, b_gate) if mlp.gated else None
+        z = F.linear(X, dense.up, b_up)
+        s = F.linear(X, dense.gate, b_gate) if mlp.gated else None
         p = act(s) * z if mlp.gated else act(z)
         eye = torch.eye(p.shape[1], dtype=torch.float64, device=X.device)
         # at sparsity 0 SparseGPT's start reproduces the block exactly: nothing to improve
@@ -240,12 +236,12 @@ class SparseLLM(SparseGPT):
             lhs = (w.down.T @ w.down).to(torch.float64) + beta * eye  # SPD: inverse in float64
             p = (Yc @ w.down + beta * target) @ torch.cholesky_inverse(torch.linalg.cholesky(lhs)).to(torch.float32)
             del target
-            m_up = _linear(X, w.up, b_up)
+            m_up = F.linear(X, w.up, b_up)
             if mlp.gated:
                 g = act(s)
                 z = (beta * g * p + alpha * m_up) / (beta * g.square() + alpha)
                 del g
-                s = activation_prox(s, p, z, _linear(X, w.gate, b_gate), act, alpha, beta)
+                s = activation_prox(s, p, z, F.linear(X, w.gate, b_gate), act, alpha, beta)
             else:
                 z = activation_prox(z, p, None, m_up, act, alpha, beta)
             del m_up
