@@ -98,14 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         calib_meta = dict(CALIB, n_samples=method.calib_samples or CALIB["n_samples"])
         result.meta.update(suite=args.suite, compress_seconds=compress_s, note=method.note,
                            calibration=calib_meta, layers=model.config.num_hidden_layers)
-        if hasattr(compressor, "history_"):  # SparseLLM: MLP output error per block and round
-            first = [h[0] for h in compressor.history_]
-            best = [min(h) for h in compressor.history_]
+        if hasattr(compressor, "history_"):  # SparseLLM: output error per block and round
             result.meta["mlp_error_rounds"] = compressor.history_
-            result.meta["note"] += (
-                f"; MLP relative error, mean over blocks: SparseGPT start {sum(first) / len(first):.4f}, "
-                f"kept {sum(best) / len(best):.4f}; improved in {sum(b < f for b, f in zip(best, first))}"
-                f"/{len(first)} blocks")
+        if compressor is not None and compressor.summary():
+            result.meta["note"] += "; " + compressor.summary()
         for attr in ("removed_", "merges_"):
             if hasattr(compressor, attr):
                 result.meta[attr.rstrip("_")] = getattr(compressor, attr)

@@ -170,6 +170,8 @@ def test_sparsellm_block_error_no_worse_than_sparsegpt(tiny, family, pattern, sp
     assert len(method.history_) == model.config.num_hidden_layers
     for h in method.history_:
         assert len(h) == 4 and min(h[1:]) < h[0]  # the alternating rounds do improve on it
+    n = model.config.num_hidden_layers
+    assert f"improved in {n}/{n} blocks" in method.summary()
     start = SparseLLM(sparsity=sparsity, pattern=pattern, iterations=0)(copy.deepcopy(model), calib)
     e_start, e_llm = _block0_output_error(model, start, tok), _block0_output_error(model, llm, tok)
     assert e_llm < e_start

@@ -72,6 +72,10 @@ class Compressor:
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
         raise NotImplementedError
 
+    def summary(self) -> str:
+        """A line on what the last application did (for reports); empty when there is nothing to say."""
+        return ""
+
     def to_dict(self) -> dict[str, Any]:
         """``{"method": name, **fields}``: the recipe entry that rebuilds this compressor."""
         fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

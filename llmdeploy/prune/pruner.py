@@ -13,7 +13,6 @@ layers holding zeros, e.g. to quantize them afterwards.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +25,6 @@ from ..errors import ConfigError
 from ..models.adapters import get_adapter
 from .masks import SparsityPattern, check_divisible, parse_pattern
 from .sparse_linear import SparseLinear
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,8 +79,12 @@ class WeightPruner(Compressor):
         return model
 
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
-        """Prune one block's linears, group by group (or all at once) on calibration stats."""
-        groups = ctx.adapter.linear_groups(ctx.block)
+        """Prune one block's linears on calibration stats."""
+        self.prune_groups(ctx, pattern, ctx.adapter.linear_groups(ctx.block))
+
+    def prune_groups(self, ctx: BlockContext, pattern: SparsityPattern, groups: list[list[str]]) -> None:
+        """Prune the linears of ``groups`` (paths, in computation order) with :meth:`prune_weight`:
+        group by group when ``sequential``, else all on one pass of stats."""
         if not self.sequential:
             groups = [[n for g in groups for n in g]]
         linears = ctx.linears()

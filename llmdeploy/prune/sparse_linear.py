@@ -142,10 +142,6 @@ class SparseLinear(CompressedModule):
     def nominal_params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
-    def sparsity(self) -> float:
-        """Fraction of zero weights (stored zeros of an N:M group count as zeros too)."""
-        return 1.0 - int((self.dense_weight() != 0).sum()) / (self.in_features * self.out_features)
-
     def extra_repr(self) -> str:
         pat = f", {self.n}:{self.m}" if self.m else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -141,21 +141,26 @@ class SparseLLM(SparseGPT):
         self.history_: list[list[float]] = []
         return super().apply(model, calib)
 
+    def summary(self) -> str:
+        """One line on the last run: the error of the SparseGPT start and of the kept rounds."""
+        if not getattr(self, "history_", None):
+            return ""
+        first = [h[0] for h in self.history_]
+        best = [min(h) for h in self.history_]
+        improved = sum(b < f for b, f in zip(best, first))
+        return (f"block output error relative to the MLP target, mean over blocks: SparseGPT start "
+                f"{sum(first) / len(first):.4f}, kept {sum(best) / len(best):.4f}; improved in "
+                f"{improved}/{len(first)} blocks")
+
     # -- one block -------------------------------------------------------------------
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
         mlp = ctx.adapter.mlp_parts(ctx.block)
         dense_out = ctx.forward()  # the dense block's outputs: the MLP's target below
         mlp_ids = {id(mlp.up), id(mlp.down), id(mlp.gate)}
         linears = ctx.linears()
-        groups = [g for g in ctx.adapter.linear_groups(ctx.block)
-                  if not any(id(linears[n]) in mlp_ids for n in g)]
-        if not self.sequential:
-            groups = [[n for g in groups for n in g]]
-        for group in groups:  # attention: SparseGPT, as in the paper
-            stats = ctx.collect_stats(group)
-            for path in group:
-                with torch.no_grad():
-                    linears[path].weight.copy_(self.prune_weight(linears[path].weight, pattern, stats[path]))
+        attention = [g for g in ctx.adapter.linear_groups(ctx.block)
+                     if not any(id(linears[n]) in mlp_ids for n in g)]
+        self.prune_groups(ctx, pattern, attention)  # attention: SparseGPT, as in the paper
         x, target = self._mlp_problem(ctx, mlp, dense_out)
         del dense_out
         with torch.no_grad():
