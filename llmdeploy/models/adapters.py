@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedArchitectureError
@@ -58,6 +59,14 @@ class ModelAdapter:
     mlp_up_path: ClassVar[str]
     mlp_down_path: ClassVar[str]
     mlp_act_path: ClassVar[str]
+    # what rotating the residual stream (SliceGPT) needs to know
+    attn_path: ClassVar[str] = "self_attn"
+    #: the modules a block's MLP branch applies in order, from the normed input to the output
+    mlp_call_paths: ClassVar[tuple[str, ...]]
+    #: embeddings whose outputs add up to block 0's input (token and, where learned, position)
+    residual_embedding_paths: ClassVar[tuple[str, ...]]
+    #: the norms subtract the mean (LayerNorm) rather than only rescaling (RMSNorm)
+    norm_subtracts_mean: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -130,6 +139,41 @@ class ModelAdapter:
         return block.get_submodule(self.post_attn_norm_path)
 
     @staticmethod
+    def norm_affine(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
+        """A norm's scale, shift (None when absent) and epsilon."""
+        eps = getattr(norm, "variance_epsilon", None)
+        if eps is None:
+            eps = getattr(norm, "eps")
+        return getattr(norm, "weight", None), getattr(norm, "bias", None), float(eps)
+
+    def check_rotatable(self) -> None:
+        """Raise :class:`UnsupportedArchitectureError` unless the residual stream can be rotated
+        (pre-norm blocks, embeddings that write straight into the residual stream)."""
+        if not self.pre_norm:
+            raise UnsupportedArchitectureError(
+                f"{type(self.model).__name__} normalises after the residual additions (post-norm); "
+                "rotating the residual stream needs pre-norm blocks"
+            )
+
+    def rotation_layout(self) -> dict:
+        """Where a block's parts sit, for code that rebuilds sliced models without llmdeploy."""
+        roles = {r: [s.path for s in self.linear_specs if s.role == r] for r in ROLE_ORDER}
+        return {
+            "blocks": self.blocks_path,
+            "embeddings": list(self.residual_embedding_paths),
+            "final_norm": self.final_norm_path,
+            "head": self.head_path,
+            "attn": self.attn_path,
+            "attn_norm": self.input_norm_path,
+            "mlp_norm": self.post_attn_norm_path,
+            "mlp": list(self.mlp_call_paths),
+            "attn_in": roles["attn_in"],
+            "attn_out": roles["attn_out"][0],
+            "mlp_in": roles["mlp_in"],
+            "mlp_out": roles["mlp_out"][0],
+        }
+
+    @staticmethod
     def block_output(out: object):
         """The hidden states a block returns (tuple or bare tensor, depending on the version)."""
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -165,6 +209,8 @@ class LlamaAdapter(ModelAdapter):
     mlp_up_path = "mlp.up_proj"
     mlp_down_path = "mlp.down_proj"
     mlp_act_path = "mlp.act_fn"
+    mlp_call_paths = ("mlp",)
+    residual_embedding_paths = ("model.embed_tokens",)
 
 
 class OPTAdapter(ModelAdapter):
@@ -191,11 +237,23 @@ class OPTAdapter(ModelAdapter):
     mlp_up_path = "fc1"
     mlp_down_path = "fc2"
     mlp_act_path = "activation_fn"
+    mlp_call_paths = ("fc1", "activation_fn", "fc2")
+    residual_embedding_paths = ("model.decoder.embed_tokens", "model.decoder.embed_positions")
+    norm_subtracts_mean = True
 
     @property
     def pre_norm(self) -> bool:
         # OPT-350m normalises after the residual additions
         return bool(getattr(self.model.config, "do_layer_norm_before", True))
+
+    def check_rotatable(self) -> None:
+        super().check_rotatable()
+        decoder = self.model.get_submodule("model.decoder")
+        if getattr(decoder, "project_in", None) is not None or getattr(decoder, "project_out", None) is not None:
+            raise UnsupportedArchitectureError(
+                "this OPT projects its embeddings (word_embed_proj_dim != hidden_size); rotating the "
+                "residual stream is supported only without project_in/project_out"
+            )
 
 
 ADAPTERS: list[type[ModelAdapter]] = [LlamaAdapter, OPTAdapter]
