@@ -7,7 +7,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmdeploy.compress import Compressor
-from llmdeploy.prune import DropLayers, LaCo, Magnitude, ShortGPT, SparseGPT, SparseLLM, Wanda
+from llmdeploy.finetune import LoRAFinetune
+from llmdeploy.prune import (
+    DropLayers,
+    LaCo,
+    Magnitude,
+    ShortGPT,
+    SliceGPT,
+    SparseGPT,
+    SparseLLM,
+    Wanda,
+)
 from llmdeploy.quant import RTN, DynamicInt8
 
 
@@ -21,16 +31,20 @@ class Method:
     note: str = ""
     # calibrate on the first ``calib_samples`` of the protocol's windows (None: all of them)
     calib_samples: int | None = None
+    # start from the model another method of the same run produced (None: the dense model)
+    base: str | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register(name: str, build: Callable[[dict[str, Compressor]], Compressor | None], suites=("quick", "full"),
-             note: str = "", calib_samples: int | None = None) -> None:
+             note: str = "", calib_samples: int | None = None, base: str | None = None) -> None:
     if name in METHODS:
         raise ValueError(f"benchmark method {name!r} registered twice")
-    METHODS[name] = Method(name, build, tuple(suites), note, calib_samples)
+    if base is not None and base not in METHODS:
+        raise ValueError(f"benchmark method {name!r} starts from {base!r}, which is not registered before it")
+    METHODS[name] = Method(name, build, tuple(suites), note, calib_samples, base)
 
 
 def for_suite(suite: str) -> list[Method]:
@@ -93,3 +107,16 @@ for _i, (_level, _kw) in enumerate(_LEVELS):
 for _level, _kw in _LEVELS[2:]:
     register(f"sparsellm-{_level}", lambda s, kw={**_kw, "max_tokens": 8192, "iterations": 2}: SparseLLM(**kw),
              calib_samples=PRUNE_CALIB, note=f"calibrated on {PRUNE_CALIB} windows (MLP: 8192 tokens, 2 rounds)")
+
+# SliceGPT (#5): 10/20/25/30% of the 576-wide residual stream, round_to 8 (576 -> 512/456/432/400),
+# PCA on the first 64 calibration windows (32,768 tokens). Recovery fine-tuning (RFT) starts from
+# the sliced model of the same run: LoRA r=32, alpha=10, dropout 0.05 as in SliceGPT, one epoch
+# over the 128 calibration windows in batches of 4 (32 steps). SliceGPT's RFT runs thousands of
+# steps at lr 2e-4; 32 steps on 2 CPU cores (~15 s each) is what fits, so lr is 1e-3.
+SLICE_CALIB = 64
+RFT = {"rank": 32, "alpha": 10.0, "dropout": 0.05, "lr": 1e-3, "epochs": 1.0, "batch_size": 4}
+for _pct in (10, 20, 25, 30):
+    register(f"slicegpt-{_pct}", lambda s, p=_pct: SliceGPT(sparsity=p / 100), calib_samples=SLICE_CALIB,
+             note=f"SliceGPT {_pct}% (PCA on {SLICE_CALIB} windows)")
+    register(f"slicegpt-{_pct}-rft", lambda s: LoRAFinetune(**RFT), base=f"slicegpt-{_pct}",
+             note=f"slicegpt-{_pct} + LoRA RFT (r=32, alpha=10, lr 1e-3, 32 steps x 4 windows of 512)")

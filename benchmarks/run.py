@@ -80,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     dense, tok = llmdeploy.load(MODEL)
     calib = None
     state: dict = {}
+    bases = {m.base for m in methods if m.base}
+    results_time: dict[str, float] = {}
+    kept: dict[str, torch.nn.Module] = {}  # compressed models later methods start from
     for method in methods:
         log.info("=== %s", method.name)
+        if method.base and method.base not in kept:
+            raise SystemExit(f"{method.name} starts from {method.base}: run both in one invocation "
+                             f"(--only {method.base} --only {method.name})")
         t1 = time.perf_counter()
         compressor = method.build(state)
         model = dense
@@ -89,13 +95,19 @@ def main(argv: list[str] | None = None) -> int:
             if compressor.needs_calibration and calib is None:
                 calib = calibration(tok, **CALIB)
             used = calib if calib is None or method.calib_samples is None else calib[: method.calib_samples]
-            model = compressor(copy.deepcopy(dense), used)
+            model = compressor(copy.deepcopy(kept[method.base] if method.base else dense), used)
             state[method.name] = compressor
+        if method.name in bases:
+            kept[method.name] = model
         compress_s = time.perf_counter() - t1
         result = evaluate(model, tok, name=method.name, model_name=MODEL, ppl=["shakespeare"],
                           seq_len=SEQ_LEN, max_windows=suite["max_windows"], tasks=list(OFFLINE_TASKS),
                           limit=suite["limit"], speed=suite["speed"])
         calib_meta = dict(CALIB, n_samples=method.calib_samples or CALIB["n_samples"])
+        if method.base:
+            result.meta["base"] = method.base
+            compress_s += results_time.get(method.base, 0.0)
+        results_time[method.name] = compress_s
         result.meta.update(suite=args.suite, compress_seconds=compress_s, note=method.note,
                            calibration=calib_meta, layers=model.config.num_hidden_layers)
         if hasattr(compressor, "history_"):  # SparseLLM: output error per block and round

@@ -11,7 +11,7 @@ import logging
 
 __version__ = "0.1.0"
 
-from . import compress, data, eval, prune, quant, recipe  # noqa: E402
+from . import compress, data, eval, finetune, prune, quant, recipe  # noqa: E402
 from .compress import Compose, Compressor, applied_recipe  # noqa: E402
 from .models import ZOO, get_adapter, load, save  # noqa: E402
 
@@ -26,6 +26,7 @@ __all__ = [
     "compress",
     "data",
     "eval",
+    "finetune",
     "get_adapter",
     "load",
     "prune",

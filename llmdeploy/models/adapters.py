@@ -143,7 +143,7 @@ class ModelAdapter:
         """A norm's scale, shift (None when absent) and epsilon."""
         eps = getattr(norm, "variance_epsilon", None)
         if eps is None:
-            eps = getattr(norm, "eps")
+            eps = norm.eps
         return getattr(norm, "weight", None), getattr(norm, "bias", None), float(eps)
 
     def check_rotatable(self) -> None:

@@ -10,6 +10,8 @@ written in a temporary sibling folder and renamed into place.
 
 from __future__ import annotations
 
+import copy
+import importlib
 import json
 import logging
 import os
@@ -60,7 +62,16 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overw
             name: {"class": type(m).__name__, "init": m.init_kwargs()}
             for name, m in compressed_modules(model).items()
         }
-        model.config.save_pretrained(tmp)
+        config = model.config
+        model_class = None
+        remote = getattr(type(model), "remote_code", None)
+        if remote is not None:  # a class transformers can rebuild only from a modeling file
+            module, filename = remote
+            config = copy.deepcopy(model.config)
+            config.auto_map = {"AutoModelForCausalLM": f"{Path(filename).stem}.{type(model).__name__}"}
+            shutil.copyfile(importlib.import_module(module).__file__, tmp / filename)
+            model_class = f"{module}:{type(model).__name__}"
+        config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -74,6 +85,7 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overw
             "dtype": dtype,
             "recipe": recipe,
             "modules": modules,
+            "model_class": model_class,
             "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -109,6 +121,19 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _model_class(manifest: dict[str, Any], path: Path) -> type:
+    """The class a manifest names (only llmdeploy's own modules are imported)."""
+    ref = str(manifest["model_class"])
+    module, _, name = ref.partition(":")
+    if not module.startswith("llmdeploy.") or not name:
+        raise CheckpointError(f"{path / MANIFEST} names model class {ref!r}, which is not one of llmdeploy's")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointError(f"{path} needs model class {ref!r}, unknown to this llmdeploy ({e}); "
+                              "upgrade llmdeploy") from None
+
+
 def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, verify: bool = True):
     """Restore a directory written by :func:`save`: the same modules, identical logits."""
     path = Path(path)
@@ -128,7 +153,8 @@ def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, ver
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{path} has no readable config.json: {e}") from e
-    model = AutoModelForCausalLM.from_config(config)
+    model = _model_class(manifest, path)(config) if manifest.get("model_class") else \
+        AutoModelForCausalLM.from_config(config)
     model.to(saved_dtype)
     for name, spec in manifest.get("modules", {}).items():
         cls = MODULES.get(spec.get("class"))

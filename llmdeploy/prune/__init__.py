@@ -1,5 +1,5 @@
 """Pruning methods: weight pruning (magnitude, Wanda, SparseGPT, SparseLLM; unstructured or N:M,
-stored compactly) and layer removal (LaCo, ShortGPT, naive dropping)."""
+stored compactly), layer removal (LaCo, ShortGPT, naive dropping) and width slicing (SliceGPT)."""
 
 from .laco import LaCo, rdsc_merge
 from .layers import DropLayers, remove_layers, replace_blocks
@@ -7,6 +7,7 @@ from .magnitude import Magnitude
 from .masks import SparsityPattern, parse_pattern, select_mask
 from .pruner import WeightPruner, realised_sparsity
 from .shortgpt import ShortGPT, block_influence
+from .slicegpt import SliceGPT, sliced_width
 from .sparse_linear import SparseLinear
 from .sparsegpt import SparseGPT, sparsegpt_prune
 from .sparsellm import SparseLLM
@@ -17,6 +18,7 @@ __all__ = [
     "LaCo",
     "Magnitude",
     "ShortGPT",
+    "SliceGPT",
     "SparseGPT",
     "SparseLLM",
     "SparseLinear",
@@ -30,5 +32,6 @@ __all__ = [
     "remove_layers",
     "replace_blocks",
     "select_mask",
+    "sliced_width",
     "sparsegpt_prune",
 ]

@@ -154,6 +154,9 @@ def build_sliced_structure(model: nn.Module, spec: dict[str, Any]) -> None:
 class SlicedCausalLMMixin:
     """Builds the sliced shapes from ``config.slicegpt`` after the family's own ``__init__``."""
 
+    #: (module, file name): ``llmdeploy.save`` copies this module next to the weights
+    remote_code = ("llmdeploy.prune.sliced_modeling", "modeling_slicegpt.py")
+
     def __init__(self, config, *args, **kwargs) -> None:
         spec = getattr(config, "slicegpt", None)
         if not isinstance(spec, dict):

@@ -229,8 +229,8 @@ class SliceGPT(Compressor):
             return ""
         return (f"width {r['hidden_size']} -> {r['sliced_width']} (nominal {r['nominal_sparsity']:.1%} sliced); "
                 f"params {r['params_dense'] / 1e6:.1f} M -> {r['params_sliced'] / 1e6:.1f} M "
-                f"({r['params_removed']:+.1%} removed; shortcuts {r['shortcut_params'] / 1e6:.2f} M and the "
-                "untied head included)")
+                f"({r['params_sliced'] / r['params_dense'] - 1:+.1%}; shortcuts {r['shortcut_params'] / 1e6:.2f} M "
+                "and the untied head included)")
 
 
 def _count_params(model: nn.Module) -> int:
