@@ -49,3 +49,15 @@ def test_compress_with_a_pruning_recipe(tmp_path):
     llmdeploy.prune.SparseGPT(pattern="2:4", sparsity=None)(ref, calib)
     ids = ids_for(tok)
     assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_compress_with_a_slicing_recipe(tmp_path):
+    out = tmp_path / "sliced"
+    args = ["compress", "tiny-llama", "--recipe", "slicegpt-25-rft", "-o", str(out), "--n-samples", "4",
+            "--seq-len", "32"]
+    assert main(args) == 0
+    model, tok = llmdeploy.load(out)
+    assert type(model).__name__ == "SlicedLlamaForCausalLM"
+    assert model.get_submodule("model.layers.0.self_attn.q_proj").in_features == 48
+    assert [e["method"] for e in llmdeploy.applied_recipe(model)] == ["slicegpt", "lora_finetune"]
+    assert (out / "modeling_slicegpt.py").exists()

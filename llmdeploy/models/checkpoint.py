@@ -71,6 +71,10 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overw
             config.auto_map = {"AutoModelForCausalLM": f"{Path(filename).stem}.{type(model).__name__}"}
             shutil.copyfile(importlib.import_module(module).__file__, tmp / filename)
             model_class = f"{module}:{type(model).__name__}"
+        hf_quant = _hf_quantization_config(model)
+        if hf_quant is not None:  # transformers (with the method's package) can load this directory
+            config = copy.deepcopy(config) if config is model.config else config
+            config.quantization_config = hf_quant
         config.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if tokenizer is not None:
@@ -101,6 +105,19 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overw
         raise
     log.info("saved %s", out)
     return out
+
+
+def _hf_quantization_config(model: PreTrainedModel) -> dict[str, Any] | None:
+    """The ``quantization_config`` transformers understands for this model's compressed modules
+    (a module class may provide one through ``hf_quantization_config(model)``), or None."""
+    classes = {type(m) for m in compressed_modules(model).values()}
+    for cls in classes:
+        hook = getattr(cls, "hf_quantization_config", None)
+        if hook is not None:
+            cfg = hook(model)
+            if cfg is not None:
+                return cfg
+    return None
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:

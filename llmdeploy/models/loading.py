@@ -59,6 +59,11 @@ def _load_dir(path: Path, dtype: torch.dtype):
     if (path / MANIFEST).exists():
         return load_saved(path, dtype=dtype)
     if (path / "config.json").exists():
+        quant = _quant_method(path)
+        if quant == "aqlm":  # read with llmdeploy's AQLMLinear (kernels, training), not the aqlm package
+            from ..quant.aqlm_linear import load_hf_aqlm
+
+            return load_hf_aqlm(path, dtype), AutoTokenizer.from_pretrained(path, local_files_only=True)
         try:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
         except (OSError, ValueError) as e:
@@ -72,6 +77,16 @@ def _load_dir(path: Path, dtype: torch.dtype):
         f"{path} holds no model: expected llmdeploy.json (a directory written by llmdeploy.save), "
         "config.json (a Hugging Face model) or exactly one .gguf file"
     )
+
+
+def _quant_method(path: Path) -> str | None:
+    import json
+
+    try:
+        qc = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    return qc.get("quant_method")
 
 
 def _load_hub(name: str, dtype: torch.dtype):

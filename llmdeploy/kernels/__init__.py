@@ -1,0 +1,52 @@
+"""Kernels for quantized matmuls, each tested against a plain-torch reference.
+
+``aqlm_kernel_for(module, x, tokens)`` picks the kernel an ``AQLMLinear`` uses for input ``x``
+(or None: the reference). ``LLMDEPLOY_AQLM_KERNEL=reference`` (environment) or
+:func:`use_reference` forces the reference everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+
+import torch
+
+_FORCE_REFERENCE = False
+
+
+@contextlib.contextmanager
+def use_reference() -> Iterator[None]:
+    """Within this block every quantized layer computes with its plain-torch reference."""
+    global _FORCE_REFERENCE
+    old, _FORCE_REFERENCE = _FORCE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _FORCE_REFERENCE = old
+
+
+def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The fastest available kernel for ``module(x)``, or None for the reference."""
+    if _FORCE_REFERENCE or os.environ.get("LLMDEPLOY_AQLM_KERNEL", "auto") == "reference":
+        return None
+    if module.out_group_size != 1:
+        return None
+    if x.is_cuda:
+        from . import aqlm_triton
+
+        if not aqlm_triton.available():
+            return None
+        if tokens <= aqlm_triton.GEMV_MAX_TOKENS:
+            return lambda inp: aqlm_triton.aqlm_gemv(inp, module)
+        return lambda inp: aqlm_triton.aqlm_dequant_matmul(inp, module)
+    if x.device.type == "cpu" and x.dtype == torch.float32 and module.codebooks.dtype == torch.float32:
+        from . import aqlm_cpu
+
+        if aqlm_cpu.available() and tokens <= aqlm_cpu.GEMV_MAX_TOKENS:
+            return lambda inp: aqlm_cpu.aqlm_gemv(inp, module)
+    return None
+
+
+__all__ = ["aqlm_kernel_for", "use_reference"]

@@ -1,0 +1,84 @@
+"""CPU matrix-vector kernels for AQLM layers (numba), for batch-1 decoding.
+
+For codebooks of at most 4096 entries (2x8, 1x8, 4x8...) the kernel first builds a lookup table
+``lut[b, j, c, k] = x[b, group j] · codebooks[c, k]`` (tiny: in/8 x C x K floats, cached), then
+every output is a sum of ``in/in_group_size x C`` table entries read through the codes: it reads
+one byte per code instead of ``in_group_size`` fp32 weights, which is what makes it faster than a
+dense matvec whose cost is reading the weight. Larger codebooks (1x16) gather the codeword and
+multiply directly. Output rows run in parallel (no two threads write one output).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+GEMV_MAX_TOKENS = 8
+#: above this codebook size the lookup table would be larger than reading the codewords
+LUT_MAX_CODEBOOK = 4096
+
+
+@functools.cache
+def available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernels():
+    import numba
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_lut(lut, codes, scales, out, mask):  # lut (B, G, C, K); codes (O, G, C); out (B, O)
+        n_b, n_g, n_c, _ = lut.shape
+        for i in numba.prange(codes.shape[0]):
+            for b in range(n_b):
+                acc = numba.float32(0.0)
+                for j in range(n_g):
+                    for c in range(n_c):
+                        acc += lut[b, j, c, codes[i, j, c] & mask]
+                out[b, i] = acc * scales[i]
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_direct(x, books, codes, scales, out, mask):  # x (B, G, g); books (C, K, g)
+        n_b, n_g, g = x.shape
+        n_c = books.shape[0]
+        for i in numba.prange(codes.shape[0]):
+            for b in range(n_b):
+                acc = numba.float32(0.0)
+                for j in range(n_g):
+                    for c in range(n_c):
+                        k = codes[i, j, c] & mask
+                        for t in range(g):
+                            acc += books[c, k, t] * x[b, j, t]
+                out[b, i] = acc * scales[i]
+
+    return gemv_lut, gemv_direct
+
+
+def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
+    """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1)."""
+    gemv_lut, gemv_direct = _kernels()
+    shape = x.shape
+    xb = x.reshape(-1, module.in_features).contiguous()
+    n_b, g = xb.shape[0], module.in_group_size
+    n_c, k = module.num_codebooks, module.codebook_size
+    books = module.codebooks.detach().reshape(n_c, k, g)
+    codes = module.codes.detach().numpy()
+    scales = module.scales.detach().reshape(-1).numpy()
+    out = torch.empty(n_b, module.out_features, dtype=torch.float32)
+    mask = k - 1
+    with torch.no_grad():
+        if k <= LUT_MAX_CODEBOOK:
+            lut = (xb.view(n_b * (module.in_features // g), g) @ books.reshape(n_c * k, g).T)
+            lut = lut.view(n_b, module.in_features // g, n_c, k).contiguous()
+            gemv_lut(lut.numpy(), codes, scales, out.numpy(), mask)
+        else:
+            gemv_direct(xb.view(n_b, -1, g).numpy(), books.contiguous().numpy(), codes, scales, out.numpy(), mask)
+    if module.bias is not None:
+        out += module.bias.detach()
+    return out.view(*shape[:-1], module.out_features)

@@ -1,0 +1,469 @@
+"""AQLM (Egiazarian et al., ICML 2024): additive quantization of each linear with learned codebooks.
+
+Every group of ``in_group_size`` weights of a row is approximated by ``scale_row · Σ_c C_c[b_c]``,
+one vector from each of ``num_codebooks`` codebooks of ``2**nbits_per_codebook`` entries. Per
+decoder block, through the shared calibration engine:
+
+1. ``H = XᵀX / n`` of each linear's calibration inputs; the objective is the layer output error
+   ``‖(W − Ŵ)X‖² / n = tr((W − Ŵ) H (W − Ŵ)ᵀ)`` (reported relative to ``tr(W H Wᵀ)``).
+2. Initialise: scales = row norms; codes and codebooks by residual k-means on the normalised
+   weight groups (codebook c clusters what codebooks < c left over).
+3. Alternate until the relative improvement of a round falls below ``relative_mse_tolerance``
+   (at most ``max_iter`` rounds): (a) ``steps_per_round`` Adam steps on codebooks and scales with
+   the codes fixed; (b) beam search over the codes with codebooks fixed: input groups in order,
+   codebooks inside, each row keeping its ``beam_size`` best full-row hypotheses; every
+   candidate's exact objective change comes from the running ``(W − Ŵ)H`` in closed form, and
+   the unchanged code is always a candidate, so a sweep never increases the objective.
+4. Block fine-tuning: with all codes fixed, Adam on the block's codebooks, scales and norm
+   weights to match the *dense* block's outputs on the same (quantized-upstream) inputs.
+
+After each block the quantized block is written to ``checkpoint_dir``; ``resume=True`` restores
+the finished blocks and continues, giving the result of an uninterrupted run (every random
+choice is seeded per block and layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..compress.base import Compressor, register_method
+from ..compress.engine import BlockContext, run_blockwise
+from ..compress.modules import compressed_modules
+from ..errors import CheckpointError, ConfigError
+from ..models.adapters import get_adapter
+from .aqlm_linear import AQLMLinear, check_aqlm_shapes, dequantize, pack_codes
+
+log = logging.getLogger(__name__)
+
+
+# -- initialisation ------------------------------------------------------------------------
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of ``x`` (n, d): (centroids (k, d), assignment (n,)).
+    With n <= k every row is its own centroid (the rest are zero)."""
+    n, d = x.shape
+    if n <= k:
+        cent = torch.zeros(k, d, dtype=x.dtype)
+        cent[:n] = x
+        return cent, torch.arange(n)
+    cent = x[torch.randperm(n, generator=generator)[:k]].clone()
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iters):
+        assign = nearest(x, cent)
+        sums = torch.zeros_like(cent).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        empty = counts == 0
+        cent = sums / counts.clamp(min=1).unsqueeze(1).to(x.dtype)
+        if empty.any():  # re-seed empty clusters with random points
+            cent[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=generator)]
+    return cent, nearest(x, cent)
+
+
+def nearest(x: torch.Tensor, cent: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Index of the nearest centroid for every row of ``x`` (squared Euclidean)."""
+    c2 = (cent * cent).sum(1)
+    out = []
+    for s in range(0, x.shape[0], chunk):
+        xs = x[s:s + chunk]
+        out.append((c2.unsqueeze(0) - 2 * xs @ cent.T).argmin(1))
+    return torch.cat(out)
+
+
+def init_aq(weight: torch.Tensor, num_codebooks: int, nbits: int, in_group_size: int, out_group_size: int,
+            kmeans_iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scales (row-group norms) and residual k-means: (codes (O', G, C) int64, codebooks (C, K, og, ig),
+    scales (O', 1, 1, 1))."""
+    out_f, in_f = weight.shape
+    og, ig = out_group_size, in_group_size
+    groups = weight.reshape(out_f // og, og, in_f // ig, ig).permute(0, 2, 1, 3)  # (O', G, og, ig)
+    scales = groups.flatten(1).norm(dim=1).clamp(min=1e-9).view(-1, 1, 1, 1)
+    residual = (groups / scales).reshape(-1, og * ig).clone()
+    k = 2**nbits
+    codes, books = [], []
+    for _ in range(num_codebooks):
+        cent, assign = kmeans(residual, k, kmeans_iters, generator)
+        residual -= cent[assign]
+        codes.append(assign)
+        books.append(cent.view(k, og, ig))
+    codes_t = torch.stack(codes, dim=1).view(out_f // og, in_f // ig, num_codebooks)
+    return codes_t, torch.stack(books), scales
+
+
+# -- objective -----------------------------------------------------------------------------
+def layer_error(weight: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """``tr((W − Ŵ) H (W − Ŵ)ᵀ)``, the layer's mean squared output error on the calibration data."""
+    delta = weight - w_hat
+    return ((delta @ hessian) * delta).sum()
+
+
+# -- beam search ---------------------------------------------------------------------------
+@torch.no_grad()
+def beam_search_codes(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                      scales: torch.Tensor, beam_size: int) -> torch.Tensor:
+    """Codes (unsigned, (O', G, C)) minimising the layer error for fixed codebooks and scales.
+
+    Rows (output groups) are independent and run together. For each input group j, and each
+    codebook c within it, every hypothesis of a row expands to the K choices of code (j, c); the
+    exact error of each follows in closed form from the hypothesis' error and its running
+    ``R H`` (R = W − Ŵ); the ``beam_size`` best survive. Returns each row's best hypothesis, never
+    worse than ``codes`` (keeping a code is always a candidate).
+    """
+    n_og, n_g, n_c = codes.shape
+    _, k, og, ig = codebooks.shape
+    in_f = weight.shape[1]
+    nbits = int(math.log2(k))
+    resid = (weight - dequantize(codes, codebooks, scales, nbits)).view(n_og, 1, og, in_f)  # (O', B, og, I)
+    rh = resid @ hessian
+    loss = (rh * resid).sum(dim=(2, 3))  # (O', B)
+    beams = codes.unsqueeze(1).clone()  # (O', B, G, C)
+    rows = torch.arange(n_og).unsqueeze(1)
+    sv = scales.view(n_og, 1, 1)
+    for j in range(n_g):
+        cols = slice(j * ig, (j + 1) * ig)
+        h_jj, h_j = hessian[cols, cols], hessian[cols, :]
+        for c in range(n_c):
+            cb = codebooks[c]  # (K, og, ig)
+            flat = cb.reshape(k, og * ig)
+            quad = ((cb @ h_jj) * cb).sum(dim=(1, 2))  # <A_k H, A_k>
+            old = cb[beams[:, :, j, c]]  # B: the current codeword, (O', B, og, ig)
+            u = rh[..., cols]
+            old_h = old @ h_jj
+            au = u.flatten(2) @ flat.T  # <A_k, u>, (O', B, K)
+            abh = old_h.flatten(2) @ flat.T  # <A_k, B H>
+            bu = (old * u).sum(dim=(2, 3)).unsqueeze(-1)
+            bhb = (old_h * old).sum(dim=(2, 3)).unsqueeze(-1)
+            # new error = error - 2 s <A_k - B, u> + s² <(A_k - B) H, A_k - B>
+            total = loss.unsqueeze(-1) - 2 * sv * (au - bu) + sv * sv * (quad - 2 * abh + bhb)
+            best, idx = torch.topk(total.flatten(1), min(beam_size, total.shape[1] * k), dim=1, largest=False)
+            parent, code = idx // k, idx % k  # (O', B')
+            if beams.shape[1] > 1 or parent.shape[1] > 1:
+                beams, old = beams[rows, parent].clone(), old[rows, parent]
+                resid, rh = resid[rows, parent].clone(), rh[rows, parent].clone()
+            beams[:, :, j, c] = code
+            delta = (cb[code] - old) * scales.view(n_og, 1, 1, 1)  # the change of Ŵ in group j
+            resid[..., cols] -= delta
+            rh -= delta @ h_j
+            loss = best
+    return beams[torch.arange(n_og), loss.argmin(dim=1)]
+
+
+# -- one layer -----------------------------------------------------------------------------
+@dataclass
+class LayerResult:
+    codes: torch.Tensor  # unsigned (O', G, C)
+    codebooks: torch.Tensor
+    scales: torch.Tensor
+    errors: list[float] = field(default_factory=list)  # relative error after init and each round
+
+
+def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, cfg: AQLM, generator: torch.Generator) -> LayerResult:
+    """AQLM of one weight matrix against the calibration Hessian ``H = XᵀX / n``."""
+    weight = weight.float()
+    hessian = hessian.float()
+    norm = layer_error(weight, torch.zeros_like(weight), hessian).clamp(min=1e-12)
+    codes, books, scales = init_aq(weight, cfg.num_codebooks, cfg.nbits_per_codebook, cfg.in_group_size,
+                                   cfg.out_group_size, cfg.kmeans_iters, generator)
+    books = books.clone().requires_grad_(True)
+    scales = scales.clone().requires_grad_(True)
+    opt = torch.optim.Adam([books, scales], lr=cfg.lr, betas=(0.0, 0.95))
+
+    def rel_error() -> float:
+        with torch.no_grad():
+            return (layer_error(weight, dequantize(codes, books, scales, cfg.nbits_per_codebook), hessian) / norm).item()
+
+    errors = [rel_error()]
+    for _ in range(cfg.max_iter):
+        for _ in range(cfg.steps_per_round):
+            opt.zero_grad(set_to_none=True)
+            loss = layer_error(weight, dequantize(codes, books, scales, cfg.nbits_per_codebook), hessian) / norm
+            loss.backward()
+            opt.step()
+        codes = beam_search_codes(weight, hessian, codes, books.detach(), scales.detach(), cfg.beam_size)
+        errors.append(rel_error())
+        if errors[-2] - errors[-1] < cfg.relative_mse_tolerance * errors[-2]:
+            break
+    return LayerResult(codes, books.detach(), scales.detach(), errors)
+
+
+def _finite_hessian(h: torch.Tensor) -> torch.Tensor:
+    """Damp a (possibly singular) Hessian slightly so that the objective is well posed."""
+    damp = 1e-4 * h.diagonal().mean().clamp(min=1e-8)
+    return h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+
+
+@register_method("aqlm")
+@dataclass
+class AQLM(Compressor):
+    """Additive quantization of every decoder-block linear (see the module docstring).
+
+    ``num_codebooks x nbits_per_codebook`` bits per ``in_group_size`` weights: 2x8 with groups of
+    8 is 2 bits per weight (plus codebooks and scales), 1x16 with groups of 8 also 2 bits.
+    """
+
+    num_codebooks: int = 2
+    nbits_per_codebook: int = 8
+    in_group_size: int = 8
+    out_group_size: int = 1
+    beam_size: int = 1
+    max_iter: int = 8
+    relative_mse_tolerance: float = 0.01
+    steps_per_round: int = 40
+    lr: float = 1e-4
+    kmeans_iters: int = 16
+    finetune_blocks: bool = True
+    finetune_epochs: int = 2
+    finetune_lr: float = 1e-4
+    finetune_batch_size: int = 4
+    finetune_max_samples: int | None = None
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    seed: int = 0
+    device: str | None = None
+    batch_size: int = 8
+    needs_calibration = True
+
+    # -- checks --------------------------------------------------------------------------
+    def validate(self, model: nn.Module) -> None:
+        if self.nbits_per_codebook > 16 or self.nbits_per_codebook < 1:
+            raise ConfigError(f"aqlm: nbits_per_codebook must be in 1..16, got {self.nbits_per_codebook} "
+                              "(larger codebooks do not fit the aqlm format; use more codebooks instead)")
+        if self.beam_size < 1 or self.max_iter < 0 or self.steps_per_round < 0:
+            raise ConfigError("aqlm: beam_size must be >= 1, max_iter and steps_per_round >= 0")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("aqlm: resume=True needs checkpoint_dir (where the finished blocks were saved)")
+        if compressed_modules(model):
+            raise ConfigError("aqlm: the model already holds compressed modules; quantize the dense model")
+        adapter = get_adapter(model)
+        for i, block in enumerate(adapter.blocks()):
+            for path, lin in adapter.block_linears(block).items():
+                check_aqlm_shapes(lin.in_features, lin.out_features, self.num_codebooks, self.nbits_per_codebook,
+                                  self.in_group_size, self.out_group_size, name=f"{adapter.blocks_path}.{i}.{path}")
+
+    def config_dict(self) -> dict:
+        """The fields that determine the result (not where it is saved or whether it resumes)."""
+        d = self.to_dict()
+        for key in ("checkpoint_dir", "resume", "device", "method"):
+            d.pop(key, None)
+        return d
+
+    # -- the walk ------------------------------------------------------------------------
+    def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
+        adapter = get_adapter(model)
+        store = _Progress(self.checkpoint_dir, self._fingerprint(model, calib)) if self.checkpoint_dir else None
+        done = 0
+        if store is not None:
+            if self.resume:
+                done = store.restore(model, adapter)
+                if done:
+                    log.info("aqlm: resuming after %d finished blocks from %s", done, self.checkpoint_dir)
+            else:
+                store.reset()
+        self.errors_: dict[str, list[float]] = store.errors() if (store is not None and self.resume) else {}
+        self.finetune_: dict[str, list[float]] = {}
+        def process(ctx: BlockContext) -> None:
+            if ctx.index < done:  # restored from the checkpoint: only propagate through it
+                return
+            target = ctx.forward() if self.finetune_blocks else None
+            stats = ctx.collect_stats()
+            linears = ctx.linears()
+            for li, (path, lin) in enumerate(linears.items()):
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + ctx.index * 1000 + li)
+                h = _finite_hessian(stats[path].xtx / max(stats[path].n_rows, 1))
+                res = quantize_layer(lin.weight.detach().to(ctx.device), h.to(ctx.device), self, gen)
+                ctx.block.set_submodule(path, self._module(lin, res))
+                self.errors_[f"{ctx.name}.{path}"] = res.errors
+                log.debug("aqlm %s.%s relative error %s", ctx.name, path, [round(e, 4) for e in res.errors])
+            if self.finetune_blocks and target is not None:
+                self.finetune_[ctx.name] = finetune_block(ctx, target, self)
+            if store is not None:
+                store.save_block(ctx.index, ctx.block, {k: v for k, v in self.errors_.items()
+                                                        if k.startswith(ctx.name + ".")})
+
+        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="AQLM")
+        return model
+
+    def _module(self, lin: nn.Linear, res: LayerResult) -> AQLMLinear:
+        m = AQLMLinear(lin.in_features, lin.out_features, self.num_codebooks, self.nbits_per_codebook,
+                       self.in_group_size, self.out_group_size, bias=lin.bias is not None,
+                       dtype=lin.weight.dtype, device=lin.weight.device)
+        with torch.no_grad():
+            m.codes.copy_(pack_codes(res.codes, self.nbits_per_codebook))
+            m.codebooks.copy_(res.codebooks)
+            m.scales.copy_(res.scales)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        return m
+
+    def _fingerprint(self, model: nn.Module, calib: torch.Tensor) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config_dict(), sort_keys=True, default=str).encode())
+        h.update(calib.cpu().contiguous().numpy().tobytes())
+        for name, p in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(str(tuple(p.shape)).encode())
+            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    def summary(self) -> str:
+        errs = getattr(self, "errors_", None)
+        if not errs:
+            return ""
+        final = [e[-1] for e in errs.values()]
+        rounds = [len(e) - 1 for e in errs.values()]
+        s = (f"AQLM {self.num_codebooks}x{self.nbits_per_codebook} g{self.in_group_size}: mean relative layer "
+             f"error {sum(final) / len(final):.4f} after {sum(rounds) / len(rounds):.1f} rounds on average")
+        ft = getattr(self, "finetune_", None)
+        if ft:
+            gains = [1 - v[-1] / v[0] for v in ft.values() if v and v[0] > 0]
+            if gains:
+                s += f"; block fine-tuning lowered block output error by {sum(gains) / len(gains):.1%} on average"
+        return s
+
+
+# -- block fine-tuning ---------------------------------------------------------------------
+def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> list[float]:
+    """Adam on the block's codebooks, scales and norm weights (codes fixed) to match ``target``,
+    the dense block's outputs. Returns the relative output error before and after each epoch."""
+    block = ctx.block
+    params = []
+    for mod in block.modules():
+        if isinstance(mod, AQLMLinear):
+            params += [mod.codebooks, mod.scales]
+    for name, p in block.named_parameters():
+        if "norm" in name and p.dtype.is_floating_point:
+            params.append(p)
+    if not params:
+        return []
+    was = {id(p): p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    n = len(ctx.inputs)
+    order = list(range(n))
+    if cfg.finetune_max_samples is not None:
+        order = order[: max(1, cfg.finetune_max_samples // max(1, ctx.inputs[0].shape[0]))]
+    denom = sum(float((t.float() ** 2).mean()) for t in (target[i] for i in order)) / len(order)
+
+    def error() -> float:
+        with torch.no_grad():
+            outs = [ctx.adapter.block_output(block(ctx.inputs[i].to(ctx.device), **_dev(ctx.kwargs[i], ctx.device)))
+                    for i in order]
+            return sum(float(F.mse_loss(o.float(), target[i].to(ctx.device).float())) for o, i in zip(outs, order)) \
+                / len(order) / max(denom, 1e-12)
+
+    history = [error()]
+    opt = torch.optim.Adam(params, lr=cfg.finetune_lr, betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + ctx.index)
+    block.train()
+    try:
+        for _ in range(cfg.finetune_epochs):
+            for b in torch.randperm(len(order), generator=gen).tolist():
+                i = order[b]
+                out = ctx.adapter.block_output(block(ctx.inputs[i].to(ctx.device), **_dev(ctx.kwargs[i], ctx.device)))
+                loss = F.mse_loss(out.float(), target[i].to(ctx.device).float()) / max(denom, 1e-12)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            history.append(error())
+    finally:
+        block.eval()
+        for p in block.parameters():
+            p.requires_grad_(was.get(id(p), False))
+        for mod in block.modules():
+            if isinstance(mod, AQLMLinear):
+                mod.codebooks.requires_grad_(False)
+                mod.scales.requires_grad_(False)
+    return history
+
+
+def _dev(kw, device):
+    from ..compress.engine import to_device
+
+    return to_device(kw, device)
+
+
+# -- checkpoints for resuming --------------------------------------------------------------
+class _Progress:
+    """``checkpoint_dir``: ``progress.json`` (fingerprint, finished blocks, errors) and one
+    safetensors file per finished block, each written atomically."""
+
+    def __init__(self, path: str, fingerprint: str) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def _read(self) -> dict:
+        f = self.path / "progress.json"
+        if not f.exists():
+            return {"fingerprint": self.fingerprint, "blocks": {}}
+        try:
+            data = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f} is corrupt ({e}); delete {self.path} to start over") from None
+        if data.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self.path} holds progress of a different AQLM run (other settings, model or "
+                                  "calibration data); delete it or pass resume=False to start over")
+        return data
+
+    def _write(self, data: dict) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".progress-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, self.path / "progress.json")
+
+    def reset(self) -> None:
+        for f in self.path.glob("block_*.safetensors"):
+            f.unlink()
+        self._write({"fingerprint": self.fingerprint, "blocks": {}})
+
+    def errors(self) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for entry in self._read()["blocks"].values():
+            out.update(entry["errors"])
+        return out
+
+    def save_block(self, index: int, block: nn.Module, errors: dict[str, list[float]]) -> None:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".block_{index}-", suffix=".safetensors")
+        os.close(fd)
+        save_file(tensors, tmp)
+        os.replace(tmp, self.path / f"block_{index}.safetensors")
+        data = self._read()
+        modules = {n: m.init_kwargs() for n, m in block.named_modules() if isinstance(m, AQLMLinear)}
+        data["blocks"][str(index)] = {"modules": modules, "errors": errors}
+        self._write(data)
+
+    def restore(self, model: nn.Module, adapter) -> int:
+        """Put the finished blocks (a prefix 0..n-1) into ``model``; return n."""
+        data = self._read()
+        blocks = adapter.blocks()
+        n = 0
+        while str(n) in data["blocks"] and n < len(blocks):
+            entry = data["blocks"][str(n)]
+            block = blocks[n]
+            for path, init in entry["modules"].items():
+                old = block.get_submodule(path)
+                block.set_submodule(path, AQLMLinear(**init, dtype=old.weight.dtype, device=old.weight.device))
+            f = self.path / f"block_{n}.safetensors"
+            try:
+                state = load_file(str(f))
+                block.load_state_dict(state, strict=True)
+            except Exception as e:  # noqa: BLE001 - safetensors raises several types
+                raise CheckpointError(f"{f} cannot be restored ({e}); delete {self.path} to start over") from None
+            n += 1
+        return n
+
+
+__all__ = ["AQLM", "beam_search_codes", "init_aq", "kmeans", "layer_error", "quantize_layer"]
