@@ -18,7 +18,7 @@ from llmdeploy.prune import (
     SparseLLM,
     Wanda,
 )
-from llmdeploy.quant import RTN, DynamicInt8
+from llmdeploy.quant import AQLM, RTN, DynamicInt8
 
 
 @dataclass(frozen=True)
@@ -120,3 +120,10 @@ for _pct in (10, 20, 25, 30):
              note=f"SliceGPT {_pct}% (PCA on {SLICE_CALIB} windows)")
     register(f"slicegpt-{_pct}-rft", lambda s: LoRAFinetune(**RFT), base=f"slicegpt-{_pct}",
              note=f"slicegpt-{_pct} + LoRA RFT (r=32, alpha=10, lr 1e-3, 32 steps x 4 windows of 512)")
+
+# AQLM (#4): 2x8 codebooks over groups of 8 (2 bits per weight + codebooks + scales), every decoder
+# linear, block fine-tuning on; calibrated on the first 32 windows (16,384 tokens) to keep the
+# quantization of this 135M model well under 30 minutes on 2 cores (compress_seconds in the JSON).
+AQLM_CALIB = 32
+register("aqlm-2x8", lambda s: AQLM(num_codebooks=2, nbits_per_codebook=8, in_group_size=8),
+         calib_samples=AQLM_CALIB, note=f"AQLM 2x8 g8, block fine-tuning, {AQLM_CALIB} calibration windows")

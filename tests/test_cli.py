@@ -61,3 +61,22 @@ def test_compress_with_a_slicing_recipe(tmp_path):
     assert model.get_submodule("model.layers.0.self_attn.q_proj").in_features == 48
     assert [e["method"] for e in llmdeploy.applied_recipe(model)] == ["slicegpt", "lora_finetune"]
     assert (out / "modeling_slicegpt.py").exists()
+
+
+def test_compress_aqlm_resumes(tmp_path):
+    out = tmp_path / "aq"
+    rec = tmp_path / "aqlm.yaml"
+    rec.write_text("- method: aqlm\n  num_codebooks: 1\n  nbits_per_codebook: 6\n  in_group_size: 8\n"
+                   "  max_iter: 1\n  steps_per_round: 5\n  finetune_epochs: 1\n")
+    base = ["compress", "tiny-llama", "--recipe", str(rec), "-o", str(out), "--n-samples", "2", "--seq-len", "32"]
+    assert main(base) == 0
+    progress = tmp_path / "aq.progress" / "step0-aqlm" / "progress.json"
+    assert len(json.loads(progress.read_text())["blocks"]) == 3
+    first, _ = llmdeploy.load(out)
+    # a second run with --resume finds every block done and rebuilds the same model
+    assert main(base + ["--resume"]) == 0
+    again, tok = llmdeploy.load(out)
+    ids = ids_for(tok)
+    assert torch.equal(first(ids).logits, again(ids).logits)
+    assert llmdeploy.applied_recipe(again)[0]["method"] == "aqlm"
+    assert "checkpoint_dir" not in llmdeploy.applied_recipe(again)[0]

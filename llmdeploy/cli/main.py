@@ -26,6 +26,13 @@ def _cmd_compress(args: argparse.Namespace) -> int:
             seq_len=args.seq_len or settings.get("seq_len", 512),
             seed=args.seed if args.seed is not None else settings.get("seed", 0),
         )
+    # long methods checkpoint their progress next to the output, so an interrupted run resumes
+    progress = Path(args.checkpoint_dir or f"{Path(args.output).resolve()}.progress")
+    for i, step in enumerate(compose.steps):
+        if hasattr(step, "checkpoint_dir") and hasattr(step, "resume"):
+            step.checkpoint_dir = step.checkpoint_dir or str(progress / f"step{i}-{step.method}")
+            step.resume = step.resume or args.resume
+            log.info("%s checkpoints to %s%s", step.method, step.checkpoint_dir, " (resuming)" if step.resume else "")
     model = compose(model, calib)
     out = llmdeploy.save(model, tok, args.output)
     fp = llmdeploy.eval.footprint(model)
@@ -117,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128)")
     c.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512)")
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its checkpoints (methods that support it, e.g. aqlm)")
+    c.add_argument("--checkpoint-dir", default=None, help="where progress is checkpointed (default: OUTPUT.progress)")
     c.set_defaults(func=_cmd_compress)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity, footprint)")

@@ -185,9 +185,13 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, cfg: AQLM, gener
     errors = [rel_error()]
     for _ in range(cfg.max_iter):
         for _ in range(cfg.steps_per_round):
+            # d/dŴ tr((W − Ŵ) H (W − Ŵ)ᵀ) = −2 (W − Ŵ) H: one matmul, then autograd only through
+            # the (cheap) decoding into codebooks and scales
             opt.zero_grad(set_to_none=True)
-            loss = layer_error(weight, dequantize(codes, books, scales, cfg.nbits_per_codebook), hessian) / norm
-            loss.backward()
+            w_hat = dequantize(codes, books, scales, cfg.nbits_per_codebook)
+            with torch.no_grad():
+                grad = (weight - w_hat) @ hessian * (-2.0 / norm)
+            w_hat.backward(grad)
             opt.step()
         codes = beam_search_codes(weight, hessian, codes, books.detach(), scales.detach(), cfg.beam_size)
         errors.append(rel_error())
@@ -250,10 +254,17 @@ class AQLM(Compressor):
                 check_aqlm_shapes(lin.in_features, lin.out_features, self.num_codebooks, self.nbits_per_codebook,
                                   self.in_group_size, self.out_group_size, name=f"{adapter.blocks_path}.{i}.{path}")
 
+    def to_dict(self) -> dict:
+        """The recipe entry: where progress was checkpointed is not part of the method."""
+        d = super().to_dict()
+        d.pop("checkpoint_dir", None)
+        d.pop("resume", None)
+        return d
+
     def config_dict(self) -> dict:
         """The fields that determine the result (not where it is saved or whether it resumes)."""
         d = self.to_dict()
-        for key in ("checkpoint_dir", "resume", "device", "method"):
+        for key in ("device", "method"):
             d.pop(key, None)
         return d
 
