@@ -78,7 +78,7 @@ def test_code_packing_matches_the_aqlm_package():
 def test_cpu_kernel_equals_reference(cfg, tokens):
     if not aqlm_cpu.available():
         pytest.skip("numba not installed")
-    m = random_layer(*cfg)
+    m = random_layer(*cfg, out_f=46)  # not a multiple of the kernel's 4-row step: the tail runs too
     x = torch.randn(tokens, 64)
     with torch.no_grad():
         ref = m.forward_reference(x)

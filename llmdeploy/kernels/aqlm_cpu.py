@@ -34,14 +34,36 @@ def _kernels():
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def gemv_lut(lut, codes, scales, out, mask):  # lut (B, G, C, K); codes (O, G, C); out (B, O)
+        # four output rows per step: four independent sums keep the table lookups in flight
         n_b, n_g, n_c, _ = lut.shape
-        for i in numba.prange(codes.shape[0]):
-            for b in range(n_b):
-                acc = numba.float32(0.0)
-                for j in range(n_g):
-                    for c in range(n_c):
-                        acc += lut[b, j, c, codes[i, j, c] & mask]
-                out[b, i] = acc * scales[i]
+        n_o = codes.shape[0]
+        for q in numba.prange((n_o + 3) // 4):
+            i = q * 4
+            if i + 4 <= n_o:
+                for b in range(n_b):
+                    a0 = numba.float32(0.0)
+                    a1 = numba.float32(0.0)
+                    a2 = numba.float32(0.0)
+                    a3 = numba.float32(0.0)
+                    for j in range(n_g):
+                        for c in range(n_c):
+                            row = lut[b, j, c]
+                            a0 += row[codes[i, j, c] & mask]
+                            a1 += row[codes[i + 1, j, c] & mask]
+                            a2 += row[codes[i + 2, j, c] & mask]
+                            a3 += row[codes[i + 3, j, c] & mask]
+                    out[b, i] = a0 * scales[i]
+                    out[b, i + 1] = a1 * scales[i + 1]
+                    out[b, i + 2] = a2 * scales[i + 2]
+                    out[b, i + 3] = a3 * scales[i + 3]
+            else:
+                for r in range(i, n_o):
+                    for b in range(n_b):
+                        acc = numba.float32(0.0)
+                        for j in range(n_g):
+                            for c in range(n_c):
+                                acc += lut[b, j, c, codes[r, j, c] & mask]
+                        out[b, r] = acc * scales[r]
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
     def gemv_direct(x, books, codes, scales, out, mask):  # x (B, G, g); books (C, K, g)

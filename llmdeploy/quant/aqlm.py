@@ -228,7 +228,6 @@ class AQLM(Compressor):
     finetune_blocks: bool = True
     finetune_epochs: int = 2
     finetune_lr: float = 1e-4
-    finetune_batch_size: int = 4
     finetune_max_samples: int | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -345,7 +344,9 @@ class AQLM(Compressor):
 # -- block fine-tuning ---------------------------------------------------------------------
 def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> list[float]:
     """Adam on the block's codebooks, scales and norm weights (codes fixed) to match ``target``,
-    the dense block's outputs. Returns the relative output error before and after each epoch."""
+    the dense block's outputs; one step per calibration batch of the engine (``batch_size``
+    windows), ``finetune_max_samples`` windows at most. Returns the relative output error before
+    and after each epoch."""
     block = ctx.block
     params = []
     for mod in block.modules():
