@@ -54,11 +54,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
     With n <= k every row is its own centroid (the rest are zero)."""
     n, d = x.shape
     if n <= k:
-        cent = torch.zeros(k, d, dtype=x.dtype)
+        cent = torch.zeros(k, d, dtype=x.dtype, device=x.device)
         cent[:n] = x
-        return cent, torch.arange(n)
-    cent = x[torch.randperm(n, generator=generator)[:k]].clone()
-    assign = torch.zeros(n, dtype=torch.long)
+        return cent, torch.arange(n, device=x.device)
+    cent = x[torch.randperm(n, generator=generator).to(x.device)[:k]].clone()
+    assign = torch.zeros(n, dtype=torch.long, device=x.device)
     for _ in range(iters):
         assign = nearest(x, cent)
         sums = torch.zeros_like(cent).index_add_(0, assign, x)
@@ -66,13 +66,15 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
         empty = counts == 0
         cent = sums / counts.clamp(min=1).unsqueeze(1).to(x.dtype)
         if empty.any():  # re-seed empty clusters with random points
-            cent[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=generator)]
+            cent[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=generator).to(x.device)]
     return cent, nearest(x, cent)
 
 
-def nearest(x: torch.Tensor, cent: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Index of the nearest centroid for every row of ``x`` (squared Euclidean)."""
+def nearest(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid for every row of ``x`` (squared Euclidean); distances are
+    computed in chunks of at most 2**25 entries."""
     c2 = (cent * cent).sum(1)
+    chunk = max(1, 2**25 // cent.shape[0])
     out = []
     for s in range(0, x.shape[0], chunk):
         xs = x[s:s + chunk]
@@ -166,6 +168,11 @@ class LayerResult:
     scales: torch.Tensor
     errors: list[float] = field(default_factory=list)  # relative error after init and each round
 
+    @property
+    def error(self) -> float:
+        """The relative error of the returned (best) state."""
+        return min(self.errors)
+
 
 def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, cfg: AQLM, generator: torch.Generator) -> LayerResult:
     """AQLM of one weight matrix against the calibration Hessian ``H = XᵀX / n``."""
@@ -183,6 +190,7 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, cfg: AQLM, gener
             return (layer_error(weight, dequantize(codes, books, scales, cfg.nbits_per_codebook), hessian) / norm).item()
 
     errors = [rel_error()]
+    best = (errors[0], codes.clone(), books.detach().clone(), scales.detach().clone())
     for _ in range(cfg.max_iter):
         for _ in range(cfg.steps_per_round):
             # d/dŴ tr((W − Ŵ) H (W − Ŵ)ᵀ) = −2 (W − Ŵ) H: one matmul, then autograd only through
@@ -195,9 +203,13 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, cfg: AQLM, gener
             opt.step()
         codes = beam_search_codes(weight, hessian, codes, books.detach(), scales.detach(), cfg.beam_size)
         errors.append(rel_error())
+        if errors[-1] < best[0]:
+            best = (errors[-1], codes.clone(), books.detach().clone(), scales.detach().clone())
         if errors[-2] - errors[-1] < cfg.relative_mse_tolerance * errors[-2]:
             break
-    return LayerResult(codes, books.detach(), scales.detach(), errors)
+    # Adam can step away from an optimum (its steps do not shrink with the gradient): keep the
+    # best state seen, never worse than the k-means start
+    return LayerResult(best[1], best[2], best[3], errors)
 
 
 def _finite_hessian(h: torch.Tensor) -> torch.Tensor:
@@ -329,7 +341,7 @@ class AQLM(Compressor):
         errs = getattr(self, "errors_", None)
         if not errs:
             return ""
-        final = [e[-1] for e in errs.values()]
+        final = [min(e) for e in errs.values()]
         rounds = [len(e) - 1 for e in errs.values()]
         s = (f"AQLM {self.num_codebooks}x{self.nbits_per_codebook} g{self.in_group_size}: mean relative layer "
              f"error {sum(final) / len(final):.4f} after {sum(rounds) / len(rounds):.1f} rounds on average")
