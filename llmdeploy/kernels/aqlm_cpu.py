@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 GEMV_MAX_TOKENS = 8
@@ -33,13 +34,46 @@ def _kernels():
     import numba
 
     @numba.njit(parallel=True, fastmath=True, cache=True)
-    def gemv_lut(lut, codes, scales, out, mask):  # lut (B, G, C, K); codes (O, G, C); out (B, O)
+    def gemv_lut2(lut, codes, scales, out):  # two codebooks, codes as unsigned ints (no masking)
         # four output rows per step: four independent sums keep the table lookups in flight
+        n_b, n_g = lut.shape[0], lut.shape[1]
+        n_o = codes.shape[0]
+        n_full = n_o // 4
+        for q in numba.prange(n_full + (n_o % 4 > 0)):
+            i = q * 4
+            if q < n_full:
+                for b in range(n_b):
+                    a0 = numba.float32(0.0)
+                    a1 = numba.float32(0.0)
+                    a2 = numba.float32(0.0)
+                    a3 = numba.float32(0.0)
+                    for j in range(n_g):
+                        l0 = lut[b, j, 0]
+                        l1 = lut[b, j, 1]
+                        a0 += l0[codes[i, j, 0]] + l1[codes[i, j, 1]]
+                        a1 += l0[codes[i + 1, j, 0]] + l1[codes[i + 1, j, 1]]
+                        a2 += l0[codes[i + 2, j, 0]] + l1[codes[i + 2, j, 1]]
+                        a3 += l0[codes[i + 3, j, 0]] + l1[codes[i + 3, j, 1]]
+                    out[b, i] = a0 * scales[i]
+                    out[b, i + 1] = a1 * scales[i + 1]
+                    out[b, i + 2] = a2 * scales[i + 2]
+                    out[b, i + 3] = a3 * scales[i + 3]
+            else:
+                for r in range(i, n_o):
+                    for b in range(n_b):
+                        acc = numba.float32(0.0)
+                        for j in range(n_g):
+                            acc += lut[b, j, 0, codes[r, j, 0]] + lut[b, j, 1, codes[r, j, 1]]
+                        out[b, r] = acc * scales[r]
+
+    @numba.njit(parallel=True, fastmath=True, cache=True)
+    def gemv_lut(lut, codes, scales, out, mask):  # any number of codebooks; lut (B, G, C, K)
         n_b, n_g, n_c, _ = lut.shape
         n_o = codes.shape[0]
-        for q in numba.prange((n_o + 3) // 4):
+        n_full = n_o // 4
+        for q in numba.prange(n_full + (n_o % 4 > 0)):
             i = q * 4
-            if i + 4 <= n_o:
+            if q < n_full:
                 for b in range(n_b):
                     a0 = numba.float32(0.0)
                     a1 = numba.float32(0.0)
@@ -79,18 +113,21 @@ def _kernels():
                             acc += books[c, k, t] * x[b, j, t]
                 out[b, i] = acc * scales[i]
 
-    return gemv_lut, gemv_direct
+    return gemv_lut2, gemv_lut, gemv_direct
 
 
 def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
     """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1)."""
-    gemv_lut, gemv_direct = _kernels()
+    gemv_lut2, gemv_lut, gemv_direct = _kernels()
     shape = x.shape
     xb = x.reshape(-1, module.in_features).contiguous()
     n_b, g = xb.shape[0], module.in_group_size
     n_c, k = module.num_codebooks, module.codebook_size
     books = module.codebooks.detach().reshape(n_c, k, g)
     codes = module.codes.detach().numpy()
+    nbits = module.nbits_per_codebook
+    if nbits in (8, 16):  # the signed storage read as unsigned is the code itself: no masking
+        codes = codes.view(np.uint8 if nbits == 8 else np.uint16)
     scales = module.scales.detach().reshape(-1).numpy()
     out = torch.empty(n_b, module.out_features, dtype=torch.float32)
     mask = k - 1
@@ -98,7 +135,10 @@ def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
         if k <= LUT_MAX_CODEBOOK:
             lut = (xb.view(n_b * (module.in_features // g), g) @ books.reshape(n_c * k, g).T)
             lut = lut.view(n_b, module.in_features // g, n_c, k).contiguous()
-            gemv_lut(lut.numpy(), codes, scales, out.numpy(), mask)
+            if n_c == 2 and nbits in (8, 16):
+                gemv_lut2(lut.numpy(), codes, scales, out.numpy())
+            else:
+                gemv_lut(lut.numpy(), codes, scales, out.numpy(), mask)
         else:
             gemv_direct(xb.view(n_b, -1, g).numpy(), books.contiguous().numpy(), codes, scales, out.numpy(), mask)
     if module.bias is not None:
