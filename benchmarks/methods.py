@@ -120,10 +120,14 @@ for _pct in (10, 20, 25, 30):
              note=f"SliceGPT {_pct}% (PCA on {SLICE_CALIB} windows)")
     register(f"slicegpt-{_pct}-rft", lambda s: LoRAFinetune(**RFT), base=f"slicegpt-{_pct}",
              note=f"slicegpt-{_pct} + LoRA RFT (r=32, alpha=10, lr 1e-3, 32 steps x 4 windows of 512)")
+register("dense-rft", lambda s: LoRAFinetune(**RFT),
+         note="the dense model + the same LoRA RFT: RFT trains on the shakespeare train split, the test "
+              "split's domain, so part of its gain is domain adaptation that dense gets too")
 
 # AQLM (#4): 2x8 codebooks over groups of 8 (2 bits per weight + codebooks + scales), every decoder
 # linear, block fine-tuning on; calibrated on the first 32 windows (16,384 tokens) to keep the
 # quantization of this 135M model well under 30 minutes on 2 cores (compress_seconds in the JSON).
+# Engine batches of 2 windows: block fine-tuning takes one Adam step per batch (16 per epoch).
 AQLM_CALIB = 32
-register("aqlm-2x8", lambda s: AQLM(num_codebooks=2, nbits_per_codebook=8, in_group_size=8),
+register("aqlm-2x8", lambda s: AQLM(num_codebooks=2, nbits_per_codebook=8, in_group_size=8, batch_size=2),
          calib_samples=AQLM_CALIB, note=f"AQLM 2x8 g8, block fine-tuning, {AQLM_CALIB} calibration windows")
