@@ -71,15 +71,14 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> t
 
 
 def nearest(x: torch.Tensor, cent: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest centroid for every row of ``x`` (squared Euclidean); distances are
-    computed in chunks of at most 2**25 entries."""
-    c2 = (cent * cent).sum(1)
-    chunk = max(1, 2**25 // cent.shape[0])
-    out = []
+    """Index of the nearest centroid for every row of ``x`` (squared Euclidean, up to the
+    constant ‖x‖²)."""
+    c2 = (cent * cent).sum(1).unsqueeze(0)
+    chunk = max(1, 2**22 // cent.shape[0])  # distance tiles of ~16 MB stay in cache
+    out = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
     for s in range(0, x.shape[0], chunk):
-        xs = x[s:s + chunk]
-        out.append((c2.unsqueeze(0) - 2 * xs @ cent.T).argmin(1))
-    return torch.cat(out)
+        out[s:s + chunk] = torch.addmm(c2, x[s:s + chunk], cent.T, alpha=-2.0).argmin(1)
+    return out
 
 
 def init_aq(weight: torch.Tensor, num_codebooks: int, nbits: int, in_group_size: int, out_group_size: int,
