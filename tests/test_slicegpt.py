@@ -302,6 +302,7 @@ def test_lora_recovery_finetuning_lowers_the_loss_and_merges(tmp_path):
         after = tuned(calib, labels=calib).loss.item()
     assert after < before - 0.05
     assert len(ft.history_) == 24 and "LoRA" in ft.summary()
+    assert ft.probe_loss_[1] < ft.probe_loss_[0]
     # merged: the same parameters and shapes, no adapter left behind
     assert {n: p.shape for n, p in tuned.named_parameters()} == shapes
     assert not any("lora" in n for n, _ in tuned.named_modules())

@@ -87,6 +87,8 @@ class LoRAFinetune(Compressor):
             gen = torch.Generator().manual_seed(self.seed)
             order = torch.cat([torch.randperm(calib.shape[0], generator=gen)
                                for _ in range(math.ceil(steps * self.batch_size / calib.shape[0]) + 1)])
+            probe = calib[: self.batch_size].to(device)  # a fixed batch: loss before and after
+            self.probe_loss_ = [self._loss(peft_model, probe)]
             peft_model.train()
             self.history_: list[float] = []
             for step in tqdm(range(steps), desc="LoRA fine-tuning", leave=False):
@@ -103,6 +105,7 @@ class LoRAFinetune(Compressor):
                 self.history_.append(loss.item())
                 if step % 10 == 0 or step == steps - 1:
                     log.info("LoRA step %d/%d: loss %.4f", step + 1, steps, loss.item())
+            self.probe_loss_.append(self._loss(peft_model, probe))
         merged = peft_model.merge_and_unload()
         merged.eval()
         merged.to(home)
@@ -110,10 +113,19 @@ class LoRAFinetune(Compressor):
             p.requires_grad_(True)
         return merged
 
+    @staticmethod
+    def _loss(model: nn.Module, ids: torch.Tensor) -> float:
+        was = model.training
+        model.eval()
+        with torch.no_grad():
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
+        model.train(was)
+        return loss
+
     def summary(self) -> str:
         h = getattr(self, "history_", None)
         if not h:
             return ""
-        k = max(1, len(h) // 10)
-        return (f"LoRA r={self.rank} alpha={self.alpha}: {len(h)} steps of {self.batch_size} windows, "
-                f"loss {sum(h[:k]) / k:.3f} -> {sum(h[-k:]) / k:.3f} (first/last {k} steps)")
+        before, after = self.probe_loss_
+        return (f"LoRA r={self.rank} alpha={self.alpha}: {len(h)} steps of {self.batch_size} windows; loss on "
+                f"the first batch {before:.3f} -> {after:.3f}")
