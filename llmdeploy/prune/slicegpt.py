@@ -175,12 +175,13 @@ class SliceGPT(Compressor):
                 q_in = state["q"]
             q_in = q_in.to(dev)
             linears = ctx.linears()
+            wdtype = linears[layout["attn_out"]].weight.dtype
             for path in layout["attn_in"]:
                 rotate_input(linears[path], q_in)
-            block.attn_shortcut_Q = nn.Parameter(q_in.T.to(block.get_submodule(layout["attn_out"]).weight.dtype))
-            # the residual between attention and MLP, in the original basis
+            # meanwhile the shortcut maps the residual back to the original basis (Q_inᵀ) ...
+            block.attn_shortcut_Q = nn.Parameter(q_in.T.to(wdtype))
+            # ... where the residual between attention and MLP is measured
             q_mid = orient(_xtx_at(ctx, block.get_submodule(layout["mlp_norm"]), d), d_new).to(dev)
-            wdtype = linears[layout["attn_out"]].weight.dtype
             block.attn_shortcut_Q = nn.Parameter((q_in.T @ q_mid).to(wdtype))
             rotate_output(linears[layout["attn_out"]], q_mid)
             for path in layout["mlp_in"]:
@@ -217,7 +218,6 @@ class SliceGPT(Compressor):
             "nominal_sparsity": 1 - d_new / d,
             "params_dense": params_before,
             "params_sliced": params_after,
-            "params_removed": 1 - params_after / params_before,
             "shortcut_params": sum(b.attn_shortcut_Q.numel() + b.mlp_shortcut_Q.numel() for b in adapter.blocks()),
         }
         log.info("SliceGPT: %s", self.summary())
