@@ -88,6 +88,19 @@ def test_cpu_kernel_equals_reference(cfg, tokens):
     assert torch.allclose(auto, out)
 
 
+def test_cpu_kernel_follows_code_changes():
+    if not aqlm_cpu.available():
+        pytest.skip("numba not installed")
+    m = random_layer(2, 8, 8)
+    x = torch.randn(1, 64)
+    with torch.no_grad():
+        first = aqlm_cpu.aqlm_gemv(x, m)
+        m.codes.copy_(pack_codes(torch.randint(0, 256, m.codes.shape), 8))  # e.g. load_state_dict
+        assert torch.allclose(aqlm_cpu.aqlm_gemv(x, m), m.forward_reference(x), atol=1e-4)
+        assert not torch.allclose(aqlm_cpu.aqlm_gemv(x, m), first)
+    assert m.codes.shape == (48, 8, 2)  # the parameter keeps the aqlm layout
+
+
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[3] == 1 and c[2] & (c[2] - 1) == 0])
 def test_triton_kernels_equal_reference(cfg):
     if not aqlm_triton.available():
