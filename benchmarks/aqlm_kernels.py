@@ -7,7 +7,8 @@ Layer: out 11008, in 4096, batch 1 (one decode token), random codes and codebook
 depend on the values). CPU rows, fp32 activations: torch's dense fp32 matvec; llmdeploy's lookup-
 table kernel; the ``aqlm`` package's CPU kernel (its numba kernel for 8-bit codebooks, its
 dequantize-then-matmul otherwise), through its ``QuantizedLinear``; the plain-torch reference.
-Medians over interleaved repeats; ratios are against dense measured in the same run. Writes
+Medians over blocks of calls that take turns, with pauses between blocks (see ``timeit``);
+ratios are against dense measured in the same run. Writes
 ``benchmarks/results/kernels/aqlm_<device>.json`` and ``.md``.
 """
 
@@ -51,18 +52,26 @@ def aqlm_package_layer(m: AQLMLinear):
     return q
 
 
-def timeit(fns: dict, repeats: int, sync=lambda: None) -> dict[str, float]:
+def timeit(fns: dict, repeats: int, sync=lambda: None, rounds: int = 5, pause: float = 0.3) -> dict[str, float]:
+    """Median milliseconds per call. Each kernel runs in blocks of ``repeats // rounds`` calls,
+    the kernels taking turns for ``rounds`` rounds (drift hits all alike), with a pause before
+    each block: torch's and numba's OpenMP pools spin for a while after a parallel call and
+    would otherwise steal the cores of whichever kernel runs next."""
     for f in fns.values():  # warm-up (numba / triton compilation, caches)
         f()
         f()
+    per_block = max(1, repeats // rounds)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():  # interleaved: drifts of a noisy machine hit every row alike
-            sync()
-            t = time.perf_counter()
+    for _ in range(rounds):
+        for name, f in fns.items():
+            time.sleep(pause)
             f()
-            sync()
-            times[name].append(time.perf_counter() - t)
+            for _ in range(per_block):
+                sync()
+                t = time.perf_counter()
+                f()
+                sync()
+                times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
@@ -120,7 +129,7 @@ def run_cuda(repeats: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=100)
     args = p.parse_args(argv)
     rows = run_cpu(args.repeats) if args.device == "cpu" else run_cuda(args.repeats)
     meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
