@@ -292,6 +292,7 @@ class AQLM(Compressor):
                 store.reset()
         self.errors_: dict[str, list[float]] = store.errors() if (store is not None and self.resume) else {}
         self.finetune_: dict[str, list[float]] = {}
+
         def process(ctx: BlockContext) -> None:
             if ctx.index < done:  # restored from the checkpoint: only propagate through it
                 return
