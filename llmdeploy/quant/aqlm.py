@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..compress.base import Compressor, register_method
-from ..compress.engine import BlockContext, run_blockwise
+from ..compress.engine import BlockContext, run_blockwise, to_device
 from ..compress.modules import compressed_modules
 from ..errors import CheckpointError, ConfigError
 from ..models.adapters import get_adapter
@@ -382,7 +382,7 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
 
     def error() -> float:
         with torch.no_grad():
-            outs = [ctx.adapter.block_output(block(ctx.inputs[i].to(ctx.device), **_dev(ctx.kwargs[i], ctx.device)))
+            outs = [ctx.adapter.block_output(block(ctx.inputs[i].to(ctx.device), **to_device(ctx.kwargs[i], ctx.device)))
                     for i in order]
             return sum(float(F.mse_loss(o.float(), target[i].to(ctx.device).float())) for o, i in zip(outs, order)) \
                 / len(order) / max(denom, 1e-12)
@@ -395,7 +395,7 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
         for _ in range(cfg.finetune_epochs):
             for b in torch.randperm(len(order), generator=gen).tolist():
                 i = order[b]
-                out = ctx.adapter.block_output(block(ctx.inputs[i].to(ctx.device), **_dev(ctx.kwargs[i], ctx.device)))
+                out = ctx.adapter.block_output(block(ctx.inputs[i].to(ctx.device), **to_device(ctx.kwargs[i], ctx.device)))
                 loss = F.mse_loss(out.float(), target[i].to(ctx.device).float()) / max(denom, 1e-12)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -410,12 +410,6 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
                 mod.codebooks.requires_grad_(False)
                 mod.scales.requires_grad_(False)
     return history
-
-
-def _dev(kw, device):
-    from ..compress.engine import to_device
-
-    return to_device(kw, device)
 
 
 # -- checkpoints for resuming --------------------------------------------------------------

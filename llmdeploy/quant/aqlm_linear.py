@@ -17,7 +17,9 @@ everywhere else, and whenever gradients are needed, the plain-torch reference
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..compress.modules import CompressedModule, register_module
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 
 #: at most this many tokens (rows of the flattened input) take the matrix-vector kernels
 GEMV_MAX_TOKENS = 8
@@ -177,13 +179,8 @@ def load_hf_aqlm(path, dtype: torch.dtype = torch.float32):
     ``linear_weights_not_to_quantize`` entries are read as parameter *or* module names, so the
     published ``lm_head.weight`` keeps the head dense (transformers 5 would replace it).
     """
-    import json
-    from pathlib import Path
-
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..errors import CheckpointError
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
