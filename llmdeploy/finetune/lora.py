@@ -74,6 +74,7 @@ class LoRAFinetune(Compressor):
         device = torch.device(self.device) if self.device else next(model.parameters()).device
         home = next(model.parameters()).device
         model.to(device)
+        trainable_before = {name: p.requires_grad for name, p in model.named_parameters()}
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
                             target_modules=self.target_modules(model), bias="none")
         with torch.random.fork_rng(devices=[]):
@@ -109,8 +110,8 @@ class LoRAFinetune(Compressor):
         merged = peft_model.merge_and_unload()
         merged.eval()
         merged.to(home)
-        for p in merged.parameters():
-            p.requires_grad_(True)
+        for name, p in merged.named_parameters():  # peft froze everything: restore the flags
+            p.requires_grad_(trainable_before.get(name, True))
         return merged
 
     @staticmethod
