@@ -294,6 +294,8 @@ def test_lora_recovery_finetuning_lowers_the_loss_and_merges(tmp_path):
     calib = calib_for(tok, n=8, seq=32)
     sliced = SliceGPT(sparsity=0.3, batch_size=4)(copy.deepcopy(model), calib)
     shapes = {n: p.shape for n, p in sliced.named_parameters()}
+    sliced.model.layers[0].attn_shortcut_Q.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in sliced.named_parameters()}
     with torch.no_grad():
         before = sliced(calib, labels=calib).loss.item()
     ft = LoRAFinetune(rank=4, alpha=8, epochs=6, batch_size=2, lr=5e-3, dropout=0.0)
@@ -306,6 +308,7 @@ def test_lora_recovery_finetuning_lowers_the_loss_and_merges(tmp_path):
     # merged: the same parameters and shapes, no adapter left behind
     assert {n: p.shape for n, p in tuned.named_parameters()} == shapes
     assert not any("lora" in n for n, _ in tuned.named_modules())
+    assert {n: p.requires_grad for n, p in tuned.named_parameters()} == flags
     loaded, _ = llmdeploy.load(llmdeploy.save(tuned, tok, tmp_path / "rft"))
     with torch.no_grad():
         assert torch.equal(loaded(calib[:2]).logits, tuned(calib[:2]).logits)
