@@ -8,12 +8,20 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import os
 from collections.abc import Callable, Iterator
 
 import torch
 
 _FORCE_REFERENCE = False
+
+
+@functools.cache
+def importable(package: str) -> bool:
+    """Whether a kernel backend's package (numba, triton) is installed."""
+    return importlib.util.find_spec(package) is not None
 
 
 @contextlib.contextmanager
@@ -49,4 +57,4 @@ def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Ten
     return None
 
 
-__all__ = ["aqlm_kernel_for", "use_reference"]
+__all__ = ["aqlm_kernel_for", "importable", "use_reference"]

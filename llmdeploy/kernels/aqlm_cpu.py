@@ -17,18 +17,15 @@ import functools
 import numpy as np
 import torch
 
+from . import importable
+
 GEMV_MAX_TOKENS = 8
 #: above this codebook size the lookup table would be larger than reading the codewords
 LUT_MAX_CODEBOOK = 4096
 
 
-@functools.cache
 def available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("numba")
 
 
 @functools.cache

@@ -18,16 +18,13 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from . import importable
+
 GEMV_MAX_TOKENS = 8
 
 
-@functools.cache
 def available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importable("triton")
 
 
 @functools.cache
