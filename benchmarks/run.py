@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         results_time[method.name] = compress_s
         result.meta.update(suite=args.suite, compress_seconds=compress_s, note=method.note,
                            calibration=calib_meta, layers=model.config.num_hidden_layers)
-        if hasattr(compressor, "history_"):  # SparseLLM: output error per block and round
-            result.meta["mlp_error_rounds"] = compressor.history_
+        if hasattr(compressor, "history_"):  # what the method tracked while running (see its summary)
+            result.meta["history"] = compressor.history_
         if compressor is not None and compressor.summary():
             result.meta["note"] += "; " + compressor.summary()
         for attr in ("removed_", "merges_"):
