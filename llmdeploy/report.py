@@ -9,6 +9,7 @@ import math
 import os
 from pathlib import Path
 
+from .errors import ResultsError
 from .eval.results import HEADLINE_METRIC, EvalResult
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ def build_report(results_dir: str | os.PathLike, out_dir: str | os.PathLike | No
     out.mkdir(parents=True, exist_ok=True)
     results = load_results(results_dir)
     if not results:
-        raise FileNotFoundError(f"no result JSON files in {results_dir}")
+        raise ResultsError(f"no result JSON files in {results_dir}: write some with `llmdeploy eval MODEL --json "
+                           f"{results_dir}/NAME.json` or benchmarks.run first")
     corpora = sorted({c for r in results for c in r.perplexity})
     parts = [f"# {title}\n", preamble.strip() + "\n" if preamble else "", markdown_table(results), ""]
     notes = [f"- **{r.name}**: {r.meta['note']}" for r in results if r.meta.get("note")]

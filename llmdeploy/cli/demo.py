@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..compress.base import Compressor
 from ..eval.results import EvalResult, evaluate
-from ..models.loading import load
+from ..io.loading import load
 from ..quant import RTN
 from ..report import build_report
 

@@ -83,7 +83,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import llmdeploy
-    from llmdeploy.models.checkpoint import read_manifest
+    from llmdeploy.io.checkpoint import read_manifest
 
     path = Path(args.dir)
     manifest = read_manifest(path)

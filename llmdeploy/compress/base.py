@@ -3,6 +3,15 @@
 Each compressor replaces modules in place and appends its own config to
 ``model.config.llmdeploy_recipe``, so that a save/load round trip knows what was applied.
 ``Compose`` runs several in order; ``llmdeploy.recipe`` builds one from YAML.
+
+House rules every compressor follows:
+
+* a compressor is a keyword-only config dataclass; what a run found (errors per round, removed
+  layers...) is one typed :class:`Report` in ``compressor.report_``, never loose attributes;
+* engine options (``device``, ``batch_size``, where progress is checkpointed) are declared with
+  :func:`engine_field` and are not written into recipes: they say how to run, not what was done;
+* a step that would touch no module raises :class:`ConfigError` naming what it skipped and why
+  (:func:`require_targets`), instead of silently doing nothing.
 """
 
 from __future__ import annotations
@@ -10,7 +19,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Iterable
+import types
+import typing
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -48,20 +59,59 @@ def get_method(name: str) -> type[Compressor]:
         ) from None
 
 
+def engine_field(default: Any = None) -> Any:
+    """A dataclass field that says *how* to run (device, batch size, checkpoint folder), not what
+    the method does: it is left out of recipes and saved manifests."""
+    return dataclasses.field(default=default, metadata={"engine": True})
+
+
+@dataclasses.dataclass
+class Report:
+    """What one application of a compressor did. Methods subclass it with their own typed
+    fields; ``summary()`` is the one line reports print, ``to_dict()`` what result files store."""
+
+    def summary(self) -> str:
+        return ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def require_targets(method: str, targets: Iterable[str], skipped: Mapping[str, str]) -> None:
+    """Raise :class:`ConfigError` when a step would touch no module: it names (up to five of)
+    the modules it skipped and why, so a composition that cannot apply is never silently
+    recorded as applied."""
+    if any(True for _ in targets):
+        return
+    if not skipped:
+        raise ConfigError(f"{method}: the model has no module this method applies to")
+    reasons: dict[str, list[str]] = {}
+    for name, why in skipped.items():
+        reasons.setdefault(why, []).append(name)
+    parts = [f"{len(names)} skipped because {why} (e.g. {', '.join(names[:3])})" for why, names in reasons.items()]
+    raise ConfigError(f"{method} would change nothing: " + "; ".join(parts))
+
+
 class Compressor:
-    """Base of every compressor. Subclasses are dataclasses; they implement ``apply``.
+    """Base of every compressor. Subclasses are keyword-only dataclasses; they implement ``apply``.
 
     ``validate`` runs before any work and raises :class:`ConfigError` for configurations that
-    cannot work on the model (so a long run never fails half-way on a shape check).
+    cannot work on the model (so a long run never fails half-way on a shape check). ``apply``
+    stores what it found in ``self.report_`` (a :class:`Report`).
     """
 
     method: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    report_: Report | None = None
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
 
     def __call__(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         self.validate(model)
         if self.needs_calibration:
-            check_calibration(calib, type(self).__name__)
+            check_calibration(calib, type(self).__name__, model)
+        self.report_ = None
         model = self.apply(model, calib)
         record_applied(model, self)
         return model
@@ -74,11 +124,15 @@ class Compressor:
 
     def summary(self) -> str:
         """A line on what the last application did (for reports); empty when there is nothing to say."""
-        return ""
+        return self.report_.summary() if self.report_ is not None else ""
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"method": name, **fields}``: the recipe entry that rebuilds this compressor."""
-        fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        """``{"method": name, **fields}``: the recipe entry that rebuilds this compressor (engine
+        options such as ``device`` and ``batch_size`` are left out)."""
+        fields = {}
+        if dataclasses.is_dataclass(self):
+            fields = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)
+                      if not f.metadata.get("engine")}
         return {"method": self.method, **fields}
 
     @staticmethod
@@ -95,7 +149,49 @@ class Compressor:
                 f"method {entry['method']!r} has no argument(s) {sorted(unknown)}; "
                 f"its arguments are {sorted(names)}"
             )
-        return cls(**args)
+        try:
+            return cls(**args)
+        except TypeError as e:
+            raise ConfigError(f"method {entry['method']!r}: {e}") from None
+
+
+def _accepts(value: Any, tp: Any) -> bool:
+    """Whether ``value`` fits the annotation ``tp`` (the simple types config fields use)."""
+    if tp is Any:
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is not None:
+        tp = origin
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(tp, type):
+        return isinstance(value, tp)
+    return True
+
+
+def check_field_types(config: Any) -> None:
+    """Raise :class:`ConfigError` for a config field whose value has the wrong type (``bits:
+    "four"`` in a YAML recipe), naming the field, the value and the expected type."""
+    if not dataclasses.is_dataclass(config):
+        return
+    try:
+        hints = typing.get_type_hints(type(config))
+    except Exception:  # noqa: BLE001 - unresolvable annotations: nothing to check
+        return
+    for f in dataclasses.fields(config):
+        tp = hints.get(f.name)
+        value = getattr(config, f.name)
+        if tp is None or _accepts(value, tp):
+            continue
+        name = getattr(config, "method", "") or type(config).__name__
+        raise ConfigError(f"{name}: {f.name}={value!r} ({type(value).__name__}) is not a valid value; "
+                          f"expected {getattr(tp, '__name__', None) or str(tp).replace('typing.', '')}")
 
 
 class Compose(Compressor):
@@ -111,7 +207,7 @@ class Compose(Compressor):
 
     def __call__(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         if any(s.needs_calibration for s in self.steps):
-            check_calibration(calib, "this recipe")
+            check_calibration(calib, "this recipe", model)
         for step in self.steps:
             log.info("applying %s", step.to_dict())
             model = step(model, calib)
@@ -146,8 +242,9 @@ def applied_recipe(model: nn.Module) -> list[dict[str, Any]]:
     return list(getattr(getattr(model, "config", None), "llmdeploy_recipe", None) or [])
 
 
-def check_calibration(calib: torch.Tensor | None, who: str) -> None:
-    """Calibration data must be a 2-D tensor of token ids (n_samples, seq_len)."""
+def check_calibration(calib: torch.Tensor | None, who: str, model: nn.Module | None = None) -> None:
+    """Calibration data must be a 2-D tensor of token ids (n_samples, seq_len) that fits the
+    model (vocabulary, context length)."""
     if calib is None:
         raise CalibrationDataError(
             f"{who} needs calibration data: pass calib=llmdeploy.data.calibration(tokenizer, "
@@ -162,4 +259,19 @@ def check_calibration(calib: torch.Tensor | None, who: str) -> None:
         if not torch.isfinite(calib).all():
             raise CalibrationDataError("calibration data contains NaN or inf; pass token ids")
         raise CalibrationDataError(f"calibration data must hold integer token ids, got {calib.dtype}")
-
+    if calib.shape[0] < 1 or calib.shape[1] < 2:
+        raise CalibrationDataError(f"calibration data has shape {tuple(calib.shape)}: need at least one "
+                                   "window of two or more tokens")
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and calib.shape[1] > context:
+        raise CalibrationDataError(
+            f"calibration windows of {calib.shape[1]} tokens are longer than the model's context "
+            f"({context} positions); use seq_len <= {context}"
+        )
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and calib.numel() and (int(calib.max()) >= vocab or int(calib.min()) < 0):
+        raise CalibrationDataError(
+            f"calibration data holds token ids outside the model's vocabulary (0..{vocab - 1}): "
+            "tokenize it with this model's tokenizer"
+        )

@@ -9,8 +9,9 @@ device at a time; the activations may stay on another device (CPU by default).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +28,42 @@ log = logging.getLogger(__name__)
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
-class _Captured(Exception):
-    """Raised by the hook on block 0 once its inputs are stored: the rest of the model is skipped."""
+class StopForward(Exception):
+    """Raised by a capturing hook once it has what it needs: the rest of the forward is skipped
+    (see :func:`run_until_stop`)."""
+
+
+@contextlib.contextmanager
+def hooks(*specs: tuple[nn.Module, str, Callable]) -> Iterator[None]:
+    """Register forward hooks for the duration of a ``with`` block, removed even on error.
+
+    Each spec is ``(module, kind, fn)`` with kind ``"pre"`` (``fn(module, args)``), ``"pre_kw"``
+    (``fn(module, args, kwargs)``) or ``"post"`` (``fn(module, args, output)``).
+    """
+    handles = []
+    try:
+        for module, kind, fn in specs:
+            if kind == "pre":
+                handles.append(module.register_forward_pre_hook(fn))
+            elif kind == "pre_kw":
+                handles.append(module.register_forward_pre_hook(fn, with_kwargs=True))
+            elif kind == "post":
+                handles.append(module.register_forward_hook(fn))
+            else:
+                raise ValueError(f"unknown hook kind {kind!r}")
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_until_stop(fn: Callable[[], Any]) -> None:
+    """Call ``fn`` without gradients; a :class:`StopForward` raised inside ends it quietly."""
+    with torch.no_grad():
+        try:
+            fn()
+        except StopForward:
+            pass
 
 
 def to_device(obj: Any, device: torch.device | str) -> Any:
@@ -89,7 +124,7 @@ class BlockContext:
         linears = self.linears()
         names = list(linears) if names is None else list(names)
         stats: dict[str, LinearStats] = {}
-        handles = []
+        specs = []
         for n in names:
             lin = linears[n]
             stats[n] = LinearStats(
@@ -101,13 +136,29 @@ class BlockContext:
                 s.xtx.addmm_(x.T, x)
                 s.n_rows += x.shape[0]
 
-            handles.append(lin.register_forward_hook(hook))
-        try:
+            specs.append((lin, "post", hook))
+        with hooks(*specs):
             self.forward()
-        finally:
-            for h in handles:
-                h.remove()
         return stats
+
+    def input_moments(self, module: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """``Σ xᵀx`` of ``module``'s input over every calibration batch, on the CPU; each pass
+        stops at ``module`` (the rest of the block is not run)."""
+        acc: list[torch.Tensor] = []
+
+        def hook(_mod, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).to(dtype)
+            xtx = (x.T @ x).cpu()
+            if acc:
+                acc[0] += xtx
+            else:
+                acc.append(xtx)
+            raise StopForward
+
+        with hooks((module, "pre", hook)):
+            for x, kw in zip(self.inputs, self.kwargs):
+                run_until_stop(lambda x=x, kw=kw: self.block(x.to(self.device), **to_device(kw, self.device)))
+        return acc[0]
 
 
 def capture_block_inputs(
@@ -131,19 +182,12 @@ def capture_block_inputs(
         # No KV cache while calibrating: each block is re-run on the same inputs.
         kw = {k: v for k, v in kw.items() if k not in _CACHE_KWARGS}
         kwargs.append(to_device(kw, store_device))
-        raise _Captured
+        raise StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for start in range(0, calib.shape[0], batch_size):
-                ids = calib[start : start + batch_size].to(device)
-                try:
-                    model(input_ids=ids, use_cache=False)
-                except _Captured:
-                    pass
-    finally:
-        handle.remove()
+    with hooks((blocks[0], "pre_kw", hook)):
+        for start in range(0, calib.shape[0], batch_size):
+            ids = calib[start : start + batch_size].to(device)
+            run_until_stop(lambda ids=ids: model(input_ids=ids, use_cache=False))
     return inputs, kwargs
 
 

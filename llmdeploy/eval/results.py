@@ -108,7 +108,7 @@ def evaluate(
     *,
     name: str | None = None,
     ppl: Sequence[str] | str | None = ("shakespeare",),
-    seq_len: int = 512,
+    seq_len: int = 2048,
     max_windows: int | None = None,
     tasks: Sequence[str] | str = (),
     limit: int | float | None = None,

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from ..data.corpora import shakespeare_files, shakespeare_split, work_key
+from ..errors import EvaluationError
 from ..fetch import cache_dir
 
 TASK_NAMES = ("shakespeare_nextline", "shakespeare_lastword")
@@ -60,7 +61,7 @@ def _positions(rng: random.Random, plays: dict[str, list[str]], context_lines: i
         if (play, i) not in seen:
             seen.add((play, i))
             yield play, plays[play], i
-    raise ValueError("the test plays hold fewer usable items than requested")
+    raise EvaluationError("the test plays hold fewer usable items than requested: ask for fewer items")
 
 
 def build_nextline(n_items: int = 300, seed: int = 0, context_lines: int = CONTEXT_LINES) -> list[dict]:

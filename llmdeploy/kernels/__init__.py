@@ -44,8 +44,8 @@ def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Ten
     if x.is_cuda:
         from . import aqlm_triton
 
-        if not aqlm_triton.available():
-            return None
+        if not aqlm_triton.available() or not aqlm_triton.supports(module):
+            return None  # the reference (decode + matmul) takes every shape
         if tokens <= aqlm_triton.GEMV_MAX_TOKENS:
             return lambda inp: aqlm_triton.aqlm_gemv(inp, module)
         return lambda inp: aqlm_triton.aqlm_dequant_matmul(inp, module)

@@ -79,9 +79,15 @@ def _kernels():
     return triton, gemv_kernel, dequant_kernel
 
 
-def _check(module) -> None:
+def supports(module) -> bool:
+    """Whether the Triton kernels take this layer's shape (out_group_size 1, power-of-two
+    in_group_size); others run the reference."""
     g = module.in_group_size
-    if module.out_group_size != 1 or g & (g - 1):
+    return module.out_group_size == 1 and g > 0 and not g & (g - 1)
+
+
+def _check(module) -> None:
+    if not supports(module):
         raise ValueError("the Triton AQLM kernels need out_group_size 1 and a power-of-two in_group_size")
 
 

@@ -1,4 +1,6 @@
-"""Model loading, the zoo, architecture adapters and checkpoints."""
+"""Architecture adapters (the one place that knows model families) and the byte-level tokenizer
+of the tiny test models: the bottom layer, imported by everything else. Loading, saving and the
+zoo live in :mod:`llmdeploy.io`."""
 
 from .adapters import (
     LinearSpec,
@@ -9,24 +11,15 @@ from .adapters import (
     register_adapter,
     supported_model_types,
 )
-from .checkpoint import load_saved, read_manifest, save
-from .loading import load, load_gguf
 from .tokenizer import byte_level_tokenizer
-from .zoo import ZOO
 
 __all__ = [
-    "ZOO",
     "LinearSpec",
     "LlamaAdapter",
     "ModelAdapter",
     "OPTAdapter",
     "byte_level_tokenizer",
     "get_adapter",
-    "load",
-    "load_gguf",
-    "load_saved",
-    "read_manifest",
     "register_adapter",
-    "save",
     "supported_model_types",
 ]

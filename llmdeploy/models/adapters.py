@@ -67,6 +67,8 @@ class ModelAdapter:
     residual_embedding_paths: ClassVar[tuple[str, ...]]
     #: the norms subtract the mean (LayerNorm) rather than only rescaling (RMSNorm)
     norm_subtracts_mean: ClassVar[bool] = False
+    #: norms inside a block besides the two residual-branch norms (e.g. Qwen3's q/k norms)
+    extra_norm_paths: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -137,6 +139,17 @@ class ModelAdapter:
 
     def post_attn_norm(self, block: nn.Module) -> nn.Module:
         return block.get_submodule(self.post_attn_norm_path)
+
+    def block_norms(self, block: nn.Module) -> dict[str, nn.Module]:
+        """Every norm of a block by path: the residual-branch norms and any others (q/k norms)."""
+        paths = (self.input_norm_path, self.post_attn_norm_path, *self.extra_norm_paths)
+        return {p: block.get_submodule(p) for p in paths if _has(block, p)}
+
+    def linear_paths_by_role(self, role: str) -> tuple[str, ...]:
+        """Paths (relative to a block) of the linears with ``role`` (see ``ROLE_ORDER``)."""
+        if role not in ROLE_ORDER:
+            raise ValueError(f"unknown linear role {role!r}; roles are {', '.join(ROLE_ORDER)}")
+        return tuple(s.path for s in self.linear_specs if s.role == role)
 
     @staticmethod
     def norm_affine(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None, float]:
@@ -211,6 +224,7 @@ class LlamaAdapter(ModelAdapter):
     mlp_act_path = "mlp.act_fn"
     mlp_call_paths = ("mlp",)
     residual_embedding_paths = ("model.embed_tokens",)
+    extra_norm_paths = ("self_attn.q_norm", "self_attn.k_norm")  # Qwen3
 
 
 class OPTAdapter(ModelAdapter):

@@ -13,11 +13,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..compress.base import Compressor, register_method
+from ..compress.base import Compressor, Report, register_method
 from ..errors import ConfigError
 from ..models.adapters import get_adapter
 
 _NOT_PER_LAYER = {"architectures"}
+
+
+@dataclass
+class LayerReport(Report):
+    """Which original layers were kept and removed; LaCo's accepted folds with their similarity
+    and every trial; ShortGPT's Block Influence scores."""
+
+    kept: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    merges: list[dict] = field(default_factory=list)
+    trials: list[dict] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = f"{len(self.kept)} layers kept; removed original layers {self.removed}"
+        if self.merges:
+            s += f"; accepted fold similarities {[round(m['similarity'], 3) for m in self.merges]}"
+        return s
 
 
 def per_layer_config_lists(model: nn.Module) -> dict[str, list]:
@@ -58,7 +76,7 @@ def remove_layers(model: nn.Module, remove: list[int]) -> nn.Module:
 
 
 @register_method("drop_layers")
-@dataclass
+@dataclass(kw_only=True)
 class DropLayers(Compressor):
     """Remove the listed decoder layers outright (the naive baseline of layer pruning)."""
 
@@ -69,6 +87,10 @@ class DropLayers(Compressor):
         if any(not 0 <= i < n for i in self.layers) or len(set(self.layers)) != len(self.layers) \
                 or len(self.layers) >= n:
             raise ConfigError(f"drop_layers: invalid layers {self.layers} for a model with {n} layers")
+        if not self.layers:
+            raise ConfigError("drop_layers would change nothing: the list of layers to drop is empty")
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        n = len(get_adapter(model).blocks())
+        self.report_ = LayerReport(kept=[i for i in range(n) if i not in self.layers], removed=sorted(self.layers))
         return remove_layers(model, list(self.layers))

@@ -17,7 +17,7 @@ from .pruner import WeightPruner
 
 
 @register_method("magnitude")
-@dataclass
+@dataclass(kw_only=True)
 class Magnitude(WeightPruner):
     """``Magnitude(sparsity=0.5)`` or ``Magnitude(pattern="2:4")``: |W|-based pruning."""
 

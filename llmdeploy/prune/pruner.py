@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..compress.base import Compressor
+from ..compress.base import Compressor, engine_field
 from ..compress.engine import BlockContext, LinearStats, run_blockwise
 from ..compress.modules import CompressedModule
 from ..errors import ConfigError
@@ -27,7 +27,7 @@ from .masks import SparsityPattern, check_divisible, parse_pattern
 from .sparse_linear import SparseLinear
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WeightPruner(Compressor):
     """Shared fields: target ``sparsity``, ``pattern`` ("unstructured", "2:4", "4:8", ...),
     ``compact`` storage, ``sequential`` calibration, and the engine's ``device``/``batch_size``."""
@@ -36,8 +36,8 @@ class WeightPruner(Compressor):
     pattern: str = "unstructured"
     compact: bool = True
     sequential: bool = False
-    device: str | None = None
-    batch_size: int = 8
+    device: str | None = engine_field(None)
+    batch_size: int = engine_field(8)
 
     def pattern_(self) -> SparsityPattern:
         return parse_pattern(self.pattern, self.sparsity)

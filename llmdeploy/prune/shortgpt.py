@@ -18,7 +18,7 @@ from ..compress.base import Compressor, register_method
 from ..compress.engine import run_blockwise
 from ..errors import ConfigError
 from ..models.adapters import get_adapter
-from .layers import remove_layers
+from .layers import LayerReport, remove_layers
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def block_influence(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) 
 
 
 @register_method("shortgpt")
-@dataclass
+@dataclass(kw_only=True)
 class ShortGPT(Compressor):
     """Drop the ``n_remove`` decoder layers with the lowest Block Influence."""
 
@@ -55,6 +55,6 @@ class ShortGPT(Compressor):
         remove = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[: self.n_remove])
         log.info("ShortGPT block influence %s; removing layers %s",
                  [round(s, 4) for s in scores], remove)
-        self.removed_ = remove
-        self.scores_ = scores
+        self.report_ = LayerReport(kept=[i for i in range(len(scores)) if i not in remove], removed=remove,
+                                   scores=scores)
         return remove_layers(model, remove)

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..compress.base import Compressor, register_method
-from ..compress.engine import BlockContext, run_blockwise, to_device
+from ..compress.base import Compressor, Report, engine_field, register_method
+from ..compress.engine import BlockContext, run_blockwise
 from ..compress.modules import compressed_modules
 from ..errors import ConfigError
 from ..models.adapters import ModelAdapter, get_adapter
@@ -101,7 +101,7 @@ def center_output(lin: nn.Linear) -> None:
 
 
 @register_method("slicegpt")
-@dataclass
+@dataclass(kw_only=True)
 class SliceGPT(Compressor):
     """Rotate by PCA and delete the ``sparsity`` fraction of the residual stream's width.
 
@@ -116,8 +116,8 @@ class SliceGPT(Compressor):
     final_orientation: str = "pca"
     slice_head: bool = False
     seed: int = 0
-    batch_size: int = 8
-    device: str | None = None
+    batch_size: int = engine_field(8)
+    device: str | None = engine_field(None)
     needs_calibration = True
 
     def validate(self, model: nn.Module) -> None:
@@ -181,7 +181,7 @@ class SliceGPT(Compressor):
             # meanwhile the shortcut maps the residual back to the original basis (Q_inᵀ) ...
             block.attn_shortcut_Q = nn.Parameter(q_in.T.to(wdtype))
             # ... where the residual between attention and MLP is measured
-            q_mid = orient(_xtx_at(ctx, block.get_submodule(layout["mlp_norm"]), d), d_new).to(dev)
+            q_mid = orient(ctx.input_moments(block.get_submodule(layout["mlp_norm"])), d_new).to(dev)
             block.attn_shortcut_Q = nn.Parameter((q_in.T @ q_mid).to(wdtype))
             rotate_output(linears[layout["attn_out"]], q_mid)
             for path in layout["mlp_in"]:
@@ -212,24 +212,30 @@ class SliceGPT(Compressor):
         }
         model.__class__ = sm.sliced_model_class(type(model))
         params_after = _count_params(model)
-        self.report_ = {
-            "hidden_size": d,
-            "sliced_width": d_new,
-            "nominal_sparsity": 1 - d_new / d,
-            "params_dense": params_before,
-            "params_sliced": params_after,
-            "shortcut_params": sum(b.attn_shortcut_Q.numel() + b.mlp_shortcut_Q.numel() for b in adapter.blocks()),
-        }
+        self.report_ = SliceGPTReport(
+            hidden_size=d, sliced_width=d_new, nominal_sparsity=1 - d_new / d, params_dense=params_before,
+            params_sliced=params_after,
+            shortcut_params=sum(b.attn_shortcut_Q.numel() + b.mlp_shortcut_Q.numel() for b in adapter.blocks()),
+        )
         log.info("SliceGPT: %s", self.summary())
         return model
 
+
+@dataclass
+class SliceGPTReport(Report):
+    """The widths and the real parameter counts before and after slicing."""
+
+    hidden_size: int = 0
+    sliced_width: int = 0
+    nominal_sparsity: float = 0.0
+    params_dense: int = 0
+    params_sliced: int = 0
+    shortcut_params: int = 0
+
     def summary(self) -> str:
-        r = getattr(self, "report_", None)
-        if not r:
-            return ""
-        return (f"width {r['hidden_size']} -> {r['sliced_width']} (nominal {r['nominal_sparsity']:.1%} sliced); "
-                f"params {r['params_dense'] / 1e6:.1f} M -> {r['params_sliced'] / 1e6:.1f} M "
-                f"({r['params_sliced'] / r['params_dense'] - 1:+.1%}; shortcuts {r['shortcut_params'] / 1e6:.2f} M "
+        return (f"width {self.hidden_size} -> {self.sliced_width} (nominal {self.nominal_sparsity:.1%} sliced); "
+                f"params {self.params_dense / 1e6:.1f} M -> {self.params_sliced / 1e6:.1f} M "
+                f"({self.params_sliced / self.params_dense - 1:+.1%}; shortcuts {self.shortcut_params / 1e6:.2f} M "
                 "and the untied head included)")
 
 
@@ -243,32 +249,6 @@ def _xtx(xs: list[torch.Tensor], d: int) -> torch.Tensor:
     for x in xs:
         x = x.reshape(-1, x.shape[-1]).double()
         acc += (x.T @ x).cpu()
-    return acc
-
-
-class _Stop(Exception):
-    pass
-
-
-def _xtx_at(ctx: BlockContext, module: nn.Module, d: int) -> torch.Tensor:
-    """``Σ xᵀx`` of ``module``'s input over the calibration batches (the block stops there)."""
-    acc = torch.zeros(d, d, dtype=torch.float64)
-
-    def hook(_mod, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        acc.add_((x.T @ x).cpu())
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for x, kw in zip(ctx.inputs, ctx.kwargs):
-                try:
-                    ctx.block(x.to(ctx.device), **to_device(kw, ctx.device))
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
     return acc
 
 

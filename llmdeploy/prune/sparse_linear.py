@@ -26,6 +26,7 @@ from torch import nn
 
 from ..compress.modules import CompressedModule, register_module
 from ..quant.packing import pack, unpack
+from ..quant.rtn import SUPPORTED_BITS, dequantize_groupwise, quantize_groupwise
 
 
 def _pack_flat(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -76,15 +77,36 @@ class SparseLinear(CompressedModule):
         numel = in_features * out_features
         if format == "bitmask":
             self.register_buffer("mask", torch.zeros(-(-numel // 8), dtype=torch.uint8))
-            self.register_buffer("values", torch.zeros(nnz, dtype=dtype))
+            self._init_values((nnz,), dtype)
             self.register_buffer("indices", None)
         else:
             kept = out_features * in_features // m * n
             bits = _index_bits(m)
             self.register_buffer("mask", None)
-            self.register_buffer("values", torch.zeros(out_features, in_features // m * n, dtype=dtype))
+            self._init_values((out_features, in_features // m * n), dtype)
             self.register_buffer("indices", torch.zeros(-(-kept // 8) * bits, dtype=torch.uint8))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    def _init_values(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        """Allocate the storage of the kept values (row-major order)."""
+        self.register_buffer("values", torch.zeros(shape, dtype=dtype))
+
+    def kept_values(self, dtype: torch.dtype) -> torch.Tensor:
+        """The kept values in row-major order (flat for the bitmask, (out, in·N/M) for N:M)."""
+        return self.values.to(dtype)
+
+    def quantized(self, bits: int, group_size: int, symmetric: bool) -> SparseRTNLinear:
+        """The same sparse layer with its kept values quantized round-to-nearest: groups of
+        ``group_size`` consecutive kept values (row-major), one fp16 scale (and uint8 zero point)
+        each. The mask is unchanged, so the zeros stay exactly zero."""
+        mod = SparseRTNLinear(self.in_features, self.out_features, self.nnz, self.format, self.n, self.m,
+                              bits=bits, group_size=group_size, symmetric=symmetric,
+                              bias=self.bias is not None, dtype=self.values.dtype)
+        mod.mask, mod.indices = self.mask, self.indices
+        mod.set_values(self.values)
+        if self.bias is not None:
+            mod.bias.data.copy_(self.bias.data)
+        return mod.to(self.values.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, n: int = 0, m: int = 0, format: str = "auto") -> SparseLinear:
@@ -114,18 +136,23 @@ class SparseLinear(CompressedModule):
 
     def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out, in) weight with its zeros put back."""
-        dtype = self.values.dtype if dtype is None else dtype
+        dtype = self.compute_dtype if dtype is None else dtype
+        values = self.kept_values(dtype)
         out_f, in_f = self.out_features, self.in_features
         if self.format == "bitmask":
             keep = _unpack_flat(self.mask, 1, out_f * in_f).bool()
-            w = torch.zeros(out_f * in_f, dtype=dtype, device=self.values.device)
-            return w.masked_scatter_(keep, self.values.to(dtype)).view(out_f, in_f)
+            w = torch.zeros(out_f * in_f, dtype=dtype, device=values.device)
+            return w.masked_scatter_(keep, values.reshape(-1)).view(out_f, in_f)
         groups = in_f // self.m
         idx = _unpack_flat(self.indices, _index_bits(self.m), out_f * groups * self.n)
         idx = idx.view(out_f, groups, self.n).long()
-        w = torch.zeros(out_f, groups, self.m, dtype=dtype, device=self.values.device)
-        w.scatter_(-1, idx, self.values.to(dtype).view(out_f, groups, self.n))
+        w = torch.zeros(out_f, groups, self.m, dtype=dtype, device=values.device)
+        w.scatter_(-1, idx, values.reshape(out_f, groups, self.n))
         return w.view(out_f, in_f)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.values.dtype
 
     @property
     def weight(self) -> torch.Tensor:
@@ -146,3 +173,68 @@ class SparseLinear(CompressedModule):
         pat = f", {self.n}:{self.m}" if self.m else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"format={self.format}{pat}, nnz={self.nnz}")
+
+
+@register_module
+class SparseRTNLinear(SparseLinear):
+    """A pruned linear whose kept values are also quantized (SparseGPT's joint sparse + quantized
+    setting): the mask (or N:M indices) of :class:`SparseLinear` plus packed ``bits``-bit codes of
+    the kept values in groups of ``group_size`` consecutive kept values, each with an fp16 scale
+    and (asymmetric) a uint8 zero point. Bits per weight: ``1 + (1 − s)·(bits + 24/group_size)``
+    for the bitmask."""
+
+    fixed_dtype_buffers = ("mask", "indices", "qvalues", "scales", "zeros")
+
+    def __init__(self, in_features: int, out_features: int, nnz: int, format: str = "bitmask", n: int = 0,
+                 m: int = 0, *, bits: int = 4, group_size: int = 64, symmetric: bool = False, bias: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if bits not in SUPPORTED_BITS or group_size < 1:
+            raise ValueError(f"SparseRTNLinear needs bits in {SUPPORTED_BITS} and group_size >= 1")
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self._dtype = dtype
+        super().__init__(in_features, out_features, nnz, format, n, m, bias, dtype)
+
+    def _padded(self, count: int) -> int:
+        step = math.lcm(self.group_size, 8)
+        return -(-count // step) * step
+
+    def _init_values(self, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self._values_shape = shape
+        count = math.prod(shape)
+        padded = self._padded(count)
+        groups = padded // self.group_size
+        self.register_buffer("qvalues", torch.zeros(1, padded * self.bits // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(1, groups, dtype=torch.float16))
+        self.register_buffer("zeros", None if self.symmetric else torch.zeros(1, groups, dtype=torch.uint8))
+
+    def set_values(self, values: torch.Tensor) -> None:
+        """Quantize and store the kept values (row-major)."""
+        flat = values.detach().reshape(-1).to(torch.float32)
+        padded = self._padded(flat.numel())
+        flat = torch.cat([flat, flat.new_zeros(padded - flat.numel())]).view(1, -1)
+        q, scale, zero = quantize_groupwise(flat, self.bits, self.group_size, self.symmetric)
+        self.qvalues = pack(q, self.bits)
+        self.scales = scale
+        if not self.symmetric:
+            self.zeros = zero
+
+    def kept_values(self, dtype: torch.dtype) -> torch.Tensor:
+        count = math.prod(self._values_shape)
+        padded = self.qvalues.shape[1] * 8 // self.bits
+        zeros = self.zeros if self.zeros is not None else torch.full_like(
+            self.scales, 2 ** (self.bits - 1), dtype=torch.uint8)
+        w = dequantize_groupwise(unpack(self.qvalues, self.bits, padded), self.scales, zeros, self.group_size, dtype)
+        return w[0, :count].reshape(self._values_shape)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+    def quantized(self, bits: int, group_size: int, symmetric: bool) -> None:
+        return None  # already quantized
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return dict(super().init_kwargs(), bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bits={self.bits}, group_size={self.group_size}"

@@ -18,7 +18,7 @@ import torch
 
 from ..compress.base import register_method
 from ..compress.engine import LinearStats
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDivergedError
 from .masks import SparsityPattern, lowest_k, lowest_n_of_m, n_pruned
 from .pruner import WeightPruner
 
@@ -44,7 +44,8 @@ def inverse_hessian_factor(xtx: torch.Tensor, percdamp: float) -> torch.Tensor:
         log.warning("Hessian not positive definite with damping %.3g; retrying with 10x", damp)
         damp = max(damp * 10, 1e-8)
     else:
-        raise FloatingPointError("the calibration Hessian is not positive definite even with heavy damping")
+        raise TrainingDivergedError("the calibration Hessian is not positive definite even with heavy damping: "
+                                    "check the calibration data for constant or non-finite activations")
     return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
 
 
@@ -91,12 +92,12 @@ def sparsegpt_prune(
         W[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     if not torch.isfinite(W).all():
-        raise FloatingPointError("SparseGPT produced non-finite weights; raise percdamp")
+        raise TrainingDivergedError("SparseGPT produced non-finite weights; raise percdamp")
     return W.to(device=weight.device, dtype=weight.dtype)
 
 
 @register_method("sparsegpt")
-@dataclass
+@dataclass(kw_only=True)
 class SparseGPT(WeightPruner):
     """``SparseGPT(sparsity=0.5, blocksize=128, percdamp=0.01)``: Hessian-based pruning with
     the OBS update of the remaining weights (needs calibration data)."""

@@ -5,13 +5,24 @@ For a gated MLP ``Y = W_down (σ(W_gate X) ⊙ W_up X)`` (Llama-like) SparseLLM 
 gate pre-activation ``s``, the up output ``z`` and the down input ``p`` and minimises, over sparse
 weights and free auxiliaries (rows are calibration tokens),
 
-    ‖Y − p W_downᵀ‖² + β ‖p − σ(s) ⊙ z‖² + α ‖z − X W_upᵀ‖² + α ‖s − X W_gateᵀ‖²
+    F = ‖Y − p W_downᵀ‖² + β ‖p − σ(s) ⊙ z‖² + α ‖z − X W_upᵀ‖² + α ‖s − X W_gateᵀ‖²
 
-where ``X`` is the MLP's input in the pruned network (upstream blocks and this block's attention
-already pruned) and ``Y`` the MLP output that would make this block reproduce the *dense*
-block's output: ``Y = dense_block(h) − (h + attn_pruned(h))``, so the MLP also absorbs the error
-of the pruned attention (the reference code targets the dense MLP's own output instead; this
-target is the block-level version of the paper's global objective). A plain MLP ``Y = W_2 σ(W_1 X)`` (OPT) has ``z`` (pre-activation) and ``p`` only. Each round:
+A plain MLP ``Y = W_2 σ(W_1 X)`` (OPT) has ``z`` (pre-activation) and ``p`` only.
+
+**What X and Y are** (``target``):
+
+* ``"mlp"`` (default, the paper's problem and its reference code): ``X`` is the MLP's input and
+  ``Y`` the *dense* MLP's own output on it, both taken in one pass of the block before anything
+  in it is pruned (upstream blocks already pruned, as in every layer-wise method); with
+  ``sequential=True`` attention is pruned first and X, Y are taken after it (the reference's
+  ``--true-sequential``).
+* ``"block"`` (a variant of ours): ``X`` is taken after this block's attention is pruned, and
+  ``Y = dense_block(h) − (h + attn_pruned(h))`` is the MLP output that would make the block
+  reproduce the dense block's output, so the MLP also absorbs the pruned attention's error.
+
+Start (round 0): SparseGPT on the three weights, each with its own dense-input Hessian (the
+reference's start; the block variant prunes the down projection on the pruned MLP's
+activations instead). The auxiliaries start at the dense model's values. Each round:
 
 * ``p`` — ridge least squares: ``p = (Y W_down + β σ(s)⊙z)(W_downᵀW_down + βI)⁻¹``;
 * ``z`` — closed form, elementwise: ``(β σ(s) p + α X W_upᵀ) / (β σ(s)² + α)`` (gated), or
@@ -22,27 +33,31 @@ target is the block-level version of the paper's global objective). A plain MLP 
   ``W_down``: p → Y), then re-pruned to the pattern by SparseGPT with that layer's Hessian
   (XᵀX, or pᵀp for the down projection), which keeps masks exact.
 
-The weights start from SparseGPT's result on the same block (so the initial point is the local
-baseline), and the round with the lowest *true* error ‖MLP_sparse(X) − Y‖² is kept — which is
-the block's output error against the dense block on the calibration tokens, so the result is
-never worse there than its SparseGPT start. Attention projections are pruned with
-SparseGPT, as in the paper. Gram matrices and solves are float64 with relative damping, so
-models with large activation ranges stay finite. Where the reference code differs: it inverts
-in fp16 (NaN on LLaMA), hard-codes its per-layer schedule for 32 layers, and prunes only some
-layers; here every block of any depth and width is treated the same way.
+The result is the last round's weights, as in the reference. ``keep_best=True`` (an option of
+ours) keeps the round with the lowest true error ``‖MLP_sparse(X) − Y‖²`` instead, so the
+result is never worse on the calibration tokens than its SparseGPT start *by construction*.
+``report_.history`` records that error (relative to ‖Y‖²) after the start and after each round,
+``report_.objective`` the paper's F (relative to ‖Y‖²) after each weight update.
+
+Attention projections are pruned with SparseGPT, as in the paper. Gram matrices and solves are
+float64 with relative damping (the reference inverts in fp16, NaN on LLaMA, with a pseudo-inverse),
+``alpha = beta`` by default (the reference: 5.0 for LLaMA, 0.1 for OPT, equal to its output
+weight γ; only the ratios matter here, the output fit has weight 1). The reference hard-codes a
+per-layer schedule for 32-layer models (1 round in layers 1, 30, 31) and prunes only some
+layers; here every block of any depth gets ``iterations`` rounds.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.base import register_method
-from ..compress.engine import BlockContext
+from ..compress.base import Report, register_method
+from ..compress.engine import BlockContext, hooks
 from ..errors import ConfigError
 from ..models.adapters import MLPParts, get_adapter
 from .masks import SparsityPattern
@@ -107,20 +122,45 @@ class _MLPWeights:
     gate: torch.Tensor | None
 
 
-@register_method("sparsellm")
 @dataclass
+class SparseLLMReport(Report):
+    """Per block: the true MLP error ‖MLP(X) − Y‖²/‖Y‖² after the SparseGPT start and each round
+    (``history``), and the paper's objective F/‖Y‖² at the start and after each round
+    (``objective``); ``kept`` is the index of the round each block kept."""
+
+    target: str = "mlp"
+    history: list[list[float]] = field(default_factory=list)
+    objective: list[list[float]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if not self.history:
+            return ""
+        first = [h[0] for h in self.history]
+        final = [h[k] for h, k in zip(self.history, self.kept)]
+        improved = sum(b < f for b, f in zip(final, first))
+        return (f"SparseLLM (target={self.target}) MLP error relative to ‖Y‖², mean over blocks: SparseGPT start "
+                f"{sum(first) / len(first):.4f}, result {sum(final) / len(final):.4f}; lower than the start in "
+                f"{improved}/{len(first)} blocks")
+
+
+@register_method("sparsellm")
+@dataclass(kw_only=True)
 class SparseLLM(SparseGPT):
-    """``SparseLLM(sparsity=0.7, iterations=4, alpha=1.0, beta=1.0)``.
+    """``SparseLLM(sparsity=0.7, iterations=4, alpha=1.0, beta=1.0, target="mlp")``.
 
     ``alpha`` weighs the pre-activation fits and ``beta`` the activation coupling, both relative
-    to the output fit (the reference uses equal weights: 5.0 for LLaMA, 0.1 for OPT; only the
-    ratios matter). ``max_tokens`` caps the calibration tokens used by the MLP problem (a
-    deterministic subsample; None uses all). Other fields as in :class:`SparseGPT`.
+    to the output fit. ``target="mlp"`` is the paper's problem, ``"block"`` our block-output
+    variant (see the module docstring); ``keep_best`` keeps the best round instead of the last.
+    ``max_tokens`` caps the calibration tokens used by the MLP problem (a deterministic
+    subsample; None uses all). Other fields as in :class:`SparseGPT`.
     """
 
     iterations: int = 4
     alpha: float = 1.0
     beta: float = 1.0
+    target: str = "mlp"
+    keep_best: bool = False
     max_tokens: int | None = None
 
     def validate(self, model) -> None:
@@ -129,45 +169,70 @@ class SparseLLM(SparseGPT):
             raise ConfigError(f"iterations must be >= 0, got {self.iterations}")
         if not (self.alpha > 0 and self.beta > 0):
             raise ConfigError(f"alpha and beta must be > 0, got alpha={self.alpha}, beta={self.beta}")
+        if self.target not in ("mlp", "block"):
+            raise ConfigError(f"sparsellm: target must be 'mlp' (the paper's) or 'block', got {self.target!r}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be >= 1 or None, got {self.max_tokens}")
-        if not get_adapter(model).pre_norm:
+        if self.target == "block" and not get_adapter(model).pre_norm:
             raise ConfigError(
-                "SparseLLM needs pre-norm blocks (the MLP output adds to the block output); this "
-                "model normalises after the residual additions (e.g. OPT-350m). Use SparseGPT."
+                "SparseLLM's target='block' needs pre-norm blocks (the MLP output adds to the block "
+                "output); this model normalises after the residual additions (e.g. OPT-350m). Use "
+                "target='mlp'."
             )
 
     def apply(self, model, calib):
-        self.history_: list[list[float]] = []
+        self.report_ = SparseLLMReport(target=self.target)
         return super().apply(model, calib)
-
-    def summary(self) -> str:
-        """One line on the last run: the error of the SparseGPT start and of the kept rounds."""
-        if not getattr(self, "history_", None):
-            return ""
-        first = [h[0] for h in self.history_]
-        best = [min(h) for h in self.history_]
-        improved = sum(b < f for b, f in zip(best, first))
-        return (f"block output error relative to the MLP target, mean over blocks: SparseGPT start "
-                f"{sum(first) / len(first):.4f}, kept {sum(best) / len(best):.4f}; improved in "
-                f"{improved}/{len(first)} blocks")
 
     # -- one block -------------------------------------------------------------------
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
         mlp = ctx.adapter.mlp_parts(ctx.block)
-        dense_out = ctx.forward()  # the dense block's outputs: the MLP's target below
         mlp_ids = {id(mlp.up), id(mlp.down), id(mlp.gate)}
         linears = ctx.linears()
         attention = [g for g in ctx.adapter.linear_groups(ctx.block)
                      if not any(id(linears[n]) in mlp_ids for n in g)]
-        self.prune_groups(ctx, pattern, attention)  # attention: SparseGPT, as in the paper
-        x, target = self._mlp_problem(ctx, mlp, dense_out)
-        del dense_out
+        if self.target == "mlp":
+            if self.sequential:  # the reference's --true-sequential: X, Y after attention is pruned
+                self.prune_groups(ctx, pattern, attention)
+            x, target = self._mlp_io(ctx, mlp)
+            if not self.sequential:
+                self.prune_groups(ctx, pattern, attention)
+        else:
+            dense_out = ctx.forward()  # the dense block's outputs: the MLP's target below
+            self.prune_groups(ctx, pattern, attention)  # attention: SparseGPT, as in the paper
+            x, target = self._mlp_problem(ctx, mlp, dense_out)
+            del dense_out
         with torch.no_grad():
-            history = self._prune_mlp(x, target, mlp, pattern)
-        self.history_.append(history)
-        log.info("block %d: SparseLLM block output error (relative to the MLP target) %.4g (SparseGPT start) -> %.4g "
-                 "(best of %d rounds)", ctx.index, history[0], min(history), len(history) - 1)
+            history, objective, kept = self._prune_mlp(x, target, mlp, pattern)
+        report = self.report_
+        report.history.append(history)
+        report.objective.append(objective)
+        report.kept.append(kept)
+        log.info("block %d: SparseLLM MLP error (relative to ‖Y‖²) %.4g (SparseGPT start) -> %.4g (round %d of %d)",
+                 ctx.index, history[0], history[kept], kept, len(history) - 1)
+
+    def _subsample(self, ctx: BlockContext, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_tokens is not None and x.shape[0] > self.max_tokens:
+            g = torch.Generator().manual_seed(ctx.index)
+            keep = torch.randperm(x.shape[0], generator=g)[: self.max_tokens].to(x.device)
+            x, y = x[keep], y[keep]
+        return x, y
+
+    def _mlp_io(self, ctx: BlockContext, mlp: MLPParts) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the MLP's input X and of the (current, dense) MLP's output Y on one pass of
+        the block: the paper's problem. Float32, compute device."""
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+
+        def pre(_mod, args):
+            xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
+
+        def post(_mod, _args, out):
+            ys.append(out.detach().reshape(-1, out.shape[-1]).to(torch.float32))
+
+        with hooks((mlp.up, "pre", pre), (mlp.down, "post", post)):
+            ctx.forward()
+        return self._subsample(ctx, torch.cat(xs), torch.cat(ys))
 
     def _mlp_problem(self, ctx: BlockContext, mlp: MLPParts, dense_out: list[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,24 +248,18 @@ class SparseLLM(SparseGPT):
         def post(_mod, _args, out):
             mlp_outs.append(out.detach().reshape(-1, out.shape[-1]).to(torch.float32))
 
-        handles = [mlp.up.register_forward_pre_hook(pre), mlp.down.register_forward_hook(post)]
-        try:
+        with hooks((mlp.up, "pre", pre), (mlp.down, "post", post)):
             outs = ctx.forward()
-        finally:
-            for h in handles:
-                h.remove()
         rows = lambda ts: torch.cat([t.reshape(-1, t.shape[-1]).to(ctx.device, torch.float32) for t in ts])  # noqa: E731
         x = torch.cat(xs)
         target = rows(dense_out) - rows(outs) + torch.cat(mlp_outs)
-        if self.max_tokens is not None and x.shape[0] > self.max_tokens:
-            g = torch.Generator().manual_seed(ctx.index)
-            keep = torch.randperm(x.shape[0], generator=g)[: self.max_tokens].to(x.device)
-            x, target = x[keep], target[keep]
-        return x, target
+        return self._subsample(ctx, x, target)
 
-    def _prune_mlp(self, X: torch.Tensor, Y: torch.Tensor, mlp: MLPParts, pattern: SparsityPattern) -> list[float]:
-        """Run SparseLLM on one MLP in place so that MLP(X) ≈ Y; returns the relative error
-        ‖MLP(X) − Y‖² / ‖Y‖² after SparseGPT (round 0) and after each round."""
+    def _prune_mlp(self, X: torch.Tensor, Y: torch.Tensor, mlp: MLPParts, pattern: SparsityPattern
+                   ) -> tuple[list[float], list[float], int]:
+        """Run SparseLLM on one MLP in place so that MLP(X) ≈ Y. Returns the relative error
+        ‖MLP(X) − Y‖² / ‖Y‖² after SparseGPT (round 0) and after each round, the paper's
+        objective F / ‖Y‖² at the same points, and the round whose weights were kept."""
         act, alpha, beta = mlp.act, self.alpha, self.beta
         f32 = lambda t: None if t is None else t.detach().to(X.device, torch.float32)  # noqa: E731
         b_up, b_down = f32(mlp.up.bias), f32(mlp.down.bias)
@@ -220,18 +279,30 @@ class SparseLLM(SparseGPT):
         def prune(w: torch.Tensor, h: torch.Tensor, hinv: torch.Tensor | None = None) -> torch.Tensor:
             return sparsegpt_prune(w, h, pattern, blocksize=self.blocksize, percdamp=self.percdamp, hinv=hinv)
 
-        # start: SparseGPT, sequential (the down projection sees the pruned MLP inputs)
-        w = _MLPWeights(prune(dense.up, xtx, ux), dense.down, prune(dense.gate, xtx, ux) if mlp.gated else None)
-        a, _ = forward(w)
-        w.down = prune(dense.down, (a.T @ a).to(torch.float64))
-        a, out = forward(w)
-        history = [float((out - Y).square().sum()) / y_norm]
-        best, best_err = w, history[0]
-
         # auxiliaries start at the dense model's values (as in the reference code)
         z = F.linear(X, dense.up, b_up)
         s = F.linear(X, dense.gate, b_gate) if mlp.gated else None
         p = act(s) * z if mlp.gated else act(z)
+
+        def objective(w: _MLPWeights) -> float:
+            """The paper's F at the current weights and auxiliaries, relative to ‖Y‖²."""
+            f = (Yc - F.linear(p, w.down)).square().sum()
+            f += beta * (p - (act(s) * z if mlp.gated else act(z))).square().sum()
+            f += alpha * (z - F.linear(X, w.up, b_up)).square().sum()
+            if mlp.gated:
+                f += alpha * (s - F.linear(X, w.gate, b_gate)).square().sum()
+            return float(f) / y_norm
+
+        # start: SparseGPT. The paper's problem prunes the down projection on the dense MLP's
+        # activations (one pass, as the reference); the block variant on the pruned MLP's.
+        w = _MLPWeights(prune(dense.up, xtx, ux), dense.down, prune(dense.gate, xtx, ux) if mlp.gated else None)
+        a = p if self.target == "mlp" else forward(w)[0]
+        w.down = prune(dense.down, (a.T @ a).to(torch.float64))
+        del a
+        _, out = forward(w)
+        history = [float((out - Y).square().sum()) / y_norm]
+        objectives = [objective(w)]
+        best, best_err, kept = w, history[0], 0
         eye = torch.eye(p.shape[1], dtype=torch.float64, device=X.device)
         # at sparsity 0 SparseGPT's start reproduces the block exactly: nothing to improve
         rounds = 0 if not pattern.structured and pattern.sparsity == 0 else self.iterations
@@ -262,11 +333,14 @@ class SparseLLM(SparseGPT):
             _, out = forward(w)
             err = float((out - Y).square().sum()) / y_norm
             history.append(err)
-            if err < best_err * (1 - 1e-6):  # a real improvement, not float noise
-                best, best_err = w, err
+            objectives.append(objective(w))
+            if not self.keep_best:
+                best, kept = w, len(history) - 1
+            elif err < best_err * (1 - 1e-6):  # a real improvement, not float noise
+                best, best_err, kept = w, err, len(history) - 1
         with torch.no_grad():
             mlp.up.weight.copy_(best.up.to(mlp.up.weight))
             mlp.down.weight.copy_(best.down.to(mlp.down.weight))
             if mlp.gated:
                 mlp.gate.weight.copy_(best.gate.to(mlp.gate.weight))
-        return history
+        return history, objectives, kept

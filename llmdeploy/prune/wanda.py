@@ -18,7 +18,7 @@ from .pruner import WeightPruner
 
 
 @register_method("wanda")
-@dataclass
+@dataclass(kw_only=True)
 class Wanda(WeightPruner):
     """``Wanda(sparsity=0.5)``: activation-aware magnitude pruning (needs calibration data)."""
 

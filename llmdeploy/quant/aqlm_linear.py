@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.modules import CompressedModule, register_module
+from ..compress.modules import CompressedModule, register_hf_loader, register_module
 from ..errors import CheckpointError, ConfigError
 
 #: at most this many tokens (rows of the flattened input) take the matrix-vector kernels
@@ -105,6 +105,9 @@ class AQLMLinear(CompressedModule):
         self.bias = nn.Parameter(torch.zeros(out_features, **fk), requires_grad=False) if bias else None
 
     # -- storage -------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [self.codebooks, self.scales]
+
     def init_kwargs(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features,
                 "num_codebooks": self.num_codebooks, "nbits_per_codebook": self.nbits_per_codebook,
@@ -172,6 +175,7 @@ def _listed(name: str, entries: set[str]) -> bool:
     return any(name == e or name.startswith(e + ".") or name.endswith("." + e) for e in entries)
 
 
+@register_hf_loader("aqlm")
 def load_hf_aqlm(path, dtype: torch.dtype = torch.float32):
     """A Hugging Face AQLM directory (``quantization_config.quant_method == "aqlm"``, written by
     the AQLM authors' tools, by transformers, or by llmdeploy) as a model of AQLMLinear layers.

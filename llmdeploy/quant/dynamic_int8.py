@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, register_method
+from ..compress.base import Compressor, register_method, require_targets
 from ..compress.modules import CompressedModule, register_module
 from ..models.adapters import get_adapter
 
@@ -100,13 +100,27 @@ class DynamicInt8Linear(CompressedModule):
 
 
 @register_method("dynamic_int8")
-@dataclass
+@dataclass(kw_only=True)
 class DynamicInt8(Compressor):
     """W8A8 dynamic quantization of every decoder-block linear still dense."""
 
+    def targets(self, model: nn.Module) -> list[str]:
+        """The dense decoder-block linears; raises ConfigError when there are none."""
+        names, skipped = [], {}
+        for n in get_adapter(model).linear_names():
+            mod = model.get_submodule(n)
+            if isinstance(mod, nn.Linear):
+                names.append(n)
+            else:
+                skipped[n] = f"they are already compressed ({type(mod).__name__})"
+        require_targets("dynamic_int8", names, skipped)
+        return names
+
+    def validate(self, model: nn.Module) -> None:
+        self.targets(model)
+
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
-        names = [n for n in get_adapter(model).linear_names()
-                 if isinstance(model.get_submodule(n), nn.Linear)]
+        names = self.targets(model)
         for name in tqdm(names, desc="dynamic int8", leave=False):
             model.set_submodule(name, DynamicInt8Linear.from_linear(model.get_submodule(name)))
         return model

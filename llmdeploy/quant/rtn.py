@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, register_method
+from ..compress.base import Compressor, register_method, require_targets
 from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
 from ..models.adapters import get_adapter
@@ -141,14 +141,20 @@ class RTNLinear(CompressedModule):
 
 
 @register_method("rtn")
-@dataclass
+@dataclass(kw_only=True)
 class RTN(Compressor):
     """Round-to-nearest weight-only quantization of every decoder-block linear.
 
-    ``group_size=-1`` means one group per row (per-channel). ``overrides`` maps a regular
-    expression (searched in the module's qualified name) to other bits — ``{"down_proj": 8}``
-    — or to ``None`` (keep that linear dense), or to ``{"bits": ..., "group_size": ...}``;
-    the first matching pattern wins.
+    ``group_size=-1`` means one group per row (per-channel). ``overrides`` maps a key to other
+    bits — ``{"role:mlp_out": 8}`` — or to ``None`` (keep those linears dense), or to
+    ``{"bits": ..., "group_size": ...}``; the first matching key wins. A key ``"role:R"`` selects
+    the linears of role R (``attn_in``, ``attn_out``, ``mlp_in``, ``mlp_out``; the adapter knows
+    them for every family); any other key is a regular expression searched in the qualified name.
+
+    Pruned layers stored compactly (:class:`~llmdeploy.prune.SparseLinear`) are quantized in
+    their own format: the kept values get ``bits``-bit codes in groups of ``group_size``
+    consecutive kept values and the mask stays (sparse + quantized, as SparseGPT reports it).
+    Layers already quantized are skipped; a step that would quantize nothing is an error.
     """
 
     bits: int = 4
@@ -156,9 +162,10 @@ class RTN(Compressor):
     symmetric: bool = False
     overrides: dict[str, Any] | None = field(default=None)
 
-    def _settings(self, name: str) -> tuple[int, int] | None:
-        for pattern, value in (self.overrides or {}).items():
-            if re.search(pattern, name):
+    def _settings(self, name: str, role: str) -> tuple[int, int] | None:
+        for key, value in (self.overrides or {}).items():
+            hit = key == f"role:{role}" if key.startswith("role:") else re.search(key, name)
+            if hit:
                 if value is None:
                     return None
                 if isinstance(value, dict):
@@ -167,29 +174,46 @@ class RTN(Compressor):
         return self.bits, self.group_size
 
     def plan(self, model: nn.Module) -> dict[str, tuple[int, int]]:
-        """Which linears get which (bits, group size); raises ConfigError on impossible ones."""
+        """Which linears get which (bits, group size); raises ConfigError on impossible ones and
+        when nothing would be quantized (naming what was skipped and why)."""
         adapter = get_adapter(model)
+        roles = {s.path: s.role for s in adapter.linear_specs}
+        for key in self.overrides or {}:
+            if key.startswith("role:") and key[5:] not in set(roles.values()):
+                raise ConfigError(f"rtn: override {key!r} names no role; roles are "
+                                  f"{', '.join(sorted(set(roles.values())))}")
         plan: dict[str, tuple[int, int]] = {}
-        for name in adapter.linear_names():
-            mod = model.get_submodule(name)
-            if isinstance(mod, CompressedModule):
-                continue  # already compressed by an earlier step
-            settings = self._settings(name)
-            if settings is None:
-                continue
-            bits, gs = settings
-            if bits not in SUPPORTED_BITS:
-                raise ConfigError(f"{name}: RTN supports bits in {SUPPORTED_BITS}, got {bits}")
-            k = mod.in_features
-            gs = k if gs in (-1, 0, None) else gs
-            if gs <= 0 or k % gs:
-                raise ConfigError(
-                    f"{name}: group_size={gs} does not divide in_features={k}; choose a group size "
-                    f"that divides every width (e.g. a power of two dividing {k}) or group_size=-1"
-                )
-            if k % 8:
-                raise ConfigError(f"{name}: in_features={k} must be a multiple of 8 to pack codes")
-            plan[name] = (bits, gs)
+        skipped: dict[str, str] = {}
+        for i, block in enumerate(adapter.blocks()):
+            for path, mod in adapter.block_linears(block).items():
+                name = f"{adapter.blocks_path}.{i}.{path}"
+                settings = self._settings(name, roles[path])
+                if settings is None:
+                    skipped[name] = "overrides keep them dense"
+                    continue
+                bits, gs = settings
+                if bits not in SUPPORTED_BITS:
+                    raise ConfigError(f"{name}: RTN supports bits in {SUPPORTED_BITS}, got {bits}")
+                if isinstance(mod, CompressedModule):
+                    if mod.quantized(bits, max(gs, 1), self.symmetric) is None:
+                        skipped[name] = f"they are already quantized ({type(mod).__name__})"
+                        continue
+                    if gs in (-1, 0, None):
+                        raise ConfigError(f"{name}: a sparse layer is quantized in groups of kept values; "
+                                          "give a positive group_size")
+                    plan[name] = (bits, gs)
+                    continue
+                k = mod.in_features
+                gs = k if gs in (-1, 0, None) else gs
+                if gs <= 0 or k % gs:
+                    raise ConfigError(
+                        f"{name}: group_size={gs} does not divide in_features={k}; choose a group size "
+                        f"that divides every width (e.g. a power of two dividing {k}) or group_size=-1"
+                    )
+                if k % 8:
+                    raise ConfigError(f"{name}: in_features={k} must be a multiple of 8 to pack codes")
+                plan[name] = (bits, gs)
+        require_targets("rtn", plan, skipped)
         return plan
 
     def validate(self, model: nn.Module) -> None:
@@ -199,5 +223,7 @@ class RTN(Compressor):
         plan = self.plan(model)
         for name, (bits, gs) in tqdm(plan.items(), desc=f"RTN {self.bits}-bit", leave=False):
             lin = model.get_submodule(name)
-            model.set_submodule(name, RTNLinear.from_linear(lin, bits, gs, self.symmetric))
+            new = lin.quantized(bits, gs, self.symmetric) if isinstance(lin, CompressedModule) else \
+                RTNLinear.from_linear(lin, bits, gs, self.symmetric)
+            model.set_submodule(name, new)
         return model

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreT
 
 from ..errors import CheckpointError
 from ..fetch import package_root, sha256_file
-from .tokenizer import byte_level_tokenizer
+from ..models.tokenizer import byte_level_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,8 @@
+"""Loading, saving and the model zoo: the top of the library (it rebuilds compressed modules
+from their registry and reads checkpoints of the methods below it, which register themselves)."""
+
+from .checkpoint import load_saved, read_manifest, save
+from .loading import load, load_gguf
+from .zoo import ZOO
+
+__all__ = ["ZOO", "load", "load_gguf", "load_saved", "read_manifest", "save"]
