@@ -110,18 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         results_time[method.name] = compress_s
         result.meta.update(suite=args.suite, compress_seconds=compress_s, note=method.note,
                            calibration=calib_meta, layers=model.config.num_hidden_layers)
-        if hasattr(compressor, "history_"):  # what the method tracked while running (see its summary)
-            result.meta["history"] = compressor.history_
-        if compressor is not None and compressor.summary():
-            result.meta["note"] += "; " + compressor.summary()
-        for attr in ("removed_", "merges_"):
-            if hasattr(compressor, attr):
-                result.meta[attr.rstrip("_")] = getattr(compressor, attr)
-        if hasattr(compressor, "removed_"):
-            result.meta["note"] += f"; removed original layers {compressor.removed_}"
-        if getattr(compressor, "merges_", None):
-            sims = [round(m["similarity"], 3) for m in compressor.merges_]
-            result.meta["note"] += f"; accepted fold similarities {sims}"
+        report = compressor.report_ if compressor is not None else None
+        if report is not None:  # what the method found while running (its typed report)
+            result.meta["report"] = {"type": type(report).__name__, **report.to_dict()}
+            if report.summary():
+                result.meta["note"] += "; " + report.summary()
         result.save(out / f"{method.name}.json")
         log.info("%s: %s", method.name, result.markdown_row())
         del model

@@ -330,3 +330,89 @@ def test_bits_per_parameter_as_in_the_paper():
     assert m.paper_bits_per_param() == pytest.approx(expected)
     m16 = AQLMLinear(4096, 11008, 1, 16, 8, bias=False)
     assert m16.paper_bits_per_param() == pytest.approx(2 + (65536 * 8 * 16 + 11008 * 16) / (4096 * 11008))
+
+
+def test_block_finetuning_trains_norms_and_biases_found_by_the_adapter():
+    """OPT: LayerNorm weights and biases (by role, through the adapter) and every linear bias are
+    trained with the codebooks and scales; nothing else moves."""
+    model, tok = llmdeploy.load("tiny-opt")
+    calib = _calib(tok, n=4, seq=16)
+    before = copy.deepcopy(model)
+    cfg = dict(num_codebooks=1, nbits_per_codebook=6, in_group_size=8, max_iter=1, steps_per_round=2, kmeans_iters=2,
+               finetune_epochs=2, finetune_lr=1e-2, batch_size=2, finetune_batch_size=2)
+    q = AQLM(**cfg)(model, calib)
+    layer, old = q.model.decoder.layers[0], before.model.decoder.layers[0]
+    for path in ("self_attn_layer_norm.weight", "self_attn_layer_norm.bias", "final_layer_norm.weight",
+                 "final_layer_norm.bias", "fc1.bias", "self_attn.q_proj.bias", "self_attn.out_proj.bias"):
+        assert not torch.equal(layer.get_parameter(path), old.get_parameter(path)), path
+    # outside the blocks: untouched
+    assert torch.equal(q.model.decoder.final_layer_norm.weight, before.model.decoder.final_layer_norm.weight)
+    assert torch.equal(q.lm_head.weight, before.lm_head.weight)
+    assert not any(p.requires_grad for m in q.modules() if isinstance(m, AQLMLinear) for p in m.parameters())
+
+
+def test_block_finetuning_runs_in_float32_for_bf16_models():
+    model, tok = llmdeploy.load("tiny-llama", dtype=torch.bfloat16)
+    calib = _calib(tok, n=4, seq=16)
+    seen = []
+    real_adam = torch.optim.Adam
+
+    class Spy(real_adam):
+        def __init__(self, params, *a, **kw):
+            params = list(params)
+            seen.append({p.dtype for p in params})
+            super().__init__(params, *a, **kw)
+
+    aq = AQLM(num_codebooks=1, nbits_per_codebook=6, in_group_size=8, max_iter=0, steps_per_round=0,
+              kmeans_iters=2, finetune_epochs=1, finetune_lr=1e-3, batch_size=2, finetune_batch_size=4)
+    torch.optim.Adam = Spy
+    try:
+        q = aq(model, calib)
+    finally:
+        torch.optim.Adam = real_adam
+    assert seen and all(s == {torch.float32} for s in seen[-3:])  # the fine-tuning optimizers
+    assert {p.dtype for p in q.parameters() if p.is_floating_point()} == {torch.bfloat16}  # cast back
+    ft = aq.report_.finetune
+    assert len(ft) == 3 and all(v[-1] < v[0] for v in ft.values())  # it learned in fp32
+
+
+def test_finetune_keep_best_and_early_stop():
+    model, tok = _tiny()
+    calib = _calib(tok, n=4, seq=16)
+    aq = AQLM(num_codebooks=1, nbits_per_codebook=6, in_group_size=8, max_iter=0, steps_per_round=0, kmeans_iters=2,
+              finetune_epochs=6, finetune_lr=0.5, finetune_early_stop=1, finetune_keep_best=True, batch_size=2,
+              finetune_batch_size=2)
+    aq(copy.deepcopy(model), calib)
+    for hist in aq.report_.finetune.values():
+        assert len(hist) <= 7
+        if len(hist) < 7:  # stopped early: the last epoch did not improve on the best before it
+            assert hist[-1] >= min(hist[:-1])
+    with pytest.raises(ConfigError, match="multiple"):
+        AQLM(batch_size=4, finetune_batch_size=6)(copy.deepcopy(model), calib)
+
+
+def test_cuda_inputs_with_shapes_triton_cannot_take_fall_back():
+    from llmdeploy.kernels import aqlm_kernel_for
+
+    class CudaLike:  # what the dispatcher reads of a CUDA tensor
+        is_cuda = True
+        device = torch.device("cuda")
+        dtype = torch.float16
+
+    odd = random_layer(1, 8, 6, in_f=48)  # in_group_size 6: not a power of two
+    assert not aqlm_triton.supports(odd) and aqlm_kernel_for(odd, CudaLike(), 1) is None
+    even = random_layer(2, 8, 8)
+    assert aqlm_triton.supports(even)
+    if aqlm_triton.available():
+        assert aqlm_kernel_for(even, CudaLike(), 1) is not None
+
+
+@pytest.mark.parametrize("name", ["aqlm-2x8-paper", "aqlm-1x16-paper"])
+def test_paper_recipes_carry_the_reference_settings(name):
+    compose, settings = llmdeploy.recipe.load_with_settings(name)
+    (aq,) = compose.steps
+    assert (aq.max_iter, aq.steps_per_round, aq.kmeans_iters, aq.relative_mse_tolerance) == (1000, 100, 100, 0.01)
+    assert (aq.finetune_lr, aq.finetune_epochs, aq.finetune_batch_size) == (1e-5, 10, 32)
+    assert aq.finetune_early_stop == 3 and aq.finetune_keep_best
+    assert settings == {"n_samples": 1024, "seq_len": 4096}
+    assert (aq.num_codebooks, aq.nbits_per_codebook) == ((2, 8) if "2x8" in name else (1, 16))

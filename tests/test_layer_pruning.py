@@ -44,13 +44,14 @@ def test_fold_of_one_layer_is_identity():
 def test_laco_folds_and_keeps_model_consistent(family, tmp_path):
     model, tok = llmdeploy.load(family)
     blocks = list(llmdeploy.get_adapter(model).blocks())
-    expected = rdsc_merge(blocks[0:2])  # fold layer 1 into layer 0; layer 2 moves to index 1
+    linears = list(llmdeploy.get_adapter(model).block_linears(blocks[0]))
+    expected = rdsc_merge(blocks[0:2], linears)  # fold layer 1 into layer 0; layer 2 moves to index 1
     calib = ids_for(tok, n=4, seq=32, seed=1)
-    laco = LaCo(merge_layers=2, interval=1, threshold=-1.0, lowest=0, highest=1, target_layers=2)
+    laco = LaCo(merge_layers=2, interval=1, threshold=-1.0, lowest=0, highest=2, target_layers=2)
     laco(model, calib)
     new_blocks = llmdeploy.get_adapter(model).blocks()
     assert len(new_blocks) == 2 == model.config.num_hidden_layers
-    assert laco.merges_[0]["into"] == 0 and laco.removed_ == [1]
+    assert laco.report_.merges[0]["into"] == 0 and laco.report_.removed == [1]
     assert new_blocks[1] is blocks[2]
     for (n, a), (_, b) in zip(new_blocks[0].state_dict().items(), expected.state_dict().items()):
         torch.testing.assert_close(a, b, msg=n)
@@ -96,7 +97,7 @@ def test_shortgpt_removes_lowest_block_influence(tmp_path):
         assert bi == pytest.approx(scores[i], abs=1e-5)
     sg = ShortGPT(n_remove=1)
     sg(model, calib)
-    assert sg.removed_ == [min(range(3), key=lambda i: scores[i])]
+    assert sg.report_.removed == [min(range(3), key=lambda i: scores[i])]
     assert len(model.model.layers) == 2 and model.model.layers[1].self_attn.layer_idx == 1
     _check_generation_and_export(model, tok, tmp_path)
 
@@ -114,3 +115,65 @@ def test_drop_layers_and_errors(tmp_path):
         ShortGPT(n_remove=3)(m2, ids_for(tok))
     with pytest.raises(ConfigError):
         LaCo(lowest=2, highest=1)(m2, ids_for(tok))
+
+
+def test_laco_guard_rejects_and_leaves_the_model_unchanged():
+    """A threshold no fold can reach: every trial is rejected and the model is exactly the same."""
+    model, tok = llmdeploy.load("tiny-llama")
+    ids = ids_for(tok)
+    with torch.no_grad():
+        ref = model(ids).logits
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    laco = LaCo(merge_layers=2, interval=1, threshold=1.01, lowest=0)
+    laco(model, ids_for(tok, n=4, seq=32))
+    assert laco.report_.trials and not any(t["accepted"] for t in laco.report_.trials)
+    assert laco.report_.removed == [] and model.config.num_hidden_layers == 3
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+def test_laco_guard_accepts_between_the_measured_similarities():
+    """Thresholds just below and above the measured similarity of the first trial accept and
+    reject that same fold: the guard compares the right number."""
+    model, tok = llmdeploy.load("tiny-qwen2")
+    calib = ids_for(tok, n=4, seq=32)
+    probe = LaCo(merge_layers=2, interval=1, threshold=1.01, lowest=0)
+    probe(llmdeploy.load("tiny-qwen2")[0], calib)
+    (first,) = probe.report_.trials  # 3 layers, C = 2: one trial, folding layer 1 into 0
+    assert (first["into"], first["folded"]) == (0, [1]) and -1 <= first["similarity"] <= 1
+    below = LaCo(merge_layers=2, interval=1, threshold=first["similarity"] - 1e-6, lowest=0)
+    below(model, calib)
+    assert below.report_.merges[0]["into"] == 0 and model.config.num_hidden_layers == 2
+    assert below.report_.merges[0]["similarity"] == pytest.approx(first["similarity"], abs=1e-6)
+    above = LaCo(merge_layers=2, interval=1, threshold=first["similarity"] + 1e-6, lowest=0)
+    above(llmdeploy.load("tiny-qwen2")[0], calib)
+    assert above.report_.merges == []
+
+
+def test_laco_first_trial_starts_below_the_top_layer_and_merges_only_linears():
+    """As the paper's algorithm and the notebook: the first trial folds l+1..l+C-1 into l = H - C,
+    so the top layer is never folded; norms stay those of layer l unless merge_norms=True."""
+    model, tok = llmdeploy.load("tiny-llama")
+    blocks = list(model.model.layers)
+    laco = LaCo(merge_layers=2, interval=1, threshold=-1.0, lowest=0, target_layers=2)
+    laco(model, ids_for(tok, n=4, seq=32))
+    assert laco.report_.trials[0]["into"] == 0 and laco.report_.trials[0]["folded"] == [1]
+    merged = model.model.layers[0]
+    assert torch.equal(merged.input_layernorm.weight, blocks[0].input_layernorm.weight)
+    torch.testing.assert_close(merged.mlp.up_proj.weight, blocks[1].mlp.up_proj.weight)  # C = 2: θ_l+1
+    with_norms = rdsc_merge(blocks[:2])
+    torch.testing.assert_close(with_norms.input_layernorm.weight, blocks[1].input_layernorm.weight)
+
+
+def test_laco_similarity_measures():
+    from llmdeploy.prune.laco import representation_similarity
+
+    a = torch.randn(2, 5, 8)
+    b = a.clone()
+    b[0, 0] *= -1  # one token flipped
+    per_token = representation_similarity(a, b, "token")
+    per_sequence = representation_similarity(a, b, "sequence")
+    assert per_token == pytest.approx(1 - 2 / 10, abs=1e-6)
+    flat = torch.nn.functional.cosine_similarity(a[0].flatten(), b[0].flatten(), dim=0)
+    assert per_sequence == pytest.approx((float(flat) + 1) / 2, abs=1e-6)

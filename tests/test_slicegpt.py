@@ -139,10 +139,10 @@ def test_slicing_removes_exactly_the_expected_dimensions(family, slice_head):
     assert adapter.head().weight is not sliced.get_submodule(adapter.residual_embedding_paths[0]).weight
     # the real parameter count: shortcuts and the untied head included, reported as such
     params = sum(p.numel() for p in {id(p): p for p in sliced.parameters()}.values())
-    assert sg.report_["params_sliced"] == params and sg.report_["params_dense"] == dense_params
-    assert sg.report_["shortcut_params"] == sum(b.attn_shortcut_Q.numel() + b.mlp_shortcut_Q.numel()
+    assert sg.report_.params_sliced == params and sg.report_.params_dense == dense_params
+    assert sg.report_.shortcut_params == sum(b.attn_shortcut_Q.numel() + b.mlp_shortcut_Q.numel()
                                                  for b in blocks)
-    assert sg.report_["nominal_sparsity"] == pytest.approx(1 - 40 / 64)
+    assert sg.report_.nominal_sparsity == pytest.approx(1 - 40 / 64)
     assert "shortcuts" in sg.summary()
     ids = ids_for(tok, n=2, seq=32, seed=9)
     loss = sliced(ids, labels=ids).loss
@@ -303,8 +303,9 @@ def test_lora_recovery_finetuning_lowers_the_loss_and_merges(tmp_path):
     with torch.no_grad():
         after = tuned(calib, labels=calib).loss.item()
     assert after < before - 0.05
-    assert len(ft.history_) == 24 and "LoRA" in ft.summary()
-    assert ft.probe_loss_[1] < ft.probe_loss_[0]
+    assert len(ft.report_.history) == 24 and "LoRA" in ft.summary()
+    assert ft.report_.probe_loss[1] < ft.report_.probe_loss[0]
+    assert ft.report_.merged == 3 * 7 and ft.report_.kept == 0
     # merged: the same parameters and shapes, no adapter left behind
     assert {n: p.shape for n, p in tuned.named_parameters()} == shapes
     assert not any("lora" in n for n, _ in tuned.named_modules())
@@ -320,12 +321,38 @@ def test_lora_max_steps_and_errors():
     calib = calib_for(tok, n=4, seq=16)
     ft = LoRAFinetune(rank=2, epochs=10, batch_size=2, max_steps=3)
     ft(copy.deepcopy(model), calib)
-    assert len(ft.history_) == 3
+    assert len(ft.report_.history) == 3
     with pytest.raises(ConfigError, match="rank"):
         LoRAFinetune(rank=0)(copy.deepcopy(model), calib)
+
+
+def test_lora_on_a_quantized_model_keeps_adapters_beside_the_codes(tmp_path):
+    """QLoRA-style: the RTN codes stay as they are, the adapters train beside them, and the result
+    saves, loads and counts its bits; a second LoRA pass has nothing left to adapt."""
+    model, tok = tiny("opt", dtype=torch.float32)
+    calib = calib_for(tok, n=8, seq=32)
     q = RTN(bits=4, group_size=16)(copy.deepcopy(model))
-    with pytest.raises(ConfigError, match="compressed"):
-        LoRAFinetune()(q, calib)
+    codes = q.model.decoder.layers[0].fc1.qweight.clone()
+    fp_q = llmdeploy.eval.footprint(q)
+    with torch.no_grad():
+        before = q(calib, labels=calib).loss.item()
+    ft = LoRAFinetune(rank=4, alpha=8, epochs=4, batch_size=2, lr=5e-3, dropout=0.0)
+    tuned = ft(q, calib)
+    with torch.no_grad():
+        after = tuned(calib, labels=calib).loss.item()
+    assert after < before - 0.02
+    lin = tuned.model.decoder.layers[0].fc1
+    assert type(lin).__name__ == "LoRALinear" and torch.equal(lin.base.qweight, codes)
+    assert ft.report_.kept == 3 * 6 and ft.report_.merged == 0
+    fp = llmdeploy.eval.footprint(tuned)
+    assert fp.compressed_params == fp_q.compressed_params
+    adapters = sum(m.lora_A.numel() + m.lora_B.numel() for m in tuned.modules() if type(m).__name__ == "LoRALinear")
+    assert fp.compressed_bytes == fp_q.compressed_bytes + 4 * adapters  # the fp32 adapters are counted
+    loaded, _ = llmdeploy.load(llmdeploy.save(tuned, tok, tmp_path / "qlora"))
+    with torch.no_grad():
+        assert torch.equal(loaded(calib[:2]).logits, tuned(calib[:2]).logits)
+    with pytest.raises(ConfigError, match="already carry LoRA"):
+        LoRAFinetune(max_steps=1)(loaded, calib)
 
 
 def test_errors_are_clear():

@@ -16,7 +16,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     from llmdeploy.data import calibration
 
     compose, settings = recipes.load_with_settings(args.recipe)
-    model, tok = llmdeploy.load(args.model)
+    model, tok = llmdeploy.load(args.model, tokenizer=args.tokenizer)
     calib = None
     if compose.needs_calibration:
         calib = calibration(
@@ -29,7 +29,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     # long methods checkpoint their progress next to the output, so an interrupted run resumes
     progress = Path(args.checkpoint_dir or f"{Path(args.output).resolve()}.progress")
     for i, step in enumerate(compose.steps):
-        if hasattr(step, "checkpoint_dir") and hasattr(step, "resume"):
+        if getattr(step, "supports_resume", False):
             step.checkpoint_dir = step.checkpoint_dir or str(progress / f"step{i}-{step.method}")
             step.resume = step.resume or args.resume
             log.info("%s checkpoints to %s%s", step.method, step.checkpoint_dir, " (resuming)" if step.resume else "")
@@ -44,7 +44,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import llmdeploy
 
-    model, tok = llmdeploy.load(args.model)
+    model, tok = llmdeploy.load(args.model, tokenizer=args.tokenizer)
     speed = False
     if args.speed:
         speed = {"prompt_len": args.prompt_len, "new_tokens": args.new_tokens}
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--n-samples", type=int, default=None, help="calibration windows (default 128)")
     c.add_argument("--seq-len", type=int, default=None, help="calibration window length (default 512)")
     c.add_argument("--seed", type=int, default=None)
+    c.add_argument("--tokenizer", default=None, help="tokenizer directory, hub id or zoo name (for models saved without one)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoints (methods that support it, e.g. aqlm)")
     c.add_argument("--checkpoint-dir", default=None, help="where progress is checkpointed (default: OUTPUT.progress)")
@@ -132,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a model (perplexity, footprint)")
     e.add_argument("model")
     e.add_argument("--ppl", action="append", metavar="CORPUS", help="perplexity on CORPUS's test split")
-    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--seq-len", type=int, default=2048, help="perplexity window (default 2048, the protocol's)")
+    e.add_argument("--tokenizer", default=None, help="tokenizer directory, hub id or zoo name (for models saved without one)")
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--tasks", action="append", metavar="T1,T2",

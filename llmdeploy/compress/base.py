@@ -102,6 +102,8 @@ class Compressor:
 
     method: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False
+    #: has ``checkpoint_dir`` / ``resume`` fields (the CLI wires ``--resume`` to them)
+    supports_resume: ClassVar[bool] = False
     report_: Report | None = None
 
     def __post_init__(self) -> None:

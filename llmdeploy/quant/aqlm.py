@@ -285,6 +285,7 @@ class AQLM(Compressor):
     device: str | None = engine_field(None)
     batch_size: int = engine_field(8)
     needs_calibration = True
+    supports_resume = True  # checkpoint_dir / resume: the CLI wires --resume to it
 
     # -- checks --------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
