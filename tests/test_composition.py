@@ -101,9 +101,10 @@ def test_composition_table(tmp_path):
     table = _table(results)
     text = DOC.read_text()
     begin, end = "<!-- table:begin -->\n", "\n<!-- table:end -->"
-    current = text[text.index(begin) + len(begin):text.index(end)]
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    current = text[start:stop]
     if os.environ.get("LLMDEPLOY_WRITE_DOCS") == "1":
-        DOC.write_text(text.replace(current, table))
+        DOC.write_text(text[:start] + table + text[stop:])
     else:
         assert current == table, "docs/composition.md is out of date: rerun with LLMDEPLOY_WRITE_DOCS=1\n" + table
     # the orders the design promises

@@ -14,6 +14,7 @@ TASKS = ["shakespeare_nextline", "shakespeare_lastword"]
 LIMIT = 6
 
 
+@pytest.mark.slow
 def test_in_memory_path_equals_lm_eval_command_line(tmp_path):
     model, tok = llmdeploy.load("tiny-llama")
     ours = zero_shot(model, tok, TASKS, limit=LIMIT, batch_size=4)

@@ -23,7 +23,7 @@ DEMO_CONFIGS: list[tuple[str, Compressor | None]] = [
     ("RTN 8-bit g64", RTN(bits=8, group_size=DEMO_GROUP)),
     ("RTN 4-bit g64", RTN(bits=4, group_size=DEMO_GROUP)),
     ("RTN 3-bit g64", RTN(bits=3, group_size=DEMO_GROUP)),
-    ("mixed: 4-bit g64, down_proj 8-bit", RTN(bits=4, group_size=DEMO_GROUP, overrides={"down_proj": 8, "fc2": 8})),
+    ("mixed: 4-bit g64, MLP out 8-bit", RTN(bits=4, group_size=DEMO_GROUP, overrides={"role:mlp_out": 8})),
 ]
 
 

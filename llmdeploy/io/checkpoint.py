@@ -181,7 +181,12 @@ def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, ver
                 f"llmdeploy (known: {', '.join(sorted(MODULES))}); upgrade llmdeploy"
             )
         try:
-            model.set_submodule(name, cls(**spec["init"], dtype=saved_dtype))
+            module = cls(**spec["init"], dtype=saved_dtype)
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path / MANIFEST}: the arguments of {name} ({spec.get('class')}) are invalid "
+                                  f"({e}); the manifest was edited or is corrupt. Save the model again.") from None
+        try:
+            model.set_submodule(name, module)
         except AttributeError as e:
             raise CheckpointError(f"{path}: module {name} does not exist in this architecture") from e
     try:

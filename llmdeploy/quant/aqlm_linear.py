@@ -28,6 +28,7 @@ from torch import nn
 
 from ..compress.modules import CompressedModule, register_hf_loader, register_module
 from ..errors import CheckpointError, ConfigError
+from ..models.adapters import get_adapter
 
 #: at most this many tokens (rows of the flattened input) take the matrix-vector kernels
 GEMV_MAX_TOKENS = 8
@@ -209,7 +210,8 @@ def load_hf_aqlm(path, dtype: torch.dtype = torch.float32):
             raise CheckpointError(f"{path / f} cannot be read ({e}): missing or corrupt") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
-    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    head = f"{get_adapter(model).head_path}.weight"  # a tied head is filled from the embedding
+    missing = [k for k in missing if not (tied and k == head)]
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match an AQLM {config.model_type} model: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
