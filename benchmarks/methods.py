@@ -109,6 +109,11 @@ for _i, (_level, _kw) in enumerate(_LEVELS):
 for _level, _kw in _LEVELS[2:]:
     register(f"sparsellm-{_level}", lambda s, kw={**_kw, "max_tokens": 8192, "iterations": 2}: SparseLLM(**kw),
              calib_samples=PRUNE_CALIB, note=f"calibrated on {PRUNE_CALIB} windows (MLP: 8192 tokens, 2 rounds)")
+for _level, _kw in _LEVELS:
+    register(f"sparsellm-block-best-{_level}",
+             lambda s, kw={**_kw, "max_tokens": 8192, "iterations": 2}: SparseLLM(target="block", keep_best=True, **kw),
+             calib_samples=PRUNE_CALIB,
+             note=f"target='block', keep_best=True; calibrated on {PRUNE_CALIB} windows (MLP: 8192 tokens, 2 rounds)")
 for _level, _kw in _LEVELS[:2]:
     register(f"sparsellm-block-{_level}",
              lambda s, kw={**_kw, "max_tokens": 8192, "iterations": 2}: SparseLLM(target="block", **kw),

@@ -16,3 +16,9 @@ def test_doc_example_runs(code):
 
 def test_there_are_examples():
     assert len(BLOCKS) >= 5
+
+
+@pytest.mark.parametrize("code", BLOCKS, ids=[f"example{i}" for i in range(len(BLOCKS))])
+def test_doc_examples_assert_what_they_show(code):
+    """An example that prints must also check what it prints, so a wrong claim fails the suite."""
+    assert "assert " in code

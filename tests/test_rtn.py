@@ -120,3 +120,38 @@ def test_dtype_cast_keeps_packed_storage():
     mod = model.model.layers[0].mlp.up_proj
     assert mod.qweight.dtype == torch.uint8 and mod.scales.dtype == torch.float16
     assert model(ids_for(tok)).logits.dtype == torch.float64
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_rtn_on_a_compact_sparse_layer_keeps_the_mask_and_bounds_the_error(n, m, symmetric):
+    """Sparse + quantized: pruned entries stay exactly zero, every kept value is within half a
+    step of its group's grid, and the storage is the mask/indices plus codes and scales."""
+    from llmdeploy.prune import SparseLinear
+    from llmdeploy.prune.sparse_linear import SparseRTNLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48, bias=True)
+    with torch.no_grad():
+        if m:
+            groups = lin.weight.view(48, 16, 4)
+            idx = groups.abs().topk(2, dim=-1).indices
+            groups.copy_(torch.zeros_like(groups).scatter(-1, idx, groups.gather(-1, idx)))
+        else:
+            lin.weight.mul_(torch.rand_like(lin.weight) > 0.6)
+    sparse = SparseLinear.from_linear(lin, n, m)
+    q = sparse.quantized(bits=4, group_size=16, symmetric=symmetric)
+    assert isinstance(q, SparseRTNLinear) and q.quantized(4, 16, symmetric) is None
+    w, wq = sparse.dense_weight(), q.dense_weight()
+    assert torch.all(wq[w == 0] == 0)
+    kept, kept_q = sparse.kept_values(torch.float32).flatten(), q.kept_values(torch.float32).flatten()
+    pad = (-kept.numel()) % 16
+    scales = q.scales.float().flatten().repeat_interleave(16)[: kept.numel()]
+    assert torch.all((kept - kept_q).abs() <= scales / 2 + 1e-6)
+    assert pad >= 0 and torch.equal(q.bias, lin.bias)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(q(x), torch.nn.functional.linear(x, wq, lin.bias))
+    codes_bits = q.qvalues.numel() * 8
+    meta_bits = (q.mask.numel() if q.mask is not None else q.indices.numel()) * 8
+    extra = q.scales.numel() * 16 + (0 if symmetric else q.zeros.numel() * 8) + 48 * 32
+    assert q.storage_bits() == codes_bits + meta_bits + extra

@@ -168,6 +168,8 @@ def _accepts(value: Any, tp: Any) -> bool:
         return value is None
     if origin is not None:
         tp = origin
+    if tp in (list, tuple):  # YAML gives lists, Python code often tuples
+        return isinstance(value, (list, tuple))
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:

@@ -13,18 +13,31 @@ layers holding zeros, e.g. to quantize them afterwards.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..compress.base import Compressor, engine_field
+from ..compress.base import Compressor, Report, engine_field
 from ..compress.engine import BlockContext, LinearStats, run_blockwise
 from ..compress.modules import CompressedModule
 from ..errors import ConfigError
 from ..models.adapters import get_adapter
 from .masks import SparsityPattern, check_divisible, parse_pattern
 from .sparse_linear import SparseLinear
+
+
+@dataclass
+class PruningReport(Report):
+    """The fraction of zero weights of every pruned linear, as realised."""
+
+    sparsity: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        if not self.sparsity:
+            return ""
+        values = list(self.sparsity.values())
+        return f"{len(values)} linears pruned to {min(values):.3f}–{max(values):.3f} sparsity"
 
 
 @dataclass(kw_only=True)
@@ -74,8 +87,15 @@ class WeightPruner(Compressor):
                 lin = model.get_submodule(name)
                 with torch.no_grad():
                     lin.weight.copy_(self.prune_weight(lin.weight, pattern, None))
+        names = self.targets(model)
+        sparsity = {n: 1.0 - int((model.get_submodule(n).weight != 0).sum()) / model.get_submodule(n).weight.numel()
+                    for n in names}
         if self.compact:
-            compact(model, pattern, self.targets(model))
+            compact(model, pattern, names)
+        if self.report_ is None:
+            self.report_ = PruningReport(sparsity=sparsity)
+        elif hasattr(self.report_, "sparsity"):
+            self.report_.sparsity = sparsity
         return model
 
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:

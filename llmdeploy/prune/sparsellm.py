@@ -56,11 +56,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..compress.base import Report, register_method
+from ..compress.base import register_method
 from ..compress.engine import BlockContext, hooks
 from ..errors import ConfigError
 from ..models.adapters import MLPParts, get_adapter
 from .masks import SparsityPattern
+from .pruner import PruningReport
 from .sparsegpt import SparseGPT, inverse_hessian_factor, sparsegpt_prune
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class _MLPWeights:
 
 
 @dataclass
-class SparseLLMReport(Report):
+class SparseLLMReport(PruningReport):
     """Per block: the true MLP error ‖MLP(X) − Y‖²/‖Y‖² after the SparseGPT start and each round
     (``history``), and the paper's objective F/‖Y‖² at the start and after each round
     (``objective``); ``kept`` is the index of the round each block kept."""
@@ -139,7 +140,7 @@ class SparseLLMReport(Report):
         first = [h[0] for h in self.history]
         final = [h[k] for h, k in zip(self.history, self.kept)]
         improved = sum(b < f for b, f in zip(final, first))
-        return (f"SparseLLM (target={self.target}) MLP error relative to ‖Y‖², mean over blocks: SparseGPT start "
+        return (super().summary() + f"; SparseLLM (target={self.target}) MLP error relative to ‖Y‖², mean over blocks: SparseGPT start "
                 f"{sum(first) / len(first):.4f}, result {sum(final) / len(final):.4f}; lower than the start in "
                 f"{improved}/{len(first)} blocks")
 

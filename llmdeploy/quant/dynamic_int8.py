@@ -121,6 +121,9 @@ class DynamicInt8(Compressor):
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         names = self.targets(model)
+        from .rtn import QuantReport
+
+        self.report_ = QuantReport(quantized={n: [8, -1] for n in names})
         for name in tqdm(names, desc="dynamic int8", leave=False):
             model.set_submodule(name, DynamicInt8Linear.from_linear(model.get_submodule(name)))
         return model

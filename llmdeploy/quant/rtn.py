@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, register_method, require_targets
+from ..compress.base import Compressor, Report, register_method, require_targets
 from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
 from ..models.adapters import get_adapter
@@ -140,6 +140,18 @@ class RTNLinear(CompressedModule):
                 f"group_size={self.group_size}, symmetric={self.symmetric}")
 
 
+@dataclass
+class QuantReport(Report):
+    """Which linears were quantized with which (bits, group size), and which were skipped and why."""
+
+    quantized: dict[str, list[int]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        s = f"{len(self.quantized)} linears quantized"
+        return s + (f", {len(self.skipped)} skipped" if self.skipped else "")
+
+
 @register_method("rtn")
 @dataclass(kw_only=True)
 class RTN(Compressor):
@@ -176,6 +188,9 @@ class RTN(Compressor):
     def plan(self, model: nn.Module) -> dict[str, tuple[int, int]]:
         """Which linears get which (bits, group size); raises ConfigError on impossible ones and
         when nothing would be quantized (naming what was skipped and why)."""
+        return self._plan(model)[0]
+
+    def _plan(self, model: nn.Module) -> tuple[dict[str, tuple[int, int]], dict[str, str]]:
         adapter = get_adapter(model)
         roles = {s.path: s.role for s in adapter.linear_specs}
         for key in self.overrides or {}:
@@ -214,13 +229,14 @@ class RTN(Compressor):
                     raise ConfigError(f"{name}: in_features={k} must be a multiple of 8 to pack codes")
                 plan[name] = (bits, gs)
         require_targets("rtn", plan, skipped)
-        return plan
+        return plan, skipped
 
     def validate(self, model: nn.Module) -> None:
         self.plan(model)
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
-        plan = self.plan(model)
+        plan, skipped = self._plan(model)
+        self.report_ = QuantReport(quantized={n: list(v) for n, v in plan.items()}, skipped=skipped)
         for name, (bits, gs) in tqdm(plan.items(), desc=f"RTN {self.bits}-bit", leave=False):
             lin = model.get_submodule(name)
             new = lin.quantized(bits, gs, self.symmetric) if isinstance(lin, CompressedModule) else \
