@@ -83,11 +83,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     import llmdeploy
-    from llmdeploy.io.checkpoint import read_manifest
+    from llmdeploy.io.checkpoint import load_saved, read_manifest
 
     path = Path(args.dir)
     manifest = read_manifest(path)
-    model, _ = llmdeploy.load(path)
+    model, _ = load_saved(path)  # no tokenizer needed to describe a checkpoint
     fp = llmdeploy.eval.footprint(model)
     disk = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     print(f"{path}")

@@ -78,7 +78,7 @@ class Report:
 
 
 def require_targets(method: str, targets: Iterable[str], skipped: Mapping[str, str]) -> None:
-    """Raise :class:`ConfigError` when a step would touch no module: it names (up to five of)
+    """Raise :class:`ConfigError` when a step would touch no module: it names (up to three of)
     the modules it skipped and why, so a composition that cannot apply is never silently
     recorded as applied."""
     if any(True for _ in targets):

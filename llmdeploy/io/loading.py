@@ -96,7 +96,7 @@ def _load_dir(path: Path, dtype: torch.dtype, tokenizer=None):
     if (path / "config.json").exists():
         quant = _quant_method(path)
         if quant in HF_LOADERS:  # a method of ours reads its own format (e.g. AQLM into AQLMLinear)
-            return HF_LOADERS[quant](path, dtype), _tokenizer(path, tokenizer)
+            return HF_LOADERS[quant](path, dtype), (None if tokenizer is not None else _tokenizer(path))
         if tokenizer is None and not _has_tokenizer(path):
             raise CheckpointError(f"{path} holds a model but no tokenizer files: pass one, "
                                   "llmdeploy.load(path, tokenizer='DIR or hub id or zoo name') (CLI: --tokenizer)")

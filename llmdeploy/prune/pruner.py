@@ -92,10 +92,9 @@ class WeightPruner(Compressor):
                     for n in names}
         if self.compact:
             compact(model, pattern, names)
-        if self.report_ is None:
+        if not isinstance(self.report_, PruningReport):  # a subclass may have started its own
             self.report_ = PruningReport(sparsity=sparsity)
-        elif hasattr(self.report_, "sparsity"):
-            self.report_.sparsity = sparsity
+        self.report_.sparsity = sparsity
         return model
 
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:
