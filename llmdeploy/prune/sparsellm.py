@@ -219,9 +219,9 @@ class SparseLLM(SparseGPT):
             x, y = x[keep], y[keep]
         return x, y
 
-    def _mlp_io(self, ctx: BlockContext, mlp: MLPParts) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the MLP's input X and of the (current, dense) MLP's output Y on one pass of
-        the block: the paper's problem. Float32, compute device."""
+    def _capture_mlp(self, ctx: BlockContext, mlp: MLPParts) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """One pass of the block as it is now: rows of the MLP's input and output (float32, compute
+        device) and the block's outputs."""
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
 
@@ -232,29 +232,22 @@ class SparseLLM(SparseGPT):
             ys.append(out.detach().reshape(-1, out.shape[-1]).to(torch.float32))
 
         with hooks((mlp.up, "pre", pre), (mlp.down, "post", post)):
-            ctx.forward()
-        return self._subsample(ctx, torch.cat(xs), torch.cat(ys))
+            outs = ctx.forward()
+        return torch.cat(xs), torch.cat(ys), outs
+
+    def _mlp_io(self, ctx: BlockContext, mlp: MLPParts) -> tuple[torch.Tensor, torch.Tensor]:
+        """The paper's problem: rows of the MLP's input X and of the (still dense) MLP's output Y."""
+        x, y, _ = self._capture_mlp(ctx, mlp)
+        return self._subsample(ctx, x, y)
 
     def _mlp_problem(self, ctx: BlockContext, mlp: MLPParts, dense_out: list[torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the MLP's input X (with attention already pruned) and of its target: the
+        """The block variant: rows of the MLP's input X (with attention already pruned) and of the
         output that makes the block reproduce the dense block, ``dense_out − (block_out − mlp_out)``
-        (the residual stream after the pruned attention is subtracted). Float32, compute device."""
-        xs: list[torch.Tensor] = []
-        mlp_outs: list[torch.Tensor] = []
-
-        def pre(_mod, args):
-            xs.append(args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32))
-
-        def post(_mod, _args, out):
-            mlp_outs.append(out.detach().reshape(-1, out.shape[-1]).to(torch.float32))
-
-        with hooks((mlp.up, "pre", pre), (mlp.down, "post", post)):
-            outs = ctx.forward()
+        (the residual stream after the pruned attention is subtracted)."""
+        x, mlp_out, outs = self._capture_mlp(ctx, mlp)
         rows = lambda ts: torch.cat([t.reshape(-1, t.shape[-1]).to(ctx.device, torch.float32) for t in ts])  # noqa: E731
-        x = torch.cat(xs)
-        target = rows(dense_out) - rows(outs) + torch.cat(mlp_outs)
-        return self._subsample(ctx, x, target)
+        return self._subsample(ctx, x, rows(dense_out) - rows(outs) + mlp_out)
 
     def _prune_mlp(self, X: torch.Tensor, Y: torch.Tensor, mlp: MLPParts, pattern: SparsityPattern
                    ) -> tuple[list[float], list[float], int]:
