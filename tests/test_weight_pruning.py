@@ -238,7 +238,7 @@ def test_sparsellm_keep_best_keeps_the_lowest_round(tiny):
 
 
 def _mlp_target_share(dense, pruned, tok):
-    """‖MLP target‖² / ‖dense block-0 output‖² (history_ is relative to the MLP target)."""
+    """‖MLP target‖² / ‖dense block-0 output‖² (report_.history is relative to the MLP target)."""
     adapter = get_adapter(pruned)
     block = adapter.blocks()[0]
     mlp = adapter.mlp_parts(block)
