@@ -373,3 +373,19 @@ def test_errors_are_clear():
     post_norm.config.do_layer_norm_before = False
     with pytest.raises(UnsupportedArchitectureError, match="post-norm"):
         SliceGPT()(post_norm, calib)
+
+
+def test_lora_divergence_leaves_the_model_as_it_was():
+    from llmdeploy.errors import TrainingDivergedError
+
+    model, tok = tiny("llama", dtype=torch.float32)
+    calib = calib_for(tok, n=4, seq=16)
+    q = RTN(bits=4, group_size=16)(copy.deepcopy(model))
+    types_before = {n: type(m) for n, m in q.named_modules()}
+    with torch.no_grad():
+        ref = q(calib[:1]).logits
+    with pytest.raises(TrainingDivergedError, match="lower lr"):
+        LoRAFinetune(rank=2, lr=1e30, max_steps=4, batch_size=2, dropout=0.0)(q, calib)
+    assert {n: type(m) for n, m in q.named_modules()} == types_before
+    with torch.no_grad():
+        assert torch.equal(q(calib[:1]).logits, ref)

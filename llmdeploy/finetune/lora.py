@@ -208,6 +208,13 @@ class LoRAFinetune(Compressor):
                     report.history.append(loss.item())
                     if step % 10 == 0 or step == steps - 1:
                         log.info("LoRA step %d/%d: loss %.4f", step + 1, steps, loss.item())
+            except BaseException:  # leave the model as it came: no half-trained adapters
+                for name, w in wrappers.items():
+                    model.set_submodule(name, w.base)
+                for p in model.parameters():
+                    p.requires_grad_(trainable_before.get(id(p), False))
+                model.to(home)
+                raise
             finally:
                 model.eval()
             report.probe_loss.append(self._loss(model, probe))
