@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibrationDataError, ConfigError
+from ..models.adapters import context_length
 
 log = logging.getLogger(__name__)
 
@@ -267,8 +268,8 @@ def check_calibration(calib: torch.Tensor | None, who: str, model: nn.Module | N
         raise CalibrationDataError(f"calibration data has shape {tuple(calib.shape)}: need at least one "
                                    "window of two or more tokens")
     config = getattr(model, "config", None)
-    context = getattr(config, "max_position_embeddings", None)
-    if isinstance(context, int) and calib.shape[1] > context:
+    context = context_length(model) if model is not None else None
+    if context is not None and calib.shape[1] > context:
         raise CalibrationDataError(
             f"calibration windows of {calib.shape[1]} tokens are longer than the model's context "
             f"({context} positions); use seq_len <= {context}"

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..data.calibration import tokenize_text
 from ..data.corpora import MAX_TEST_WINDOWS, load_text
 from ..errors import EvaluationError
+from ..models.adapters import context_length
 
 
 @dataclass
@@ -68,8 +69,8 @@ def check_context(model, seq_len: int) -> None:
     """Raise :class:`EvaluationError` when ``seq_len`` is longer than the model's context."""
     if seq_len < 2:
         raise EvaluationError(f"seq_len must be >= 2, got {seq_len}")
-    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(context, int) and seq_len > context:
+    context = context_length(model)
+    if context is not None and seq_len > context:
         raise EvaluationError(f"seq_len={seq_len} is longer than the model's context ({context} positions); "
                               f"use seq_len <= {context}")
 

@@ -283,6 +283,12 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return cls
 
 
+def context_length(model: nn.Module) -> int | None:
+    """How many positions the model can attend over (``max_position_embeddings``), or None."""
+    n = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return n if isinstance(n, int) else None
+
+
 def get_adapter(model: nn.Module) -> ModelAdapter:
     """The adapter for ``model``, or a clear error naming the supported families."""
     config = getattr(model, "config", None)
