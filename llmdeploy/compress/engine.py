@@ -66,16 +66,19 @@ def run_until_stop(fn: Callable[[], Any]) -> None:
             pass
 
 
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move every tensor inside nested tuples/lists/dicts to ``device``."""
+def to_device(obj: Any, device: torch.device | str, float_dtype: torch.dtype | None = None) -> Any:
+    """Move every tensor inside nested tuples/lists/dicts to ``device`` (and floating tensors to
+    ``float_dtype`` when given)."""
     if isinstance(obj, torch.Tensor):
+        if float_dtype is not None and obj.is_floating_point():
+            return obj.to(device, float_dtype)
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
+        return tuple(to_device(o, device, float_dtype) for o in obj)
     if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
+        return [to_device(o, device, float_dtype) for o in obj]
     if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in obj.items()}
     return obj
 
 

@@ -394,17 +394,6 @@ def finetune_parameters(ctx: BlockContext) -> list[nn.Parameter]:
     return list({id(p): p for p in params}.values())
 
 
-def _float32(obj):
-    """Floating tensors inside nested containers cast to float32 (others unchanged)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_float32(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _float32(v) for k, v in obj.items()}
-    return obj
-
-
 def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> list[float]:
     """Adam on the block's codebooks, scales, norms and biases (codes fixed) to match ``target``,
     the dense block's outputs, in float32 whatever the model's dtype. One Adam step per
@@ -433,7 +422,7 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
 
     def run(i: int) -> torch.Tensor:
         x = ctx.inputs[i].to(ctx.device).float()
-        out = ctx.adapter.block_output(block(x, **_float32(to_device(ctx.kwargs[i], ctx.device))))
+        out = ctx.adapter.block_output(block(x, **to_device(ctx.kwargs[i], ctx.device, torch.float32)))
         return F.mse_loss(out.float(), target[i].to(ctx.device).float()) / max(denom, 1e-12)
 
     def error() -> float:
