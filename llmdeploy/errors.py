@@ -46,3 +46,13 @@ class EvaluationError(LLMDeployError, ValueError):
 
 class ResultsError(LLMDeployError, ValueError):
     """A results folder or file that cannot be read into a report."""
+
+
+class KVCacheFullError(LLMDeployError, RuntimeError):
+    """The KV cache has no free block for a request: raise ``num_blocks``, lower the batch, or free
+    finished sequences (or, with DistAttention, add processes that lend their blocks)."""
+
+
+class DistributedKVError(LLMDeployError, RuntimeError):
+    """A process of a DistAttention group stopped answering (it died or timed out); the KV blocks it
+    held are lost, so the group must be restarted."""

@@ -1,0 +1,198 @@
+"""Continuous batching over the paged KV cache: requests join and leave at token boundaries.
+
+:class:`PagedEngine` keeps a queue of waiting requests and a set of running ones. Each
+:meth:`~PagedEngine.step` admits waiting requests whose prompts fit in the free blocks (prefilled
+together in one ragged forward), then decodes one token for every running request in one forward;
+a request that finishes (``max_new_tokens`` or its end-of-sequence token) or is cancelled frees
+its blocks immediately, so the next waiting one can start. Decoding is greedy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError, KVCacheFullError
+from .cache import PagedKVCache
+from .quant import KVQuantConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    max_new_tokens: int
+    eos_token_id: int | None = None
+    output: list[int] = field(default_factory=list)
+    done: bool = False
+    cancelled: bool = False
+
+    def context(self) -> list[int]:
+        """What a (re)started request prefills: its prompt and what it has produced so far."""
+        return self.prompt + self.output
+
+
+class PagedEngine:
+    """Greedy continuous-batching generation of ``model`` on a :class:`PagedKVCache`."""
+
+    def __init__(self, model, cache: PagedKVCache, *, max_batch: int = 64, prefill_chunk: int | None = None):
+        self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.prefill_chunk = prefill_chunk
+        self._cache_kw = cache_kwarg(model)
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}
+        self.finished: dict[int, Request] = {}
+        self._ids = itertools.count()
+        self.steps = 0
+        self.peak_blocks = 0
+        self.preemptions = 0
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None) -> int:
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ConfigError("a request needs at least one prompt token")
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        bs = self.cache.block_size
+        need = -(-(len(prompt) + max_new_tokens) // bs)  # the request alone must fit
+        if need > self.cache.blocks.capacity:
+            raise KVCacheFullError(f"a request of {len(prompt)} + {max_new_tokens} tokens needs {need} KV blocks, "
+                                   f"more than the cache's {self.cache.blocks.capacity}: raise num_blocks")
+        req = Request(next(self._ids), prompt, max_new_tokens, eos_token_id)
+        self.waiting.append(req)
+        return req.id
+
+    def cancel(self, rid: int) -> None:
+        """Stop a request now and free its blocks."""
+        if rid in self.running:
+            req = self.running.pop(rid)
+            self.cache.free(rid)
+        else:
+            req = next((r for r in self.waiting if r.id == rid), None)
+            if req is None:
+                return
+            self.waiting.remove(req)
+        req.cancelled = req.done = True
+        self.finished[rid] = req
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.no_grad()
+    def _forward(self, reqs: list[Request], tokens: list[list[int]]) -> torch.Tensor:
+        n_new = [len(t) for t in tokens]
+        pos, mask = self.cache.prepare([r.id for r in reqs], n_new, device=self.device, dtype=self.dtype,
+                                       mask=self.cache.needs_mask)
+        T = max(n_new)
+        ids = torch.zeros(len(reqs), T, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
+                            use_cache=True, **{self._cache_kw: self.cache}).logits
+        self.peak_blocks = max(self.peak_blocks, self.cache.blocks.capacity - self.cache.num_free_blocks)
+        last = torch.tensor(n_new, device=logits.device) - 1
+        return logits[torch.arange(len(reqs), device=logits.device), last].argmax(-1).tolist()
+
+    def _prefill(self, reqs: list[Request]) -> list[int]:
+        """Prefill the contexts of ``reqs`` together, in chunks of ``prefill_chunk`` tokens
+        when set (bounds the attention's memory on long prompts); returns each first token."""
+        contexts = [r.context() for r in reqs]
+        chunk = self.prefill_chunk or max(len(c) for c in contexts)
+        first: dict[int, int] = {}
+        for at in range(0, max(len(c) for c in contexts), chunk):
+            rows = [i for i, c in enumerate(contexts) if len(c) > at]
+            toks = self._forward([reqs[i] for i in rows], [contexts[i][at : at + chunk] for i in rows])
+            for i, t in zip(rows, toks):
+                first[i] = t  # the last chunk of a row gives its next token
+        return [first[i] for i in range(len(reqs))]
+
+    def _emit(self, req: Request, token: int, out: list[tuple[int, int]]) -> None:
+        req.output.append(token)
+        out.append((req.id, token))
+        if len(req.output) >= req.max_new_tokens or (req.eos_token_id is not None and token == req.eos_token_id):
+            req.done = True
+            del self.running[req.id]
+            self.cache.free(req.id)
+            self.finished[req.id] = req
+
+    def _admit(self) -> list[Request]:
+        admitted: list[Request] = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
+            req = self.waiting[0]
+            # room for the prompt and one decode step of every running request
+            need_running = sum(self.cache.blocks.blocks_needed(r.id, 1) for r in self.running.values())
+            need = -(-len(req.context()) // self.cache.block_size) + need_running
+            need += sum(-(-len(r.context()) // self.cache.block_size) for r in admitted)
+            if need > self.cache.num_free_blocks:
+                break
+            self.waiting.popleft()
+            self.cache.add(req.id)
+            admitted.append(req)
+        return admitted
+
+    def step(self) -> list[tuple[int, int]]:
+        """Admit what fits, prefill it, decode one token for every running request; returns
+        the ``(request id, token)`` pairs produced."""
+        out: list[tuple[int, int]] = []
+        decoding = list(self.running.values())
+        admitted = self._admit()
+        for req in admitted:
+            self.running[req.id] = req
+        if admitted:
+            for req, tok in zip(admitted, self._prefill(admitted)):
+                self._emit(req, tok, out)
+        if decoding:
+            while decoding and not self.cache.can_fit([r.id for r in decoding], [1] * len(decoding)):
+                self._preempt(decoding.pop())  # the newest running request gives its blocks back
+            if decoding:
+                toks = self._forward(decoding, [[r.output[-1]] for r in decoding])
+                for req, tok in zip(decoding, toks):
+                    self._emit(req, tok, out)
+        if not out and self.waiting and not self.running:
+            raise KVCacheFullError("the next waiting request does not fit in an empty cache: raise num_blocks")
+        self.steps += 1
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        """Recompute-style preemption (vLLM's default): drop the KV, requeue prompt + output."""
+        log.info("KV cache full: preempting request %d", req.id)
+        del self.running[req.id]
+        self.cache.free(req.id)
+        self.preemptions += 1
+        self.waiting.appendleft(req)
+
+    def run(self) -> dict[int, list[int]]:
+        while self.has_unfinished():
+            self.step()
+        return {rid: r.output for rid, r in sorted(self.finished.items())}
+
+
+def cache_kwarg(model) -> str:
+    """The name under which ``model.forward`` takes its cache (``cache`` since transformers 5.2x,
+    ``past_key_values`` before)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, num_blocks: int | None = None,
+             block_size: int = 16, quant: KVQuantConfig | None = None, max_batch: int = 64,
+             eos_token_id: int | None = None, prefill_chunk: int | None = None) -> list[list[int]]:
+    """Greedy continuation of each prompt (token ids) with continuous batching on a paged cache;
+    ``num_blocks`` defaults to room for every request at once."""
+    if num_blocks is None:
+        num_blocks = sum(-(-(len(p) + max_new_tokens) // block_size) for p in prompts)
+    cache = PagedKVCache(num_blocks, block_size, quant=quant)
+    engine = PagedEngine(model, cache, max_batch=max_batch, prefill_chunk=prefill_chunk)
+    ids = [engine.add_request(p, max_new_tokens, eos_token_id) for p in prompts]
+    out = engine.run()
+    return [out[i] for i in ids]
