@@ -15,7 +15,7 @@ ROOT = Path(llmdeploy.__file__).resolve().parent
 RANK = {
     "errors": 0, "fetch": 0,
     "models": 1, "kernels": 1,
-    "compress": 2, "data": 2,
+    "compress": 2, "data": 2, "kv": 2,
     "quant": 3, "prune": 3, "finetune": 3,
     "eval": 4,
     "io": 5, "recipe": 5, "report": 5,

@@ -19,6 +19,7 @@ Reads gather a row's blocks into a contiguous tensor for the model's own attenti
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -253,6 +254,11 @@ class PagedKVCache(Cache):
         for s in list(self.blocks.tables):
             self.free(s)
         self._auto, self._plan, self._prepared = None, None, False
+
+    def attach(self, model):
+        """Context in which ``model`` runs on this cache; the paged cache needs nothing, the
+        distributed one switches the model's attention to DistAttention."""
+        return contextlib.nullcontext(model)
 
     # --- memory ------------------------------------------------------------------------------
     def memory_bytes(self) -> int:

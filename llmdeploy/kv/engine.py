@@ -97,8 +97,9 @@ class PagedEngine:
         ids = torch.zeros(len(reqs), T, dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
-                            use_cache=True, **{self._cache_kw: self.cache}).logits
+        with self.cache.attach(self.model):
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
+                                use_cache=True, **{self._cache_kw: self.cache}).logits
         self.peak_blocks = max(self.peak_blocks, self.cache.blocks.capacity - self.cache.num_free_blocks)
         last = torch.tensor(n_new, device=logits.device) - 1
         return logits[torch.arange(len(reqs), device=logits.device), last].argmax(-1).tolist()
