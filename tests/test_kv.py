@@ -327,3 +327,32 @@ def test_distattention_decode_traffic_independent_of_context():
 def test_distattention_dead_rank_raises_clear_error():
     res = launch(_death_job, 2, blocks_per_rank=10, block_size=4, args=("tiny-llama",), timeout=30, run_timeout=120)
     assert "stopped answering" in res["error"] and "restart" in res["error"]
+
+
+def test_perplexity_with_quantized_kv(text_corpus):
+    from llmdeploy.eval import perplexity
+    model, tok = llmdeploy.load("tiny-llama")
+    base = perplexity(model, tok, text_corpus, seq_len=64, max_windows=3)
+    fp = perplexity(model, tok, text_corpus, seq_len=64, max_windows=3, kv_quant=None)
+    int8 = perplexity(model, tok, text_corpus, seq_len=64, max_windows=3, kv_quant=KVQuantConfig(8))
+    int4 = perplexity(model, tok, text_corpus, seq_len=64, max_windows=3, kv_quant=KVQuantConfig(4))
+    assert fp.ppl == base.ppl
+    assert int8.ppl != base.ppl and abs(int8.ppl / base.ppl - 1) < 0.01
+    assert abs(int4.ppl / base.ppl - 1) > abs(int8.ppl / base.ppl - 1)
+
+
+def test_distattention_under_torchrun(models, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llmdeploy.kv.distributed import free_port
+    prompts = _prompts(3, (9, 30))
+    ref = generate(models["tiny-llama"], prompts, 8, block_size=4)
+    out = tmp_path / "out.json"
+    script = Path(__file__).with_name("_torchrun_kv.py")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(free_port()), str(script), str(out), json.dumps(prompts)],
+                   check=True, timeout=180, capture_output=True)
+    assert json.loads(out.read_text())["out"] == ref

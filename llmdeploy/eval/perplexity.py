@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from ..data.calibration import tokenize_text
 from ..data.corpora import MAX_TEST_WINDOWS, load_text
 from ..errors import EvaluationError
+from ..kv import KVQuantConfig, PagedKVCache
+from ..kv.engine import cache_kwarg
 from ..models.adapters import context_length
 
 
@@ -76,13 +78,24 @@ def check_context(model, seq_len: int) -> None:
 
 
 @torch.no_grad()
-def perplexity_of_windows(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity"):
-    """Sum of NLL and count of target tokens over ``windows`` (each scored on its own)."""
+def perplexity_of_windows(model, windows: torch.Tensor, batch_size: int = 4, desc: str = "perplexity",
+                          kv_quant: KVQuantConfig | None = None, kv_block_size: int = 16):
+    """Sum of NLL and count of target tokens over ``windows`` (each scored on its own).
+
+    With ``kv_quant``, every window runs through a fresh quantized :class:`PagedKVCache`, so each
+    token attends to the quantized keys and values of every position (itself included): the
+    quality a decode sees when its whole context was cached quantized (KIVI's and KVQuant's way of
+    measuring)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in tqdm(range(0, windows.shape[0], batch_size), desc=desc, leave=False):
         ids = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
+        if kv_quant is None:
+            logits = model(input_ids=ids, use_cache=False).logits
+        else:
+            blocks = ids.shape[0] * -(-ids.shape[1] // kv_block_size)
+            cache = PagedKVCache(blocks, kv_block_size, quant=kv_quant)
+            logits = model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits
         nll = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="sum"
         )
@@ -98,14 +111,16 @@ def perplexity(
     seq_len: int = 2048,
     max_windows: int | None = None,
     batch_size: int = 4,
+    kv_quant: KVQuantConfig | None = None,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` on the test split of ``corpus`` (GPTQ/AQLM protocol)."""
+    """Perplexity of ``model`` on the test split of ``corpus`` (GPTQ/AQLM protocol); with
+    ``kv_quant``, attention reads a KV cache quantized that way (see :func:`perplexity_of_windows`)."""
     t0 = time.perf_counter()
     check_context(model, seq_len)
     windows = test_windows(tokenizer, corpus, seq_len, max_windows)
     was_training = model.training
     model.eval()
-    total, count = perplexity_of_windows(model, windows, batch_size=batch_size)
+    total, count = perplexity_of_windows(model, windows, batch_size=batch_size, kv_quant=kv_quant)
     model.train(was_training)
     nll = total / count
     return PerplexityResult(

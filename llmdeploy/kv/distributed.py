@@ -56,9 +56,12 @@ class Comm:
     def __init__(self):
         self.sent = 0
         self.received = 0
+        # NCCL moves CUDA tensors only; gloo moves CPU tensors
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+                       else torch.device("cpu"))
 
     def send(self, t: torch.Tensor, dst: int) -> None:
-        t = t.contiguous()
+        t = t.to(self.device).contiguous()
         try:
             dist.send(t, dst)
         except Exception as e:  # gloo raises RuntimeError on a closed peer or a timeout
@@ -67,7 +70,7 @@ class Comm:
         self.sent += t.numel() * t.element_size()
 
     def recv(self, shape, dtype, src: int) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype, device=self.device)
         try:
             dist.recv(t, src)
         except Exception as e:
@@ -265,10 +268,11 @@ class DistKVCache(PagedKVCache):
             out = self.comm.recv((n, H, T, D), q.dtype, rank)
             mx = self.comm.recv((n, H, T), torch.float32, rank)
             lse = self.comm.recv((n, H, T), torch.float32, rank)
-            full = (torch.zeros(B, H, T, D, dtype=q.dtype), torch.full((B, H, T), float("-inf")),
-                    torch.full((B, H, T), float("-inf")))
-            full[0][rows], full[1][rows], full[2][rows] = out, mx, lse
-            partials.append(tuple(t.to(dev) for t in full))
+            full = (torch.zeros(B, H, T, D, dtype=q.dtype, device=dev),
+                    torch.full((B, H, T), float("-inf"), device=dev), torch.full((B, H, T), float("-inf"), device=dev))
+            rows = rows.to(dev)
+            full[0][rows], full[1][rows], full[2][rows] = out.to(dev), mx.to(dev), lse.to(dev)
+            partials.append(full)
         return merge_partials(partials)[0]
 
     def stop_workers(self) -> None:
@@ -323,7 +327,7 @@ def serve_blocks(num_blocks: int, block_size: int = 16, *, quant: KVQuantConfig 
     answer attention queries over them, until rank 0 says stop. Returns counters."""
     comm = Comm()
     manager = RManager(num_blocks)
-    store = BlockStore(num_blocks, block_size, quant=quant)
+    store = BlockStore(num_blocks, block_size, quant=quant, device=comm.device)
     comm.send(torch.tensor([num_blocks, os.getpid()], dtype=torch.int64), 0)
     served = 0
     while True:
@@ -345,7 +349,7 @@ def serve_blocks(num_blocks: int, block_size: int = 16, *, quant: KVQuantConfig 
             lengths = comm.recv((n,), torch.int64, 0).tolist()
             q = comm.recv((n, heads, T, dim), _DTYPES[dt], 0)
             q_pos = comm.recv((n, T), torch.int64, 0)
-            table, k_pos, valid = manager.table(seqs, lengths, block_size)
+            table, k_pos, valid = (t.to(comm.device) for t in manager.table(seqs, lengths, block_size))
             out, mx, lse = store.attend(layer, q, q_pos, table, k_pos, valid, scale)
             for t in (out, mx, lse):
                 comm.send(t, 0)
@@ -360,6 +364,31 @@ def serve_blocks(num_blocks: int, block_size: int = 16, *, quant: KVQuantConfig 
             comm.send(torch.tensor([a.num_free, a.num_blocks - a.num_free, os.getpid()], dtype=torch.int64), 0)
     manager.allocator.check()
     return {"attention_calls": served, "bytes_sent": comm.sent, "bytes_received": comm.received}
+
+
+def run(fn: Callable, *, blocks_per_rank: int, block_size: int = 16, quant: KVQuantConfig | None = None,
+        timeout: float = 120.0, args: tuple = ()):
+    """Entry point under ``torchrun``: join the default group from the environment (NCCL when
+    CUDA is available, otherwise gloo); rank 0 returns ``fn(cache, *args)``, the other ranks lend
+    ``blocks_per_rank`` blocks until rank 0 is done and return ``None``."""
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    try:
+        if dist.get_rank() == 0:
+            cache = DistKVCache(blocks_per_rank, block_size, quant=quant)
+            try:
+                return fn(cache, *args)
+            finally:
+                with contextlib.suppress(Exception):
+                    cache.stop_workers()
+        serve_blocks(blocks_per_rank, block_size, quant=quant)
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
 
 
 # --- starting a group -----------------------------------------------------------------------------
