@@ -307,14 +307,17 @@ def _death_job(cache, name):
     return {"error": ""}
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
-def test_distattention_two_processes_equals_single_process(models, name):
+@pytest.mark.parametrize("name,quant", [("tiny-llama", None), ("tiny-qwen2", KVQuantConfig(8))])
+def test_distattention_two_processes_equals_single_process(models, name, quant):
     prompts = _prompts()
-    ref = generate(models[name], prompts, 10, block_size=4)
+    ref = generate(models[name], prompts, 10, block_size=4, quant=quant)
+    if quant is None:
+        assert ref == [_hf_greedy(models[name], p, 10) for p in prompts]
     # rank 0 holds 6 blocks of 4 tokens: most of the 25 blocks the requests need are borrowed
-    res = launch(_dist_job, 2, blocks_per_rank=20, block_size=4, args=(name, prompts, 10), timeout=60, run_timeout=300)
+    res = launch(_dist_job, 2, blocks_per_rank=20, local_blocks=6, block_size=4, args=(name, prompts, 10),
+                 quant=quant, timeout=60, run_timeout=300)
     assert res["out"] == ref
-    assert res["peak_remote"] > 0 and res["used_after"] == 0 and res["local_free"] == 20
+    assert res["peak_remote"] > 0 and res["used_after"] == 0 and res["local_free"] == 6
 
 
 def test_distattention_decode_traffic_independent_of_context():
@@ -356,3 +359,10 @@ def test_distattention_under_torchrun(models, tmp_path):
                     "--master_port", str(free_port()), str(script), str(out), json.dumps(prompts)],
                    check=True, timeout=180, capture_output=True)
     assert json.loads(out.read_text())["out"] == ref
+
+
+def test_beam_search_on_paged_cache_is_a_clear_error(models):
+    model = models["tiny-llama"]
+    with pytest.raises(ConfigError, match="paged KV cache does not support"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, num_beams=2, do_sample=False,
+                       cache=PagedKVCache(16, 4))

@@ -250,6 +250,22 @@ class PagedKVCache(Cache):
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
 
+    def _unsupported(self, what: str):
+        raise ConfigError(f"the paged KV cache does not support {what} (beam search, assisted decoding); "
+                          "use greedy or sampled generation, or transformers' default cache")
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._unsupported("reordering rows")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._unsupported("cropping")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unsupported("repeating rows")
+
+    def batch_select_indices(self, indices) -> None:
+        self._unsupported("selecting rows")
+
     def reset(self) -> None:
         for s in list(self.blocks.tables):
             self.free(s)

@@ -38,6 +38,7 @@ from ..errors import ConfigError, DistributedKVError
 from .attention import merge_partials
 from .blocks import BlockAllocator, BlockTables
 from .cache import PagedKVCache
+from .engine import PagedEngine
 from .quant import KVQuantConfig
 from .store import BlockStore
 
@@ -399,13 +400,13 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world: int, port: int, timeout: float, blocks_per_rank: int, block_size: int,
-           quant, fn, args, result_path: str, threads: int) -> None:
+           quant, fn, args, result_path: str, threads: int, local_blocks: int) -> None:
     torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         if rank == 0:
-            cache = DistKVCache(blocks_per_rank, block_size, quant=quant)
+            cache = DistKVCache(local_blocks, block_size, quant=quant)
             try:
                 result = fn(cache, *args)
             finally:
@@ -426,9 +427,10 @@ def _entry(rank: int, world: int, port: int, timeout: float, blocks_per_rank: in
 
 def launch(fn: Callable, world_size: int, *, blocks_per_rank: int, block_size: int = 16,
            quant: KVQuantConfig | None = None, args: tuple = (), timeout: float = 120.0,
-           run_timeout: float | None = None, threads: int = 1):
+           run_timeout: float | None = None, threads: int = 1, local_blocks: int | None = None):
     """Run ``fn(cache, *args)`` on rank 0 of a new gloo group of ``world_size`` local processes,
-    the others lending ``blocks_per_rank`` blocks each; returns what ``fn`` returned (it must be
+    the others lending ``blocks_per_rank`` blocks each (rank 0 holds ``local_blocks``, by default
+    as many); returns what ``fn`` returned (it must be
     loadable with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, dicts;
     ``fn`` a module-level function). ``timeout`` bounds the start-up and every message (the
     group's timeout); ``run_timeout``, when given, the whole run. Raises
@@ -444,7 +446,9 @@ def launch(fn: Callable, world_size: int, *, blocks_per_rank: int, block_size: i
         path = os.path.join(tmp, "result.pt")
         port = free_port()
         procs = [ctx.Process(target=_entry, args=(rank, world_size, port, timeout, blocks_per_rank, block_size,
-                                                  quant, fn, args, path, threads), daemon=True)
+                                                  quant, fn, args, path, threads,
+                                                  blocks_per_rank if local_blocks is None else local_blocks),
+                             daemon=True)
                  for rank in range(world_size)]
         for p in procs:
             p.start()
@@ -472,3 +476,32 @@ def launch(fn: Callable, world_size: int, *, blocks_per_rank: int, block_size: i
             raise DistributedKVError(f"rank 0 of the DistAttention group exited with code {procs[0].exitcode} "
                                      "and no result")
         return torch.load(path, weights_only=True)
+
+
+def _generate_job(cache: DistKVCache, load_model: Callable, prompts: list[list[int]], max_new_tokens: int,
+                  prefill_chunk: int | None) -> dict:
+    m = load_model()
+    if isinstance(m, tuple):  # llmdeploy.load returns (model, tokenizer)
+        m = m[0]
+    engine = PagedEngine(m.eval(), cache, max_batch=max(1, len(prompts)), prefill_chunk=prefill_chunk)
+    ids = [engine.add_request(p, max_new_tokens) for p in prompts]
+    peak = 0
+    while engine.has_unfinished():
+        engine.step()
+        peak = max(peak, sum(v["used"] for v in cache.lender_stats().values()))
+    out = engine.run()
+    return {"tokens": [out[i] for i in ids], "peak_borrowed_blocks": peak,
+            "bytes_moved": cache.comm.sent + cache.comm.received}
+
+
+def generate_distributed(load_model: Callable, prompts: list[list[int]], max_new_tokens: int, *, world_size: int,
+                         blocks_per_rank: int, block_size: int = 16, local_blocks: int | None = None,
+                         quant: KVQuantConfig | None = None, prefill_chunk: int | None = 256,
+                         timeout: float = 120.0) -> dict:
+    """Greedy generation with the KV cache spread over ``world_size`` local processes. Rank 0
+    builds the model with ``load_model()`` (picklable: e.g. ``functools.partial(llmdeploy.load,
+    "smollm2-135m")``; a ``(model, tokenizer)`` pair is accepted); returns ``{"tokens": [...],
+    "peak_borrowed_blocks": n, "bytes_moved": n}``."""
+    return launch(_generate_job, world_size, blocks_per_rank=blocks_per_rank, block_size=block_size, quant=quant,
+                  args=(load_model, [list(map(int, p)) for p in prompts], max_new_tokens, prefill_chunk),
+                  timeout=timeout, local_blocks=local_blocks)
