@@ -253,7 +253,8 @@ def write_markdown(res: dict) -> str:
     if "traffic" in res:
         lines += ["## Traffic: bytes moved per decode step and layer", "",
                   "Rank 0 keeps 4 blocks; the rest of the request's KV is borrowed from the other ranks "
-                  "(greedy placement, most free first). Per lending rank that holds blocks of the request, "
+                  "(each lends room for about 2056 / (processes - 1) tokens; placement: a rank already holding "
+                  "blocks of the request first, then the one with the most free blocks). Per lending rank that holds blocks of the request, "
                   "a decode step moves one query and one partial per layer (plus the new token's key and value "
                   "when its block is remote): the bytes depend on how many ranks hold blocks, not on the context "
                   "length.", "",
@@ -301,9 +302,10 @@ def plot(res: dict) -> None:
     if "traffic" in res:
         for world in sorted({r["processes"] for r in res["traffic"]["rows"]}):
             rows = [r for r in res["traffic"]["rows"] if r["processes"] == world]
-            axes[1].plot([r["context"] for r in rows], [r["bytes_per_layer"] for r in rows], "o-",
-                         label=f"{world} processes")
-        axes[1].set(xlabel="context (tokens)", ylabel="bytes per decode step per layer", ylim=(0, None))
+            axes[1].plot([r["context"] for r in rows], [r["bytes_per_layer"] / max(1, r.get("lending_ranks", 1))
+                                                        for r in rows], "o-", label=f"{world} processes")
+        axes[1].set(xlabel="context (tokens)", ylabel="bytes per decode step and layer\nper rank holding blocks",
+                    ylim=(0, None), title="what moves: queries and partials")
         axes[1].legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "kv.png", dpi=100)
@@ -316,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks-per-rank", type=int, default=48)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 512, 1024, 2048])
+    p.add_argument("--render", action="store_true", help="rewrite KV.md and kv.png from kv.json only")
     args = p.parse_args(argv)
+    if args.render:
+        res = json.loads((RESULTS / "kv.json").read_text())
+        (RESULTS / "KV.md").write_text(write_markdown(res))
+        plot(res)
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     model, tok = llmdeploy.load(MODEL)

@@ -366,3 +366,34 @@ def test_beam_search_on_paged_cache_is_a_clear_error(models):
     with pytest.raises(ConfigError, match="paged KV cache does not support"):
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, num_beams=2, do_sample=False,
                        cache=PagedKVCache(16, 4))
+
+
+def test_gmanager_keeps_a_request_on_few_lenders():
+    from llmdeploy.kv.distributed import GManager
+    g = GManager({1: 10, 2: 12, 3: 11})
+    assert g.place(4) == [(2, 4)]  # most free first
+    g.free[2] -= 4
+    g.borrowed[7][2] += 4
+    assert g.place(3, seq=7) == [(2, 3)]  # the lender already holding seq 7, though rank 3 has more free
+    assert g.place(10, seq=7) == [(2, 8), (3, 2)]  # then the most free
+    with pytest.raises(RuntimeError):
+        g.place(40)
+
+
+def test_readme_quotes_the_kv_benchmark():
+    """The README's KV numbers are those of benchmarks/results/kv/kv.json (regenerate both together)."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks" / "results" / "kv" / "kv.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert all(r["identical_to_hf"] for r in res["exact"]["rows"])
+    served = " / ".join(str(r["served_tokens"]) for r in res["capacity"]["rows"])
+    assert f"{served} tokens on 1 / 2 / 4 processes" in readme
+    two = [r for r in res["traffic"]["rows"] if r["processes"] == 2]
+    assert len({round(r["bytes_per_layer"]) for r in two}) == 1
+    assert f"moves {round(two[0]['bytes_per_layer'])} bytes per layer with 2 processes" in readme
+    q = {r["kv"]: r for r in res["quant"]["rows"]}
+    assert f"perplexity {q['int8 (token)']['ppl']:.3f} against {q['fp32']['ppl']:.3f}" in readme
+    t = {r["method"]: r for r in res["throughput"]["rows"]}
+    assert f"batching {t['paged engine (continuous batching)']['vs_hf_batch']:.2f}x" in readme

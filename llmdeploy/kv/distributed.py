@@ -12,7 +12,8 @@ blocks of that row, gets back ``(partial output, max, log-sum-exp)`` and merges 
 queries and partials, independent of the context length; KV moves only once, when written.
 
 Choices of ours (the paper has no public code): a lender is a process holding only KV (the
-paper's instances also run the model); placement is greedy (most free blocks first); the
+paper's instances also run the model); placement is greedy (a rank already holding blocks of
+the sequence first, so each request's attention involves few ranks, then the most free); the
 protocol is synchronous point-to-point messages on the default group (gloo on CPU, NCCL on GPU),
 with the group's timeout; a rank that stops answering raises :class:`DistributedKVError`.
 Start with :func:`launch` (``torch.multiprocessing``) or under ``torchrun``: rank 0 builds a
@@ -133,10 +134,13 @@ class GManager:
     def num_free(self) -> int:
         return sum(self.free.values())
 
-    def place(self, n: int) -> list[tuple[int, int]]:
-        """``(rank, count)`` placements for ``n`` blocks, most-free rank first."""
+    def place(self, n: int, seq: int | None = None) -> list[tuple[int, int]]:
+        """``(rank, count)`` placements for ``n`` blocks: first the ranks that already hold blocks
+        of ``seq`` (so a request's attention involves as few ranks as possible), then the rank
+        with the most free blocks."""
         out = []
-        for rank in sorted(self.free, key=lambda r: (-self.free[r], r)):
+        held = self.borrowed.get(seq, {}) if seq is not None else {}
+        for rank in sorted(self.free, key=lambda r: (-held.get(r, 0), -self.free[r], r)):
             if n == 0:
                 break
             k = min(n, self.free[rank])
@@ -169,7 +173,7 @@ class DistBlockTables(BlockTables):
         local = min(n, self.allocator.num_free)
         out = [(0, b) for b in self.allocator.allocate(seq, local)] if local else []
         logical = len(self.tables[seq]) + local
-        for rank, k in self.gmanager.place(n - local):
+        for rank, k in self.gmanager.place(n - local, seq):
             self.comm.header(rank, ALLOC, int(seq), k, logical)
             ids = self.comm.recv((k,), torch.int64, rank)
             out.extend((rank, int(b)) for b in ids)
