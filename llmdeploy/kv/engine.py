@@ -47,6 +47,7 @@ class PagedEngine:
         self.model, self.cache, self.max_batch = model, cache, max_batch
         self.prefill_chunk = prefill_chunk
         self._cache_kw = cache_kwarg(model)
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}
         self.finished: dict[int, Request] = {}
@@ -97,14 +98,37 @@ class PagedEngine:
         ids = torch.zeros(len(reqs), T, dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
+        last = torch.tensor(n_new) - 1
+        extra = {self._cache_kw: self.cache}
+        if self._keep_logits and T > 1:  # the vocabulary projection of each row's last token only
+            extra["logits_to_keep"] = last[:, None].to(self.device)
         with self.cache.attach(self.model):
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
-                                use_cache=True, **{self._cache_kw: self.cache}).logits
+                                use_cache=True, **extra).logits
         self.peak_blocks = max(self.peak_blocks, self.cache.blocks.capacity - self.cache.num_free_blocks)
-        last = torch.tensor(n_new, device=logits.device) - 1
-        return logits[torch.arange(len(reqs), device=logits.device), last].argmax(-1).tolist()
+        if "logits_to_keep" in extra or T == 1:
+            return logits[:, -1].argmax(-1).tolist()
+        return logits[torch.arange(len(reqs), device=logits.device), last.to(logits.device)].argmax(-1).tolist()
 
     def _prefill(self, reqs: list[Request]) -> list[int]:
+        """Prefill ``reqs``, grouped by length so that padding stays under a quarter of the
+        computed tokens; returns each request's first token."""
+        order = sorted(range(len(reqs)), key=lambda i: len(reqs[i].context()))
+        groups: list[list[int]] = [[]]
+        for i in order:
+            g = groups[-1] + [i]
+            real = sum(len(reqs[j].context()) for j in g)
+            if groups[-1] and len(reqs[i].context()) * len(g) > 1.25 * real:
+                groups.append([i])
+            else:
+                groups[-1] = g
+        first: dict[int, int] = {}
+        for g in groups:
+            for i, tok in zip(g, self._prefill_group([reqs[j] for j in g])):
+                first[i] = tok
+        return [first[i] for i in range(len(reqs))]
+
+    def _prefill_group(self, reqs: list[Request]) -> list[int]:
         """Prefill the contexts of ``reqs`` together, in chunks of ``prefill_chunk`` tokens
         when set (bounds the attention's memory on long prompts); returns each first token."""
         contexts = [r.context() for r in reqs]
