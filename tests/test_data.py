@@ -52,3 +52,11 @@ def test_bad_corpora(text_corpus, monkeypatch):
     for name in ("wikitext2", "c4"):
         with pytest.raises(CorpusUnavailableError, match="not reachable.*shakespeare"):
             load_text(name, "test")
+
+
+def test_pystdlib_corpus_is_split_by_file():
+    from llmdeploy.data.corpora import load_text
+    train, test = load_text("pystdlib", "train"), load_text("pystdlib", "test")
+    assert 0.03 < len(test) / (len(train) + len(test)) < 0.2
+    assert "def " in test and "import " in train
+    assert load_text("pystdlib", "test") == test  # deterministic

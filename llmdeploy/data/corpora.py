@@ -13,6 +13,11 @@
   (for calibration) is the first 5000 documents of ``en/c4-train.00000-of-01024`` joined with
   blank lines; GPTQ instead samples each calibration window from one random document longer
   than the window.
+- ``pystdlib`` (code; offline on every machine): the ``.py`` files of the running Python's
+  standard library (``sysconfig``'s ``stdlib`` path, without ``test``/``tests`` packages,
+  ``site-packages`` and ``idlelib``), in sorted path order, joined with blank lines; a file is in
+  the test split when the CRC-32 of its relative path is divisible by 10. The text depends on the
+  Python version (3.11 here); results quote it.
 - any local text file: the first 90% of its lines are train, the last 10% test.
 """
 
@@ -132,8 +137,29 @@ def _text_file(path: Path, split: str) -> str:
     return "\n".join(lines[:cut] if split == "train" else lines[cut:])
 
 
+@functools.lru_cache(maxsize=2)
+def _pystdlib(split: str) -> str:
+    import sysconfig
+    import zlib
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idlelib", "__pycache__"}
+    parts = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts[:-1]):
+            continue
+        in_test = zlib.crc32(rel.as_posix().encode()) % 10 == 0
+        if in_test == (split == "test"):
+            parts.append(path.read_text(encoding="utf-8", errors="replace"))
+    if not parts:
+        raise CorpusUnavailableError(f"no Python sources under {root}: the pystdlib corpus needs the standard "
+                                     "library's .py files (some minimal installs ship only bytecode)")
+    return "\n\n".join(parts)
+
+
 def corpus_names() -> list[str]:
-    return ["shakespeare", "wikitext2", "c4"]
+    return ["shakespeare", "pystdlib", "wikitext2", "c4"]
 
 
 def load_text(corpus: str | os.PathLike, split: str) -> str:
@@ -143,6 +169,8 @@ def load_text(corpus: str | os.PathLike, split: str) -> str:
     name = str(corpus)
     if name == "shakespeare":
         return _shakespeare(split)
+    if name == "pystdlib":
+        return _pystdlib(split)
     if name in ("wikitext2", "c4"):
         return _hf_dataset(name, split)
     path = Path(name).expanduser()

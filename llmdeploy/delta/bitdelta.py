@@ -1,0 +1,203 @@
+"""BitDelta (Liu et al., 2024): a fine-tune as its base plus one sign bit per weight and one scale
+per matrix.
+
+For every decoder linear, ``Δ = W_ft − W_base`` is stored as its signs (packed 8 per byte) and a
+scale ``α`` initialised to ``mean|Δ|`` (the L2-optimal scale for a sign matrix); the module keeps a
+reference to the base linear (no copy) and computes ``base(x) + α · (x · sign(Δ)ᵀ)``. Then
+*scale distillation*: only the scales train (AdamW, cosine schedule, as the paper: lr 1e-4, 200
+steps) so that the compressed model's logits match the fine-tune's (MSE, the paper's loss; KL as
+an option) on text of the fine-tune's domain.
+
+Faithfulness notes. The reference code (FasterDecoding/BitDelta) never freezes the other
+parameters, so embeddings, norms and the head train too and are stored in its "diff"; here only
+the scales train (a test checks every other tensor is unchanged). Everything outside the decoder
+linears (embeddings, norms, head) is the *base's*: the delta holds signs and scales only, and a
+multi-tenant server shares every other tensor. A fine-tune that changed those tensors loses that
+change; scale distillation is what compensates, as in the paper.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..compress.base import Compressor, Report, engine_field, register_method
+from ..errors import ConfigError, TrainingDivergedError
+from ..kernels.binary import binary_matmul, binary_matmul_reference, pack_signs, unpack_signs
+from ..models.adapters import get_adapter
+
+log = logging.getLogger(__name__)
+
+
+class BitDeltaLinear(nn.Module):
+    """``base(x) + scale · (x · signsᵀ)`` with the base linear shared (held outside the module's
+    parameters, so it is neither copied, saved nor trained here)."""
+
+    def __init__(self, base: nn.Linear, signs: torch.Tensor, scale: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self._base = (base,)  # a tuple hides it from parameters(), state_dict() and .to()
+        self.register_buffer("signs", signs)
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    @property
+    def base(self) -> nn.Linear:
+        return self._base[0]
+
+    @classmethod
+    def from_weights(cls, base: nn.Linear, finetuned_weight: torch.Tensor) -> BitDeltaLinear:
+        delta = (finetuned_weight.detach().float() - base.weight.detach().float())
+        return cls(base, pack_signs(delta), delta.abs().mean().item())
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * unpack_signs(self.signs, self.in_features, self.scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.scale.requires_grad and torch.is_grad_enabled():  # training the scale: autograd through torch
+            d = binary_matmul_reference(x.to(self.scale.dtype), self.signs, self.in_features)
+        else:
+            d = binary_matmul(x.float(), self.signs, self.in_features)
+        return y + (self.scale * d).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, scale={self.scale.item():.3g}"
+
+
+def shallow_clone(module: nn.Module) -> nn.Module:
+    """A new module tree sharing every parameter and buffer tensor with ``module``."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {k: (shallow_clone(v) if v is not None else None) for k, v in module._modules.items()}
+    return new
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape and bytes: identifies a base model."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class BitDeltaReport(Report):
+    layers: int = 0
+    delta_bytes: int = 0
+    fp16_bytes: int = 0
+    history: list[float] = field(default_factory=list)
+    init_loss: float = float("nan")
+    final_loss: float = float("nan")
+
+    def summary(self) -> str:
+        return (f"BitDelta: {self.layers} linears, {self.delta_bytes / 2**20:.2f} MiB of signs and scales "
+                f"({self.fp16_bytes / max(1, self.delta_bytes):.1f}x smaller than fp16 linears); distillation loss "
+                f"{self.init_loss:.4g} -> {self.final_loss:.4g}")
+
+
+@register_method("bitdelta")
+@dataclass(kw_only=True)
+class BitDelta(Compressor):
+    """Compress the fine-tune it is applied to against ``base`` (a model of the same
+    architecture); ``calib`` is text of the fine-tune's domain for scale distillation."""
+
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    loss: str = "mse"
+    seed: int = 0
+    base: nn.Module | None = engine_field(None)
+    needs_calibration = True
+
+    def validate(self, model: nn.Module) -> None:
+        if self.base is None:
+            raise ConfigError("bitdelta needs base=<the base model the fine-tune started from>")
+        if self.loss not in ("mse", "kl"):
+            raise ConfigError(f"bitdelta: loss must be 'mse' or 'kl', got {self.loss!r}")
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
+            raise ConfigError("bitdelta: steps >= 0, lr > 0 and batch_size >= 1 are required")
+        ft, base = get_adapter(model).linear_names(), get_adapter(self.base).linear_names()
+        if ft != base:
+            raise ConfigError("bitdelta: the fine-tune and the base have different decoder linears; "
+                              "give the base the fine-tune started from")
+        for name in ft:
+            a, b = model.get_submodule(name), self.base.get_submodule(name)
+            if not isinstance(a, nn.Linear) or not isinstance(b, nn.Linear) or a.weight.shape != b.weight.shape:
+                raise ConfigError(f"bitdelta: {name} is not a dense linear of one shape in both models "
+                                  "(compress the dense fine-tune against the dense base)")
+
+    def compress(self, model: nn.Module) -> nn.Module:
+        """The BitDelta model before distillation: the base's tree with sign-delta linears."""
+        out = shallow_clone(self.base)
+        n, nbytes, fp16 = 0, 0, 0
+        for name in get_adapter(model).linear_names():
+            mod = BitDeltaLinear.from_weights(self.base.get_submodule(name), model.get_submodule(name).weight)
+            out.set_submodule(name, mod)
+            n += 1
+            nbytes += mod.signs.numel() + 2  # signs + an fp16 scale
+            fp16 += 2 * mod.in_features * mod.out_features
+        self.report_ = BitDeltaReport(layers=n, delta_bytes=nbytes, fp16_bytes=fp16)
+        return out
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
+        student = self.compress(model)
+        report = self.report_
+        scales = [m.scale for m in student.modules() if isinstance(m, BitDeltaLinear)]
+        others = list(model.parameters()) + list(self.base.parameters())
+        flags = [p.requires_grad for p in others]
+        for p in others:
+            p.requires_grad_(False)
+        for s in scales:
+            s.requires_grad_(True)
+        opt = torch.optim.AdamW(scales, lr=self.lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, self.steps)))))
+        gen = torch.Generator().manual_seed(self.seed)
+        order = torch.cat([torch.randperm(calib.shape[0], generator=gen)
+                           for _ in range(math.ceil(self.steps * self.batch_size / calib.shape[0]) + 1)])
+        device = next(model.parameters()).device
+        model.eval()
+        student.eval()
+        report.init_loss = self._probe(student, model, calib[: self.batch_size].to(device))
+        try:
+            for step in tqdm(range(self.steps), desc="BitDelta scale distillation", leave=False):
+                ids = calib[order[step * self.batch_size:(step + 1) * self.batch_size]].to(device)
+                loss = self._loss(student, model, ids)
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"bitdelta: the loss became {loss.item()} at step {step}; lower lr")
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                report.history.append(loss.item())
+        finally:
+            for s in scales:
+                s.requires_grad_(False)
+            for p, f in zip(others, flags):  # the caller's models keep their flags
+                p.requires_grad_(f)
+        report.final_loss = self._probe(student, model, calib[: self.batch_size].to(device))
+        return student
+
+    def _loss(self, student: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(input_ids=ids, use_cache=False).logits.float()
+        s = student(input_ids=ids, use_cache=False).logits.float()
+        if self.loss == "mse":
+            return F.mse_loss(s, t)
+        return F.kl_div(s.log_softmax(-1).flatten(0, 1), t.log_softmax(-1).flatten(0, 1), log_target=True,
+                        reduction="batchmean")
+
+    def _probe(self, student, teacher, ids) -> float:
+        with torch.no_grad():
+            return self._loss(student, teacher, ids).item()

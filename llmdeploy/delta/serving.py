@@ -1,0 +1,162 @@
+"""Delta checkpoints and multi-tenant serving of many BitDelta fine-tunes over one base.
+
+- :func:`save_delta` writes only what a fine-tune adds to its base: the packed signs and the scale
+  of every :class:`~llmdeploy.delta.bitdelta.BitDeltaLinear` (safetensors, written atomically) and
+  the base's SHA-256; :func:`load_delta` rebuilds the model over a base and refuses any other base.
+- :class:`MultiTenant` holds one base and the signs/scales of N fine-tunes. A batch whose rows
+  belong to different fine-tunes runs in one forward: every linear computes the base matmul once
+  for the whole batch and adds, per row, that row's binary delta (one kernel call with a tenant
+  index per row, :func:`llmdeploy.kernels.binary.multi_binary_matmul`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from ..kernels.binary import multi_binary_matmul
+from .bitdelta import BitDeltaLinear, model_hash, shallow_clone
+
+FORMAT = "llmdeploy-bitdelta-1"
+
+
+def delta_modules(model: nn.Module) -> dict[str, BitDeltaLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, BitDeltaLinear)}
+
+
+def save_delta(model: nn.Module, path: str | os.PathLike, base: nn.Module) -> Path:
+    """Write the delta of a BitDelta ``model`` over ``base`` to ``path`` (a ``.safetensors`` file)."""
+    mods = delta_modules(model)
+    if not mods:
+        raise ConfigError("save_delta: the model has no BitDelta linears (apply llmdeploy.delta.BitDelta first)")
+    for name, m in mods.items():
+        if m.base is not base.get_submodule(name):
+            raise ConfigError(f"save_delta: {name} was not compressed against this base")
+    tensors = {}
+    for name, m in mods.items():
+        tensors[f"{name}.signs"] = m.signs.detach().cpu().contiguous()
+        tensors[f"{name}.scale"] = m.scale.detach().float().cpu().reshape(1)
+    meta = {"format": FORMAT, "base_sha256": model_hash(base),
+            "in_features": json.dumps({n: m.in_features for n, m in mods.items()})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    save_file(tensors, tmp, metadata=meta)
+    os.replace(tmp, path)
+    return path
+
+
+def load_delta(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """The BitDelta model stored at ``path``, built over ``base`` (shared, not copied); raises
+    :class:`CheckpointError` when ``base`` is not the model the delta was made against."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no delta file at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise CheckpointError(f"{path} is not an llmdeploy BitDelta file (format {meta.get('format')!r})")
+        if meta["base_sha256"] != model_hash(base):
+            raise CheckpointError(f"{path} was made against another base model (sha256 {meta['base_sha256'][:12]}…); "
+                                  "load it over the base the fine-tune started from")
+        model = shallow_clone(base)
+        for name in json.loads(meta["in_features"]):
+            lin = base.get_submodule(name)
+            mod = BitDeltaLinear(lin, f.get_tensor(f"{name}.signs"), float(f.get_tensor(f"{name}.scale")[0]))
+            model.set_submodule(name, mod.to(lin.weight.device))
+    return model
+
+
+class _Rows:
+    """The tenant of each row of the batch being run (shared by every linear)."""
+
+    tenant: torch.Tensor | None = None
+
+
+class MultiTenantLinear(nn.Module):
+    """``base(x)`` for every row plus ``scale[t] · x · signs[t]ᵀ`` for a row of tenant ``t``."""
+
+    def __init__(self, base: nn.Linear, signs: torch.Tensor, scales: torch.Tensor, rows: _Rows):
+        super().__init__()
+        self._base = (base,)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("signs", signs)  # (T, out, in/8)
+        self.register_buffer("scales", scales)  # (T,)
+        self._rows = rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._base[0](x)
+        tenant = self._rows.tenant
+        if tenant is None:
+            raise ConfigError("MultiTenant: run the model through MultiTenant.forward/generate (tenants per row)")
+        B = x.shape[0]
+        flat = x.reshape(-1, x.shape[-1]).float()
+        per_row = tenant.repeat_interleave(flat.shape[0] // B)
+        d = multi_binary_matmul(flat, self.signs, per_row, self.in_features)
+        d = d * self.scales[per_row][:, None]
+        return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+
+
+class MultiTenant(nn.Module):
+    """One base model serving several BitDelta fine-tunes, mixed within a batch."""
+
+    def __init__(self, base: nn.Module, tenants: dict[str, nn.Module]):
+        super().__init__()
+        if not tenants:
+            raise ConfigError("MultiTenant needs at least one tenant")
+        self.names = list(tenants)
+        per = {name: delta_modules(m) for name, m in tenants.items()}
+        layers = set(next(iter(per.values())))
+        for name, mods in per.items():
+            if set(mods) != layers or not layers:
+                raise ConfigError(f"tenant {name!r} does not hold BitDelta linears on the same layers as the others")
+            for path, m in mods.items():
+                if m.base is not base.get_submodule(path):
+                    raise ConfigError(f"tenant {name!r} was not compressed against this base ({path})")
+        self._rows = _Rows()
+        self.model = shallow_clone(base)
+        for path in sorted(layers):
+            signs = torch.stack([per[n][path].signs for n in self.names])
+            scales = torch.stack([per[n][path].scale.detach().float() for n in self.names])
+            self.model.set_submodule(path, MultiTenantLinear(base.get_submodule(path), signs, scales, self._rows))
+
+    def tenant_ids(self, tenants: Sequence[str]) -> torch.Tensor:
+        unknown = [t for t in tenants if t not in self.names]
+        if unknown:
+            raise ConfigError(f"unknown tenant(s) {unknown}; this server holds {self.names}")
+        return torch.tensor([self.names.index(t) for t in tenants], dtype=torch.long)
+
+    def forward(self, input_ids: torch.Tensor, tenants: Sequence[str], **kwargs):
+        if len(tenants) != input_ids.shape[0]:
+            raise ConfigError(f"{len(tenants)} tenants for {input_ids.shape[0]} rows")
+        self._rows.tenant = self.tenant_ids(tenants)
+        try:
+            return self.model(input_ids=input_ids, **kwargs)
+        finally:
+            self._rows.tenant = None
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, tenants: Sequence[str], **kwargs) -> torch.Tensor:
+        """``model.generate`` with row ``i`` decoded by fine-tune ``tenants[i]``."""
+        if len(tenants) != input_ids.shape[0]:
+            raise ConfigError(f"{len(tenants)} tenants for {input_ids.shape[0]} rows")
+        self._rows.tenant = self.tenant_ids(tenants)
+        try:
+            return self.model.generate(input_ids=input_ids, **kwargs)
+        finally:
+            self._rows.tenant = None
+
+    def delta_bytes(self) -> int:
+        """Bytes of every tenant's signs and scales (what N tenants add to the base)."""
+        return sum(b.numel() * b.element_size() for m in self.model.modules() if isinstance(m, MultiTenantLinear)
+                   for b in (m.signs, m.scales))

@@ -1,0 +1,209 @@
+"""Full-parameter fine-tuning for next-token prediction (the fine-tunes BitDelta compresses).
+
+AdamW on every parameter, the learning rate warming up linearly over ``warmup`` of the steps and
+then decaying to zero along a cosine; gradients clipped to ``grad_clip``; gradient checkpointing
+(transformers' own) so activations of one block at a time are kept. With ``checkpoint_dir`` the
+model, optimizer and scheduler state are written atomically every ``save_every`` steps and
+``resume=True`` continues from the last one: the data order is a function of the seed, so a
+resumed run takes the same batches and ends where an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..compress.base import Compressor, Report, engine_field, register_method
+from ..compress.modules import compressed_modules
+from ..errors import CheckpointError, ConfigError, TrainingDivergedError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FullFinetuneReport(Report):
+    """Training loss per step and the wall time."""
+
+    steps: int = 0
+    batch_size: int = 0
+    history: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_at: int = 0
+
+    def summary(self) -> str:
+        if not self.history:
+            return ""
+        k = max(1, len(self.history) // 10)
+        first, last = sum(self.history[:k]) / k, sum(self.history[-k:]) / k
+        return (f"full fine-tuning: {self.steps} steps of {self.batch_size} windows, loss {first:.3f} -> {last:.3f} "
+                f"(means of the first/last {k} steps), {self.seconds:.0f} s")
+
+
+def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:
+    """Learning-rate factor: linear warm-up to 1, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@register_method("full_finetune")
+@dataclass(kw_only=True)
+class FullFinetune(Compressor):
+    """Fine-tune every parameter on the calibration windows (next-token cross-entropy)."""
+
+    steps: int = 200
+    lr: float = 2e-5
+    batch_size: int = 8
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    device: str | None = engine_field(None)
+    checkpoint_dir: str | None = engine_field(None)
+    resume: bool = engine_field(False)
+    save_every: int = engine_field(50)
+    needs_calibration = True
+    supports_resume = True
+
+    def validate(self, model: nn.Module) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.warmup < 1:
+            raise ConfigError(f"full_finetune: steps/batch_size must be >= 1, lr > 0, 0 <= warmup < 1 (got "
+                              f"{self.steps}/{self.batch_size}/{self.lr}/{self.warmup})")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("full_finetune: resume=True needs checkpoint_dir")
+        if compressed_modules(model):
+            raise ConfigError("full_finetune trains dense weights; this model holds compressed modules "
+                              "(use lora_finetune for those)")
+
+    def _batches(self, n: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed)
+        reps = math.ceil(self.steps * self.batch_size / n) + 1
+        return torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])
+
+    def _fingerprint(self, calib: torch.Tensor) -> str:
+        d = {k: v for k, v in self.to_dict().items() if k != "method"}
+        return json.dumps({"config": d, "calib": [list(calib.shape), int(calib.sum()), int(calib[:, :8].sum())]},
+                          sort_keys=True, default=str)
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
+        device = torch.device(self.device) if self.device else next(model.parameters()).device
+        home = next(model.parameters()).device
+        model.to(device)
+        params = [p for p in model.parameters()]
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=self.betas, weight_decay=self.weight_decay)
+        warm = max(1, int(self.warmup * self.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_schedule(i, self.steps, warm))
+        report = self.report_ = FullFinetuneReport(steps=self.steps, batch_size=self.batch_size)
+        order = self._batches(calib.shape[0])
+        store = _State(self.checkpoint_dir, self._fingerprint(calib)) if self.checkpoint_dir else None
+        start = 0
+        if store is not None and self.resume:
+            start = store.restore(model, opt, sched, report)
+            if start:
+                log.info("full_finetune: resuming at step %d from %s", start, self.checkpoint_dir)
+        report.resumed_at = start
+        use_gc = self.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+        if use_gc:
+            _checkpointing(model, True)
+        t0 = time.perf_counter()
+        model.train()
+        try:
+            for step in tqdm(range(start, self.steps), desc="full fine-tuning", leave=False,
+                             initial=start, total=self.steps):
+                ids = calib[order[step * self.batch_size:(step + 1) * self.batch_size]].to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise TrainingDivergedError(f"full_finetune: the loss became {loss.item()} at step {step}; "
+                                                f"lower lr (now {self.lr})")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                report.lr.append(sched.get_last_lr()[0])
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                report.history.append(loss.item())
+                if step % 20 == 0 or step == self.steps - 1:
+                    log.info("full_finetune step %d/%d: loss %.4f", step + 1, self.steps, loss.item())
+                if store is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
+                    store.save(step + 1, model, opt, sched, report)
+        finally:
+            if use_gc:
+                _checkpointing(model, False)
+            model.eval()
+            for p, f in zip(params, flags):
+                p.requires_grad_(f)
+            report.seconds += time.perf_counter() - t0
+        return model.to(home)
+
+
+def _checkpointing(model: nn.Module, on: bool) -> None:
+    """transformers' activation (gradient) checkpointing, under its current name or the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
+class _State:
+    """``checkpoint_dir``: ``model.safetensors``, ``optimizer.pt`` (tensors and numbers only,
+    loaded with ``weights_only=True``) and ``progress.json``, each replaced atomically."""
+
+    def __init__(self, path: str, fingerprint: str):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+
+    def _replace(self, name: str, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}-")
+        os.close(fd)
+        write(tmp)
+        os.replace(tmp, self.path / name)
+
+    def save(self, step: int, model, opt, sched, report: FullFinetuneReport) -> None:
+        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+        self._replace("model.safetensors", lambda f: save_file(tensors, f))
+        self._replace("optimizer.pt", lambda f: torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, f))
+        progress = {"fingerprint": self.fingerprint, "step": step, "history": report.history, "lr": report.lr,
+                    "seconds": report.seconds}
+        self._replace("progress.json", lambda f: Path(f).write_text(json.dumps(progress)))
+
+    def restore(self, model, opt, sched, report: FullFinetuneReport) -> int:
+        f = self.path / "progress.json"
+        if not f.exists():
+            return 0
+        progress = json.loads(f.read_text())
+        if progress.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self.path} holds a different fine-tuning run (other settings or data); "
+                                  "delete it or pass resume=False")
+        state = load_file(str(self.path / "model.safetensors"))
+        model.load_state_dict(state, strict=False)
+        extra = torch.load(self.path / "optimizer.pt", weights_only=True)
+        opt.load_state_dict(extra["opt"])
+        sched.load_state_dict(extra["sched"])
+        report.history = progress["history"]
+        report.lr = progress["lr"]
+        report.seconds = progress["seconds"]
+        return int(progress["step"])

@@ -1,0 +1,148 @@
+"""BitDelta: sign packing, the binary matmul kernel, scale distillation, delta files, multi-tenant batches."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmdeploy
+from llmdeploy.delta import BitDelta, BitDeltaLinear, MultiTenant, load_delta, save_delta
+from llmdeploy.errors import CheckpointError, ConfigError
+from llmdeploy.kernels.binary import (
+    multi_binary_matmul,
+    multi_binary_matmul_reference,
+    pack_signs,
+    unpack_signs,
+)
+
+from .conftest import ids_for
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (7, 13), (64, 160), (3, 1)])
+def test_sign_packing_round_trip(shape):
+    x = torch.randn(*shape)
+    x[0, 0] = 0.0  # zero counts as +1
+    packed = pack_signs(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], -(-shape[1] // 8))
+    expect = torch.where(x >= 0, 1.0, -1.0)
+    assert torch.equal(unpack_signs(packed, shape[1]), expect)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 20])
+@pytest.mark.parametrize("in_f,out_f", [(13, 7), (64, 160), (200, 33)])
+def test_multi_binary_matmul_equals_reference(rows, in_f, out_f):
+    g = torch.Generator().manual_seed(rows * 1000 + in_f)
+    packed = torch.stack([pack_signs(torch.randn(out_f, in_f, generator=g)) for _ in range(3)])
+    x = torch.randn(in_f, rows, generator=g).T  # non-contiguous
+    tenant = torch.randint(0, 3, (rows,), generator=g)
+    got = multi_binary_matmul(x, packed, tenant, in_f)
+    ref = multi_binary_matmul_reference(x.contiguous(), packed, tenant, in_f)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    dense = torch.stack([x[n] @ unpack_signs(packed[tenant[n]], in_f).T for n in range(rows)])
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-5)
+
+
+def _pair():
+    base, tok = llmdeploy.load("tiny-llama")
+    ft = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, m in ft.named_modules():
+            if isinstance(m, torch.nn.Linear) and "layers" in name:
+                m.weight += 0.02 * torch.randn(m.weight.shape, generator=g) * (1 + torch.rand(m.weight.shape[0], 1, generator=g))
+    return base.eval(), ft.eval(), tok
+
+
+def test_module_equals_explicit_dense_weight():
+    base, ft, _ = _pair()
+    name = "model.layers.1.mlp.down_proj"
+    mod = BitDeltaLinear.from_weights(base.get_submodule(name), ft.get_submodule(name).weight)
+    delta = ft.get_submodule(name).weight - base.get_submodule(name).weight
+    assert mod.scale.item() == pytest.approx(delta.abs().mean().item(), rel=1e-5)
+    dense = base.get_submodule(name).weight + mod.scale * torch.where(delta >= 0, 1.0, -1.0)
+    for x in (torch.randn(1, 160), torch.randn(2, 5, 160)):
+        with torch.no_grad():
+            torch.testing.assert_close(mod(x), F.linear(x, dense), atol=1e-5, rtol=1e-5)
+    assert mod.base is base.get_submodule(name)  # shared, not copied
+    assert set(dict(mod.named_parameters())) == {"scale"}
+
+
+def test_scale_distillation_trains_only_the_scales():
+    base, ft, tok = _pair()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    ft_state = {k: v.clone() for k, v in ft.state_dict().items()}
+    calib = ids_for(tok, n=8, seq=32)
+    bd = BitDelta(base=base, steps=30, lr=2e-3, batch_size=4)
+    model = bd(ft, calib)
+    r = bd.report_
+    assert r.final_loss < r.init_loss and r.layers == 21
+    assert r.fp16_bytes / r.delta_bytes > 10
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, base_state[k]), k  # the base is untouched
+    for k, v in ft.state_dict().items():
+        assert torch.equal(v, ft_state[k]), k  # so is the fine-tune
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, BitDeltaLinear)}
+    init = BitDelta(base=base).compress(ft)
+    moved = 0
+    for n, m in mods.items():
+        assert torch.equal(m.signs, init.get_submodule(n).signs)
+        moved += m.scale.item() != init.get_submodule(n).scale.item()
+    assert moved == len(mods)
+    # every tensor that is not a scale is the base's own tensor
+    for n, p in model.named_parameters():
+        if not n.endswith(".scale"):
+            assert p is base.get_parameter(n)
+    assert not any(m.scale.requires_grad for m in mods.values())
+
+
+def test_delta_file_round_trip_and_base_check(tmp_path):
+    base, ft, tok = _pair()
+    model = BitDelta(base=base, steps=3, lr=1e-3)(ft, ids_for(tok, n=4, seq=16))
+    path = save_delta(model, tmp_path / "d.safetensors", base)
+    size = path.stat().st_size
+    assert size < sum(m.weight.numel() for n, m in ft.named_modules() if isinstance(m, torch.nn.Linear)) / 4
+    again = load_delta(base, path)
+    ids = ids_for(tok, n=2, seq=12)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+    other, _ = llmdeploy.load("tiny-llama")
+    with torch.no_grad():
+        other.model.norm.weight += 1e-3
+    with pytest.raises(CheckpointError, match="another base model"):
+        load_delta(other, path)
+
+
+def test_multi_tenant_batch_equals_each_model_alone():
+    base, ft, tok = _pair()
+    ft2 = copy.deepcopy(ft)
+    with torch.no_grad():
+        for m in ft2.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(-1.0)  # a very different fine-tune
+    calib = ids_for(tok, n=4, seq=16)
+    tenants = {"a": BitDelta(base=base, steps=2, lr=1e-3)(ft, calib),
+               "b": BitDelta(base=base, steps=2, lr=1e-3)(ft2, calib)}
+    server = MultiTenant(base, tenants)
+    ids = ids_for(tok, n=5, seq=10, seed=3)
+    rows = ["a", "b", "b", "a", "b"]
+    with torch.no_grad():
+        logits = server(ids, rows).logits
+        for i, t in enumerate(rows):
+            torch.testing.assert_close(logits[i], tenants[t](ids[i:i + 1]).logits[0], atol=1e-4, rtol=1e-4)
+        out = server.generate(ids, rows, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        for i, t in enumerate(rows):
+            alone = tenants[t].generate(ids[i:i + 1], max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert torch.equal(out[i], alone[0])
+    assert server.delta_bytes() < sum(p.numel() for p in base.parameters())  # 2 tenants << one fp32 base
+    with pytest.raises(ConfigError, match="unknown tenant"):
+        server(ids, ["a", "b", "c", "a", "a"])
+
+
+def test_bitdelta_errors():
+    base, ft, tok = _pair()
+    with pytest.raises(ConfigError, match="base="):
+        BitDelta()(ft, ids_for(tok))
+    other, _ = llmdeploy.load("tiny-qwen2")
+    with pytest.raises(ConfigError, match="different decoder linears|dense linear"):
+        BitDelta(base=other)(ft, ids_for(tok))
