@@ -146,3 +146,36 @@ def test_bitdelta_errors():
     other, _ = llmdeploy.load("tiny-qwen2")
     with pytest.raises(ConfigError, match="different decoder linears|dense linear"):
         BitDelta(base=other)(ft, ids_for(tok))
+
+
+@pytest.mark.parametrize("rows,in_f,out_f", [(1, 13, 7), (4, 64, 160), (3, 200, 33)])
+def test_triton_multi_binary_matmul_equals_reference(rows, in_f, out_f):
+    from llmdeploy.kernels import binary_triton
+    if not binary_triton.available():
+        pytest.skip("triton not installed")
+    g = torch.Generator().manual_seed(rows + in_f)
+    packed = torch.stack([pack_signs(torch.randn(out_f, in_f, generator=g)) for _ in range(3)])
+    x = torch.randn(rows, in_f, generator=g)
+    tenant = torch.randint(0, 3, (rows,), generator=g)
+    got = binary_triton.multi_binary_matmul(x, packed, tenant, in_f, block_o=16, block_b=4)
+    torch.testing.assert_close(got, multi_binary_matmul_reference(x, packed, tenant, in_f), atol=1e-4, rtol=1e-5)
+
+
+def test_baselines_fit_the_budget_and_reconstruct():
+    from llmdeploy.delta import LowRankDelta, RTNDelta
+    base, ft, tok = _pair()
+    bd = BitDelta(base=base, steps=0)
+    bd(ft, ids_for(tok, n=4, seq=8))
+    lr = LowRankDelta(base=base)
+    lr_model = lr(ft, None)
+    assert lr.report_.delta_bytes <= bd.report_.delta_bytes
+    full = LowRankDelta(base=base, rank=64)(ft, None)  # full rank on 64-wide layers: exact up to fp16
+    name = "model.layers.0.self_attn.q_proj"
+    delta = ft.get_submodule(name).weight - base.get_submodule(name).weight
+    torch.testing.assert_close(full.get_submodule(name).delta, delta, atol=2e-3, rtol=0)
+    assert (lr_model.get_submodule(name).delta - delta).norm() < delta.norm()
+    rtn = RTNDelta(base=base, bits=8, group_size=32)(ft, None)
+    assert (rtn.get_submodule(name).delta - delta).abs().max() < delta.abs().max() / 100
+    ids = ids_for(tok, n=1, seq=6)
+    with torch.no_grad():  # the base outside the linears, the approximate delta inside
+        assert rtn(ids).logits.shape == ft(ids).logits.shape

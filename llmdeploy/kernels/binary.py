@@ -97,8 +97,13 @@ def _kernel():
 
 def multi_binary_matmul(x: torch.Tensor, packed: torch.Tensor, tenant: torch.Tensor, in_features: int
                         ) -> torch.Tensor:
-    """Per-row binary matmul: the numba kernel for up to :data:`KERNEL_MAX_ROWS` fp32 CPU rows
-    (decoding), else the reference (prefill: unpack once per tenant, then a dense matmul)."""
+    """Per-row binary matmul: on CUDA the Triton kernel, on CPU the numba kernel for up to
+    :data:`KERNEL_MAX_ROWS` fp32 rows (decoding); otherwise the reference (prefill: unpack once
+    per tenant, then a dense matmul)."""
+    if x.is_cuda:
+        from . import binary_triton
+        if binary_triton.available():
+            return binary_triton.multi_binary_matmul(x, packed, tenant.to(x.device), in_features).to(x.dtype)
     if not (available() and x.device.type == "cpu" and x.dtype == torch.float32 and packed.device.type == "cpu"
             and x.shape[0] <= KERNEL_MAX_ROWS):
         return multi_binary_matmul_reference(x, packed, tenant, in_features)
