@@ -122,6 +122,52 @@ def stage_compress(domains, windows: int, steps: int) -> dict:
     return res
 
 
+def stage_serve(rounds: int, new_tokens: int = 32) -> dict:
+    """One batch whose rows belong to different fine-tunes: MultiTenant (one base + deltas) against
+    each dense fine-tune generating its own rows, one after another; memory of both deployments."""
+    import statistics
+
+    from llmdeploy.data.calibration import tokenize_text
+    from llmdeploy.data.corpora import load_text
+    from llmdeploy.delta import MultiTenant, load_delta
+
+    base, tok = llmdeploy.load(MODEL)
+    base.eval()
+    names = [d for d in DOMAINS if (FINETUNES / d / "bitdelta.safetensors").exists()]
+    deltas = {d: load_delta(base, FINETUNES / d / "bitdelta.safetensors") for d in names}
+    dense = {d: llmdeploy.load(str(FINETUNES / d / "model"))[0].eval() for d in names}
+    server = MultiTenant(base, deltas)
+    rows = [names[i % len(names)] for i in range(8)]
+    text = load_text("shakespeare", "test") + load_text("pystdlib", "test")
+    ids = tokenize_text(tok, text[:20000])[: 8 * 64].reshape(8, 64)
+    gen = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": 0}
+    times = {"MultiTenant (one base, per-row deltas)": [], "dense fine-tunes one after another": []}
+    with torch.no_grad():
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            mixed = server.generate(ids, rows, **gen)
+            times["MultiTenant (one base, per-row deltas)"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for d in names:
+                sel = [i for i, r in enumerate(rows) if r == d]
+                dense[d].generate(ids[sel], **gen)
+            times["dense fine-tunes one after another"].append(time.perf_counter() - t0)
+            log.info("serve round: %s", {k: round(v[-1], 2) for k, v in times.items()})
+    agree = [torch.equal(mixed[i], deltas[r].generate(ids[i:i + 1], **gen)[0]) for i, r in enumerate(rows)]
+    param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    out = {"tenants": names, "rows": rows, "prompt_len": 64, "new_tokens": new_tokens, "rounds": rounds,
+           "median_s": {k: statistics.median(v) for k, v in times.items()}, "all_s": times,
+           "tokens": 8 * new_tokens, "rows_equal_each_tenant_alone": agree,
+           "memory_bytes": {"base": param_bytes, "deltas": server.delta_bytes(),
+                            "dense fine-tunes": len(names) * param_bytes}}
+    path = RESULTS / "bitdelta.json"
+    res = json.loads(path.read_text()) if path.exists() else {"base": {}, "domains": {}}
+    res["serve"] = out
+    path.write_text(json.dumps(res, indent=2))
+    (RESULTS / "BITDELTA.md").write_text(markdown(res))
+    return res
+
+
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# BitDelta on `{m['model']}` (`python -m benchmarks.bitdelta`, {m['date']})", "",
@@ -141,14 +187,30 @@ def markdown(res: dict) -> str:
                 ratio = f"{res['fp16_linear_bytes'] / r['delta_bytes']:.1f}" if r.get("delta_bytes") else ""
                 lines.append(f"| {domain} | {label} | {corpus} | {ppl:.3f} | {100 * gain:.1f}% | {size} | {ratio} |")
     lines += ["", "Base model: " + ", ".join(f"{c} {p:.3f}" for c, p in res["base"].items()), ""]
+    if "serve" in res:
+        sv = res["serve"]
+        mem = sv["memory_bytes"]
+        lines += ["## Serving several fine-tunes", "",
+                  f"{len(sv['rows'])} rows over {len(sv['tenants'])} tenants ({', '.join(sv['tenants'])}), prompts of "
+                  f"{sv['prompt_len']} tokens, {sv['new_tokens']} greedy tokens each, medians of {sv['rounds']} "
+                  f"interleaved rounds. Every row equals its tenant's BitDelta model alone: "
+                  f"{all(sv['rows_equal_each_tenant_alone'])}.", "",
+                  "| deployment | median s | tokens/s | memory (MiB) |", "|---|---|---|---|"]
+        mt, dn = sv["median_s"]["MultiTenant (one base, per-row deltas)"], sv["median_s"]["dense fine-tunes one after another"]
+        lines.append(f"| MultiTenant (one base, per-row deltas) | {mt:.2f} | {sv['tokens'] / mt:.1f} | "
+                     f"{(mem['base'] + mem['deltas']) / 2**20:.1f} |")
+        lines.append(f"| dense fine-tunes one after another | {dn:.2f} | {sv['tokens'] / dn:.1f} | "
+                     f"{mem['dense fine-tunes'] / 2**20:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stage", choices=["finetune", "compress"], required=True)
+    p.add_argument("--stage", choices=["finetune", "compress", "serve"], required=True)
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--distill-steps", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", nargs="+", choices=DOMAINS)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=4)
@@ -161,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         stage_finetune(args.only or DOMAINS, args.steps, args.batch, args.seq_len, args.lr)
     elif args.stage == "compress":
         print(markdown(stage_compress(args.only or DOMAINS, args.windows, args.distill_steps)))
+    elif args.stage == "serve":
+        print(markdown(stage_serve(args.rounds)))
     return 0
 
 
