@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from ..errors import ConfigError
+from ..errors import ConfigError, KVCacheFullError
 from .blocks import BlockAllocator, BlockTables
 from .quant import KVQuantConfig
 from .store import BlockStore
@@ -148,15 +148,9 @@ class PagedKVCache(Cache):
         for s in seqs:
             if s not in self.blocks.tables:
                 raise ConfigError(f"unknown sequence {s!r}: add() it first")
-        self._reserve(seqs, n_new)
-        start = [self.blocks.lengths[s] for s in seqs]
-        slots, rows, cols = [], [], []
-        for r, (s, n) in enumerate(zip(seqs, n_new)):
-            slots.extend(self.blocks.grow(s, n))
-            rows.extend([r] * n)
-            cols.extend(range(n))
-        self._plan = self._make_plan(seqs, n_new, start, slots, rows, cols)
+        self._plan = self._grow(seqs, n_new)
         self._prepared = True
+        start = self._plan.start
         T = max(n_new)
         pos = torch.tensor(start)[:, None] + torch.arange(T)[None, :]
         L = self._plan.max_len
@@ -168,10 +162,20 @@ class PagedKVCache(Cache):
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
         return pos.to(device), mask[:, None].to(device)
 
+    def _grow(self, seqs: list[Hashable], n_new: list[int]) -> StepPlan:
+        """Reserve (all or nothing), then allocate the slots of ``n_new[r]`` tokens per sequence."""
+        self._reserve(seqs, n_new)
+        start = [self.blocks.lengths[s] for s in seqs]
+        slots, rows, cols = [], [], []
+        for r, (s, n) in enumerate(zip(seqs, n_new)):
+            slots.extend(self.blocks.grow(s, n))
+            rows.extend([r] * n)
+            cols.extend(range(n))
+        return self._make_plan(seqs, n_new, start, slots, rows, cols)
+
     def _reserve(self, seqs: list[Hashable], n_new: list[int]) -> None:
         need = sum(self.blocks.blocks_needed(s, n) for s, n in zip(seqs, n_new))
         if need > self.num_free_blocks:
-            from ..errors import KVCacheFullError
             raise KVCacheFullError(f"this step needs {need} new KV block(s) but {self.num_free_blocks} are free: "
                                    "raise num_blocks, lower the batch, or free finished sequences")
 
@@ -202,14 +206,7 @@ class PagedKVCache(Cache):
         elif len(self._auto) != batch:
             raise ConfigError(f"the cache holds {len(self._auto)} rows but the batch has {batch}: "
                               "use a new cache for a new batch")
-        self._reserve(self._auto, [T] * batch)
-        start = [self.blocks.lengths[s] for s in self._auto]
-        slots, rows, cols = [], [], []
-        for r, s in enumerate(self._auto):
-            slots.extend(self.blocks.grow(s, T))
-            rows.extend([r] * T)
-            cols.extend(range(T))
-        self._plan = self._make_plan(self._auto, [T] * batch, start, slots, rows, cols)
+        self._plan = self._grow(self._auto, [T] * batch)
 
     def _begin_layer(self, layer_idx: int, key_states: torch.Tensor) -> StepPlan:
         while len(self.layers) <= layer_idx:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigError
 from .attention import partial_attention
 from .quant import KVQuantConfig, dequantize, quantize
 
@@ -97,7 +98,6 @@ class BlockStore:
         heads, dim = k.shape[-2], k.shape[-1]
         q = self.quant
         if q is not None and q.bits == 4 and dim % 2:
-            from ..errors import ConfigError
             raise ConfigError(f"4-bit KV needs an even head dimension, got {dim}")
         for pools, axis in ((self.keys, q and q.key_axis), (self.values, q and q.value_axis)):
             pools[layer] = _Pool(self.n_blocks, heads, self.block_size, dim, dtype,
