@@ -25,6 +25,7 @@ them: DistAttention wall times here measure overhead, not a speed-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -39,7 +40,7 @@ from llmdeploy.data.corpora import load_text
 from llmdeploy.errors import KVCacheFullError
 from llmdeploy.eval import perplexity
 from llmdeploy.kv import KVQuantConfig, PagedEngine, PagedKVCache, generate
-from llmdeploy.kv.distributed import launch
+from llmdeploy.kv.distributed import generate_distributed, launch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kv"
 MODEL = "smollm2-135m"
@@ -61,20 +62,6 @@ def _prompts(tok, lengths: list[int]) -> list[list[int]]:
 
 
 # --- jobs run on rank 0 of a DistAttention group (module level: spawned processes import them) ---
-def _generate_job(cache, prompts, new_tokens, chunk):
-    model, _ = llmdeploy.load(MODEL)
-    eng = PagedEngine(model.eval(), cache, max_batch=len(prompts), prefill_chunk=chunk)
-    ids = [eng.add_request(p, new_tokens) for p in prompts]
-    t0 = time.perf_counter()
-    peak_remote = 0
-    while eng.has_unfinished():
-        eng.step()
-        peak_remote = max(peak_remote, sum(v["used"] for v in cache.lender_stats().values()))
-    out = eng.run()
-    return {"out": [out[i] for i in ids], "seconds": time.perf_counter() - t0, "peak_remote_blocks": peak_remote,
-            "local_blocks": cache.blocks.allocator.num_blocks, "bytes": cache.comm.sent + cache.comm.received}
-
-
 def _capacity_job(cache, ids, chunk):
     """Serve the longest request that fits (prompt + 8 tokens), then check one token more is refused."""
     model, _ = llmdeploy.load(MODEL)
@@ -127,11 +114,11 @@ def part_exact(tok, model) -> dict:
     rows = [{"processes": "1 (paged cache, no DistAttention)", "identical_to_hf": paged == ref}]
     for world in (1, 2, 4):
         per_rank = -(-need // world) + 1
-        res = launch(_generate_job, world, blocks_per_rank=per_rank, block_size=BLOCK, args=(prompts, new, 128),
-                     timeout=300)
+        res = generate_distributed(functools.partial(llmdeploy.load, MODEL), prompts, new, world_size=world,
+                                   blocks_per_rank=per_rank, block_size=BLOCK, prefill_chunk=128, timeout=300)
         rows.append({"processes": world, "blocks_per_rank": per_rank, "blocks_needed": need,
-                     "peak_borrowed_blocks": res["peak_remote_blocks"], "identical_to_hf": res["out"] == ref,
-                     "seconds": round(res["seconds"], 2), "bytes_moved": res["bytes"]})
+                     "peak_borrowed_blocks": res["peak_borrowed_blocks"], "identical_to_hf": res["tokens"] == ref,
+                     "seconds": round(res["seconds"], 2), "bytes_moved": res["bytes_moved"]})
         log.info("exact %s", rows[-1])
     return {"prompt_lengths": [len(p) for p in prompts], "new_tokens": new, "rows": rows}
 

@@ -1,5 +1,6 @@
 """Paged KV cache, KV quantization, split-KV attention and DistAttention (issue #18)."""
 
+import functools
 import os
 import random
 import signal
@@ -21,7 +22,7 @@ from llmdeploy.kv import (
     merge_partials,
     partial_attention,
 )
-from llmdeploy.kv.distributed import launch
+from llmdeploy.kv.distributed import generate_distributed, launch
 from llmdeploy.kv.quant import dequantize, quantize
 
 from .conftest import FAMILIES
@@ -260,21 +261,6 @@ def test_int8_cache_logits_close_int4_further(models):
 
 
 # --- DistAttention ------------------------------------------------------------------------------------
-def _dist_job(cache, name, prompts, n):
-    model, _ = llmdeploy.load(name)
-    model.eval()
-    eng = PagedEngine(model, cache, max_batch=8)
-    ids = [eng.add_request(p, n) for p in prompts]
-    peak_remote = 0
-    while eng.has_unfinished():
-        eng.step()
-        peak_remote = max(peak_remote, sum(v["used"] for v in cache.lender_stats().values()))
-    out = eng.run()
-    stats = cache.lender_stats()
-    return {"out": [out[i] for i in ids], "peak_remote": peak_remote,
-            "used_after": sum(v["used"] for v in stats.values()), "local_free": cache.blocks.allocator.num_free}
-
-
 def _decode_bytes_job(cache, name, lengths):
     """Bytes rank 0 moves for one decode step of one sequence, at several context lengths."""
     model, _ = llmdeploy.load(name)
@@ -314,10 +300,11 @@ def test_distattention_two_processes_equals_single_process(models, name, quant):
     if quant is None:
         assert ref == [_hf_greedy(models[name], p, 10) for p in prompts]
     # rank 0 holds 6 blocks of 4 tokens: most of the 25 blocks the requests need are borrowed
-    res = launch(_dist_job, 2, blocks_per_rank=20, local_blocks=6, block_size=4, args=(name, prompts, 10),
-                 quant=quant, timeout=60, run_timeout=300)
-    assert res["out"] == ref
-    assert res["peak_remote"] > 0 and res["used_after"] == 0 and res["local_free"] == 6
+    res = generate_distributed(functools.partial(llmdeploy.load, name), prompts, 10, world_size=2,
+                               blocks_per_rank=20, local_blocks=6, block_size=4, quant=quant,
+                               prefill_chunk=None, timeout=60, run_timeout=300)
+    assert res["tokens"] == ref
+    assert res["peak_borrowed_blocks"] > 0 and res["borrowed_after"] == 0 and res["local_free_after"] == 6
 
 
 def test_distattention_decode_traffic_independent_of_context():

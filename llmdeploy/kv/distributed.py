@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 from collections import defaultdict
 from collections.abc import Callable, Hashable
 
@@ -441,7 +442,6 @@ def launch(fn: Callable, world_size: int, *, blocks_per_rank: int, block_size: i
     :class:`DistributedKVError` when rank 0 fails (a lender's death reaches it as that error) or
     runs past ``run_timeout``."""
     import multiprocessing
-    import time
 
     if world_size < 1:
         raise ConfigError(f"world_size must be >= 1, got {world_size}")
@@ -490,22 +490,27 @@ def _generate_job(cache: DistKVCache, load_model: Callable, prompts: list[list[i
     engine = PagedEngine(m.eval(), cache, max_batch=max(1, len(prompts)), prefill_chunk=prefill_chunk)
     ids = [engine.add_request(p, max_new_tokens) for p in prompts]
     peak = 0
+    t0 = time.perf_counter()
     while engine.has_unfinished():
         engine.step()
         peak = max(peak, sum(v["used"] for v in cache.lender_stats().values()))
+    seconds = time.perf_counter() - t0
     out = engine.run()
-    return {"tokens": [out[i] for i in ids], "peak_borrowed_blocks": peak,
-            "bytes_moved": cache.comm.sent + cache.comm.received}
+    return {"tokens": [out[i] for i in ids], "peak_borrowed_blocks": peak, "seconds": seconds,
+            "bytes_moved": cache.comm.sent + cache.comm.received,
+            "borrowed_after": sum(v["used"] for v in cache.lender_stats().values()),
+            "local_free_after": cache.blocks.allocator.num_free}
 
 
 def generate_distributed(load_model: Callable, prompts: list[list[int]], max_new_tokens: int, *, world_size: int,
                          blocks_per_rank: int, block_size: int = 16, local_blocks: int | None = None,
                          quant: KVQuantConfig | None = None, prefill_chunk: int | None = 256,
-                         timeout: float = 120.0) -> dict:
+                         timeout: float = 120.0, run_timeout: float | None = None) -> dict:
     """Greedy generation with the KV cache spread over ``world_size`` local processes. Rank 0
     builds the model with ``load_model()`` (picklable: e.g. ``functools.partial(llmdeploy.load,
     "smollm2-135m")``; a ``(model, tokenizer)`` pair is accepted); returns ``{"tokens": [...],
-    "peak_borrowed_blocks": n, "bytes_moved": n}``."""
+    "peak_borrowed_blocks", "seconds", "bytes_moved", "borrowed_after", "local_free_after"}``
+    (the last two show every block came back)."""
     return launch(_generate_job, world_size, blocks_per_rank=blocks_per_rank, block_size=block_size, quant=quant,
                   args=(load_model, [list(map(int, p)) for p in prompts], max_new_tokens, prefill_chunk),
-                  timeout=timeout, local_blocks=local_blocks)
+                  timeout=timeout, run_timeout=run_timeout, local_blocks=local_blocks)
