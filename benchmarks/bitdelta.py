@@ -75,7 +75,7 @@ def _ppl(model, tok, corpus: str, windows: int) -> float:
     return perplexity(model, tok, corpus, seq_len=512, max_windows=windows).ppl
 
 
-def stage_compress(domains, windows: int, steps: int) -> dict:
+def stage_compress(domains, windows: int, steps: int, evaluate: bool = True) -> dict:
     from llmdeploy.delta import BitDelta, LowRankDelta, RTNDelta, save_delta
 
     path = RESULTS / "bitdelta.json"
@@ -84,7 +84,7 @@ def stage_compress(domains, windows: int, steps: int) -> dict:
                    "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
     base, tok = llmdeploy.load(MODEL)
     base.eval()
-    for corpus in sorted({c for d in domains for c in EVAL[d]}):
+    for corpus in sorted({c for d in domains for c in EVAL[d]} if evaluate else ()):
         if corpus not in res["base"]:
             res["base"][corpus] = _ppl(base, tok, corpus, windows)
             log.info("base ppl on %s: %.3f", corpus, res["base"][corpus])
@@ -96,6 +96,8 @@ def stage_compress(domains, windows: int, steps: int) -> dict:
         rows = {}
 
         def record(label, model, seconds=None, nbytes=None, domain=domain, rows=rows):
+            if not evaluate:
+                return
             ppl = {c: _ppl(model, tok, c, windows) for c in EVAL[domain]}
             rows[label] = {"ppl": ppl, "seconds": seconds, "delta_bytes": nbytes}
             log.info("%s %s: %s", domain, label, rows[label])
@@ -108,9 +110,11 @@ def stage_compress(domains, windows: int, steps: int) -> dict:
         t0 = time.perf_counter()
         model = bd(ft, calib)
         record("BitDelta, scales distilled", model, seconds=time.perf_counter() - t0, nbytes=bd.report_.delta_bytes)
+        size = save_delta(model, FINETUNES / domain / "bitdelta.safetensors", base).stat().st_size
+        if not evaluate:  # only the delta, for the serving stage
+            continue
         rows["BitDelta, scales distilled"]["distill_loss"] = [bd.report_.init_loss, bd.report_.final_loss]
-        rows["BitDelta, scales distilled"]["file_bytes"] = save_delta(
-            model, FINETUNES / domain / "bitdelta.safetensors", base).stat().st_size
+        rows["BitDelta, scales distilled"]["file_bytes"] = size
         res["fp16_linear_bytes"] = bd.report_.fp16_bytes
         for label, comp in (("low-rank delta (SVD), same bytes", LowRankDelta(base=base)),
                             ("RTN of the delta, 1 bit, groups of 128", RTNDelta(base=base, bits=1, group_size=128))):
@@ -211,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-eval", action="store_true", help="compress: only make and save the distilled deltas")
     p.add_argument("--only", nargs="+", choices=DOMAINS)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=4)
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "finetune":
         stage_finetune(args.only or DOMAINS, args.steps, args.batch, args.seq_len, args.lr)
     elif args.stage == "compress":
-        print(markdown(stage_compress(args.only or DOMAINS, args.windows, args.distill_steps)))
+        print(markdown(stage_compress(args.only or DOMAINS, args.windows, args.distill_steps, not args.no_eval)))
     elif args.stage == "serve":
         print(markdown(stage_serve(args.rounds)))
     return 0
