@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..compress.base import Compressor, Report, engine_field, register_method
 from ..errors import ConfigError, TrainingDivergedError
+from ..finetune.full import batch_order
 from ..kernels.binary import binary_matmul, binary_matmul_reference, pack_signs, unpack_signs
 from ..models.adapters import get_adapter
 
@@ -161,11 +162,9 @@ class BitDelta(Compressor):
         for s in scales:
             s.requires_grad_(True)
         opt = torch.optim.AdamW(scales, lr=self.lr, weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.LambdaLR(
+        sched = torch.optim.lr_scheduler.LambdaLR(  # cosine from lr to 0, no warm-up (the paper's)
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, self.steps)))))
-        gen = torch.Generator().manual_seed(self.seed)
-        order = torch.cat([torch.randperm(calib.shape[0], generator=gen)
-                           for _ in range(math.ceil(self.steps * self.batch_size / calib.shape[0]) + 1)])
+        order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
         device = next(model.parameters()).device
         model.eval()
         student.eval()

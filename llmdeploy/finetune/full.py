@@ -59,6 +59,14 @@ def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
+    """Window indices for ``steps`` batches of ``batch_size``: seeded permutations of ``range(n)``
+    back to back, so step ``i`` always takes ``order[i * batch_size:(i + 1) * batch_size]``."""
+    gen = torch.Generator().manual_seed(seed)
+    reps = math.ceil(steps * batch_size / n) + 1
+    return torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])
+
+
 @register_method("full_finetune")
 @dataclass(kw_only=True)
 class FullFinetune(Compressor):
@@ -90,11 +98,6 @@ class FullFinetune(Compressor):
             raise ConfigError("full_finetune trains dense weights; this model holds compressed modules "
                               "(use lora_finetune for those)")
 
-    def _batches(self, n: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed)
-        reps = math.ceil(self.steps * self.batch_size / n) + 1
-        return torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])
-
     def _fingerprint(self, calib: torch.Tensor) -> str:
         d = {k: v for k, v in self.to_dict().items() if k != "method"}
         return json.dumps({"config": d, "calib": [list(calib.shape), int(calib.sum()), int(calib[:, :8].sum())]},
@@ -112,7 +115,7 @@ class FullFinetune(Compressor):
         warm = max(1, int(self.warmup * self.steps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_schedule(i, self.steps, warm))
         report = self.report_ = FullFinetuneReport(steps=self.steps, batch_size=self.batch_size)
-        order = self._batches(calib.shape[0])
+        order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
         store = _State(self.checkpoint_dir, self._fingerprint(calib)) if self.checkpoint_dir else None
         start = 0
         if store is not None and self.resume:

@@ -27,6 +27,7 @@ from ..compress.base import Compressor, Report, engine_field, register_method, r
 from ..compress.modules import MODULES, CompressedModule, register_module
 from ..errors import ConfigError, TrainingDivergedError
 from ..models.adapters import get_adapter
+from .full import batch_order
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,7 @@ class LoRAFinetune(Compressor):
             warm = max(1, int(self.warmup * steps))
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda i: min((i + 1) / warm, max(0.0, (steps - i) / max(1, steps - warm))))
-            gen = torch.Generator().manual_seed(self.seed)
-            order = torch.cat([torch.randperm(calib.shape[0], generator=gen)
-                               for _ in range(math.ceil(steps * self.batch_size / calib.shape[0]) + 1)])
+            order = batch_order(calib.shape[0], steps, self.batch_size, self.seed)
             probe = calib[: self.batch_size].to(device)  # a fixed batch: loss before and after
             report.probe_loss = [self._loss(model, probe)]
             model.train()
