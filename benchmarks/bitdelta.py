@@ -6,15 +6,23 @@
     python -m benchmarks.bitdelta --stage compress     # BitDelta + baselines, own-domain perplexity
 
 Stage ``finetune``: full-parameter fine-tunes of ``smollm2-135m`` (``llmdeploy.finetune.FullFinetune``:
-AdamW, cosine schedule) on three shipped domains — the Shakespeare train split, the Python
-standard library's sources (``pystdlib``, code) and an even mix of both — each saved under
+AdamW, cosine schedule) on four shipped domains — the Shakespeare train split, the Python
+standard library's sources (``pystdlib``, code), an even mix of both, and Python's reference
+documentation (``pydocs``, technical English) — each saved under
 ``benchmarks/results/bitdelta/finetunes/<domain>/`` with its training curve; resumable.
 
 Stage ``compress``: for each fine-tune, BitDelta before and after scale distillation (the paper's
 200 steps of 4 x 128 tokens, lr 1e-4, on fresh windows of the fine-tune's domain), the low-rank
-(SVD) delta at BitDelta's byte budget and 1-bit RTN of the delta (groups of 128); perplexity on
-the domain's test split (seq_len 512; ``mix`` on both corpora), the share of the fine-tune's gain
-over the base each recovers, and sizes. Writes ``bitdelta.json`` and ``BITDELTA.md``.
+(SVD) delta at BitDelta's byte budget and 1-bit RTN of the delta (groups of 128), and the
+fine-tune's own linears on the base's other tensors (the ceiling of any delta of the linears:
+embeddings, norms and head stay the base's so that tenants share them); perplexity on the
+domain's test split (seq_len 512, 128 windows or all the split has: ``pydocs`` has 47; ``mix``
+on both corpora), the share of the fine-tune's gain over the base each recovers, and sizes.
+Rows already in ``bitdelta.json`` are kept (``--redo distilled|all`` recomputes). Writes
+``bitdelta.json``, ``BITDELTA.md`` and ``bitdelta.png`` (training and distillation curves).
+
+Stage ``serve``: a batch of 8 rows over the four tenants, ``MultiTenant`` (one base + deltas) against
+the dense fine-tunes run one after another, in the same process, interleaved rounds; memory.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from llmdeploy.finetune import FullFinetune
 RESULTS = Path(__file__).resolve().parent / "results" / "bitdelta"
 FINETUNES = RESULTS / "finetunes"
 MODEL = "smollm2-135m"
-DOMAINS = ("shakespeare", "pystdlib", "mix")
+DOMAINS = ("shakespeare", "pystdlib", "mix", "pydocs")
 log = logging.getLogger("benchmarks.bitdelta")
 
 
@@ -67,63 +75,116 @@ def stage_finetune(domains, steps: int, batch: int, seq_len: int, lr: float) -> 
         log.info("fine-tune %s: %s", domain, ft.report_.summary())
 
 
-EVAL = {"shakespeare": ["shakespeare"], "pystdlib": ["pystdlib"], "mix": ["shakespeare", "pystdlib"]}
+EVAL = {"shakespeare": ["shakespeare"], "pystdlib": ["pystdlib"], "mix": ["shakespeare", "pystdlib"],
+        "pydocs": ["pydocs"]}
+DISTILLED = "BitDelta, scales distilled"
 
 
 def _ppl(model, tok, corpus: str, windows: int) -> float:
     from llmdeploy.eval import perplexity
-    return perplexity(model, tok, corpus, seq_len=512, max_windows=windows).ppl
+    r = perplexity(model, tok, corpus, seq_len=512, max_windows=windows)
+    WINDOWS[corpus] = r.n_windows
+    return r.ppl
 
 
-def stage_compress(domains, windows: int, steps: int, evaluate: bool = True) -> dict:
+WINDOWS: dict[str, int] = {}
+
+
+def linears_only(base, ft):
+    """The base's tree with the fine-tune's decoder linears (shared, not copied)."""
+    from llmdeploy.delta.bitdelta import shallow_clone
+    from llmdeploy.models.adapters import get_adapter
+    out = shallow_clone(base)
+    for name in get_adapter(ft).linear_names():
+        out.set_submodule(name, ft.get_submodule(name))
+    return out
+
+
+def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, redo: str | None = None) -> dict:
     from llmdeploy.delta import BitDelta, LowRankDelta, RTNDelta, save_delta
 
     path = RESULTS / "bitdelta.json"
     res = json.loads(path.read_text()) if path.exists() else {"base": {}, "domains": {}}
     res["meta"] = {"model": MODEL, "windows": windows, "seq_len": 512, "distill_steps": steps,
                    "date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}
+    res.setdefault("windows", {})
     base, tok = llmdeploy.load(MODEL)
     base.eval()
     for corpus in sorted({c for d in domains for c in EVAL[d]} if evaluate else ()):
         if corpus not in res["base"]:
             res["base"][corpus] = _ppl(base, tok, corpus, windows)
+            res["windows"][corpus] = WINDOWS[corpus]
             log.info("base ppl on %s: %.3f", corpus, res["base"][corpus])
             path.write_text(json.dumps(res, indent=2))
     for domain in domains:
         ft, _ = llmdeploy.load(str(FINETUNES / domain / "model"))
         ft.eval()
         calib = domain_windows(tok, domain, steps * 4, 128, seed=2)
-        rows = {}
+        rows = {} if redo == "all" else res["domains"].get(domain, {})
+        if redo == "distilled":
+            rows.pop(DISTILLED, None)
+        res["domains"][domain] = rows
 
-        def record(label, model, seconds=None, nbytes=None, domain=domain, rows=rows):
+        def record(label, model, seconds=None, nbytes=None, domain=domain, rows=rows, **extra):
             if not evaluate:
                 return
             ppl = {c: _ppl(model, tok, c, windows) for c in EVAL[domain]}
-            rows[label] = {"ppl": ppl, "seconds": seconds, "delta_bytes": nbytes}
-            log.info("%s %s: %s", domain, label, rows[label])
-            res["domains"][domain] = rows
+            rows[label] = {"ppl": ppl, "seconds": seconds, "delta_bytes": nbytes, **extra}
+            log.info("%s %s: %s", domain, label, {k: v for k, v in rows[label].items() if k != "history"})
             path.write_text(json.dumps(res, indent=2))
 
-        record("fine-tune (dense)", ft)
+        def todo(label, rows=rows):
+            return evaluate and label not in rows
+
+        if todo("fine-tune (dense)"):
+            record("fine-tune (dense)", ft)
+        if todo("fine-tune's linears, base's other tensors (ceiling)"):
+            record("fine-tune's linears, base's other tensors (ceiling)", linears_only(base, ft))
         bd = BitDelta(base=base, steps=steps, lr=1e-4, batch_size=4)
-        record("BitDelta, scales at init", bd.compress(ft), nbytes=bd.report_.delta_bytes)
-        t0 = time.perf_counter()
-        model = bd(ft, calib)
-        record("BitDelta, scales distilled", model, seconds=time.perf_counter() - t0, nbytes=bd.report_.delta_bytes)
-        size = save_delta(model, FINETUNES / domain / "bitdelta.safetensors", base).stat().st_size
-        if not evaluate:  # only the delta, for the serving stage
-            continue
-        rows["BitDelta, scales distilled"]["distill_loss"] = [bd.report_.init_loss, bd.report_.final_loss]
-        rows["BitDelta, scales distilled"]["file_bytes"] = size
-        res["fp16_linear_bytes"] = bd.report_.fp16_bytes
+        if todo("BitDelta, scales at init"):
+            record("BitDelta, scales at init", bd.compress(ft), nbytes=bd.report_.delta_bytes)
+        delta_file = FINETUNES / domain / "bitdelta.safetensors"
+        if todo(DISTILLED) or not delta_file.exists():
+            t0 = time.perf_counter()
+            model = bd(ft, calib)
+            seconds = time.perf_counter() - t0
+            size = save_delta(model, delta_file, base).stat().st_size
+            record(DISTILLED, model, seconds=seconds, nbytes=bd.report_.delta_bytes, file_bytes=size,
+                   distill_loss=[bd.report_.init_loss, bd.report_.final_loss], history=bd.report_.history)
+            res["fp16_linear_bytes"] = bd.report_.fp16_bytes
+            del model
         for label, comp in (("low-rank delta (SVD), same bytes", LowRankDelta(base=base)),
                             ("RTN of the delta, 1 bit, groups of 128", RTNDelta(base=base, bits=1, group_size=128))):
-            m = comp(ft, None)
-            record(label, m, nbytes=comp.report_.delta_bytes)
-        del ft, model
+            if todo(label):
+                record(label, comp(ft, None), nbytes=comp.report_.delta_bytes)
+        del ft
     path.write_text(json.dumps(res, indent=2))
     (RESULTS / "BITDELTA.md").write_text(markdown(res))
+    plot(res)
     return res
+
+
+def plot(res: dict) -> None:
+    """Fine-tuning curves (from each fine-tune's done.json) and scale-distillation curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for domain in DOMAINS:
+        done = FINETUNES / domain / "done.json"
+        if done.exists():
+            h = json.loads(done.read_text())["history"]
+            axes[0].plot(range(1, len(h) + 1), h, label=domain, alpha=0.8)
+        h = res["domains"].get(domain, {}).get(DISTILLED, {}).get("history")
+        if h:
+            axes[1].plot(range(1, len(h) + 1), h, label=domain, alpha=0.8)
+    axes[0].set(xlabel="step", ylabel="training loss (cross-entropy)", title="full fine-tunes of smollm2-135m")
+    axes[1].set(xlabel="step", ylabel="logit MSE to the fine-tune", yscale="log",
+                title="BitDelta scale distillation")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "bitdelta.png", dpi=100)
 
 
 def stage_serve(rounds: int, new_tokens: int = 32) -> dict:
@@ -175,7 +236,9 @@ def stage_serve(rounds: int, new_tokens: int = 32) -> dict:
 def markdown(res: dict) -> str:
     m = res["meta"]
     lines = [f"# BitDelta on `{m['model']}` (`python -m benchmarks.bitdelta`, {m['date']})", "",
-             f"Perplexity on each domain's test split, seq_len {m['seq_len']}, {m['windows']} windows; scale "
+             f"Perplexity on each domain's test split, seq_len {m['seq_len']}, {m['windows']} windows"
+             + "".join(f" ({c}: the {n} its test split has)" for c, n in res.get("windows", {}).items()
+                       if n < m["windows"]) + "; scale "
              f"distillation {m['distill_steps']} steps of 4 x 128 tokens (lr 1e-4). Gain recovered = "
              "(base ppl - ppl) / (base ppl - fine-tune ppl). fp16 copy of the decoder linears: "
              f"{res.get('fp16_linear_bytes', 0) / 2**20:.1f} MiB.", "",
@@ -216,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-eval", action="store_true", help="compress: only make and save the distilled deltas")
+    p.add_argument("--redo", choices=["distilled", "all"], help="compress: recompute rows already recorded")
     p.add_argument("--only", nargs="+", choices=DOMAINS)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=4)
@@ -227,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "finetune":
         stage_finetune(args.only or DOMAINS, args.steps, args.batch, args.seq_len, args.lr)
     elif args.stage == "compress":
-        print(markdown(stage_compress(args.only or DOMAINS, args.windows, args.distill_steps, not args.no_eval)))
+        print(markdown(stage_compress(args.only or DOMAINS, args.windows, args.distill_steps, not args.no_eval,
+                                      args.redo)))
     elif args.stage == "serve":
         print(markdown(stage_serve(args.rounds)))
     return 0

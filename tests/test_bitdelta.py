@@ -68,6 +68,27 @@ def test_module_equals_explicit_dense_weight():
     assert set(dict(mod.named_parameters())) == {"scale"}
 
 
+def test_distillation_fast_path_equals_autograd_through_the_dense_weight():
+    """The fused training matmul (unpacked signs, merged-weight backward) gives the same output and
+    gradients for the input and the scale as autograd through ``W_base + α·S``."""
+    base, ft, _ = _pair()
+    name = "model.layers.0.mlp.up_proj"
+    mod = BitDeltaLinear.from_weights(base.get_submodule(name), ft.get_submodule(name).weight)
+    base.requires_grad_(False)
+    mod.scale.requires_grad_(True)
+    mod._dense_signs = unpack_signs(mod.signs, mod.in_features)
+    x = torch.randn(2, 5, mod.in_features, requires_grad=True)
+    g = torch.randn(2, 5, mod.out_features)
+    (mod(x) * g).sum().backward()
+    got = (x.grad.clone(), mod.scale.grad.clone())
+    x.grad, mod.scale.grad = None, None
+    dense = mod.base.weight + mod.scale * mod._dense_signs
+    (F.linear(x, dense, mod.base.bias) * g).sum().backward()
+    torch.testing.assert_close(got[0], x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], mod.scale.grad, atol=1e-4, rtol=1e-5)
+    assert mod.scale.grad.abs() > 0
+
+
 def test_scale_distillation_trains_only_the_scales():
     base, ft, tok = _pair()
     base_state = {k: v.clone() for k, v in base.state_dict().items()}

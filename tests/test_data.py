@@ -60,3 +60,14 @@ def test_pystdlib_corpus_is_split_by_file():
     assert 0.03 < len(test) / (len(train) + len(test)) < 0.2
     assert "def " in test and "import " in train
     assert load_text("pystdlib", "test") == test  # deterministic
+
+
+def test_pydocs_corpus_is_split_by_topic():
+    from pydoc_data.topics import topics
+
+    from llmdeploy.data.corpora import load_text
+    train, test = load_text("pydocs", "train"), load_text("pydocs", "test")
+    assert 0.1 < len(test) / (len(train) + len(test)) < 0.35
+    for page in topics.values():  # each topic page lies whole in exactly one split
+        if len(page) > 2000:
+            assert (page in train) != (page in test)

@@ -158,8 +158,24 @@ def _pystdlib(split: str) -> str:
     return "\n\n".join(parts)
 
 
+@functools.lru_cache(maxsize=2)
+def _pydocs(split: str) -> str:
+    """Python's reference documentation as plain text (the ``pydoc_data.topics`` pages behind
+    ``help('assert')``): technical English prose with grammar snippets, on every CPython. Split
+    by topic: crc32(topic) % 5 == 0 is test (about a fifth)."""
+    import zlib
+
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise CorpusUnavailableError("the pydocs corpus needs the standard library's pydoc_data package, "
+                                     "which this Python install lacks") from e
+    parts = [topics[k] for k in sorted(topics) if (zlib.crc32(k.encode()) % 5 == 0) == (split == "test")]
+    return "\n\n".join(parts)
+
+
 def corpus_names() -> list[str]:
-    return ["shakespeare", "pystdlib", "wikitext2", "c4"]
+    return ["shakespeare", "pystdlib", "pydocs", "wikitext2", "c4"]
 
 
 def load_text(corpus: str | os.PathLike, split: str) -> str:
@@ -171,6 +187,8 @@ def load_text(corpus: str | os.PathLike, split: str) -> str:
         return _shakespeare(split)
     if name == "pystdlib":
         return _pystdlib(split)
+    if name == "pydocs":
+        return _pydocs(split)
     if name in ("wikitext2", "c4"):
         return _hf_dataset(name, split)
     path = Path(name).expanduser()

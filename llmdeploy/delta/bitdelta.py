@@ -38,6 +38,27 @@ from ..models.adapters import get_adapter
 log = logging.getLogger(__name__)
 
 
+class _DistillMatmul(torch.autograd.Function):
+    """``x·W_baseᵀ + b + α·(x·Sᵀ)`` with gradients for ``x`` and ``α`` only (the base is frozen
+    during scale distillation). Backward uses one matmul with the merged weight ``W_base + α·S``
+    instead of one per term, and ``∂/∂α = Σ g ⊙ (x·Sᵀ)`` from the saved sign product."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, signs, scale):
+        d = x @ signs.t()
+        ctx.save_for_backward(weight, signs, scale, d)
+        return F.linear(x, weight, bias) + scale * d
+
+    @staticmethod
+    def backward(ctx, g):
+        weight, signs, scale, d = ctx.saved_tensors
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise RuntimeError("BitDelta scale distillation keeps the base frozen")
+        gx = g @ (weight + scale * signs) if ctx.needs_input_grad[0] else None
+        gs = (g * d).sum().reshape(scale.shape) if ctx.needs_input_grad[4] else None
+        return gx, None, None, None, gs
+
+
 class BitDeltaLinear(nn.Module):
     """``base(x) + scale · (x · signsᵀ)`` with the base linear shared (held outside the module's
     parameters, so it is neither copied, saved nor trained here)."""
@@ -48,6 +69,7 @@ class BitDeltaLinear(nn.Module):
         self._base = (base,)  # a tuple hides it from parameters(), state_dict() and .to()
         self.register_buffer("signs", signs)
         self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self._dense_signs: torch.Tensor | None = None  # ±1 matrix, only while distilling
 
     @property
     def base(self) -> nn.Linear:
@@ -62,10 +84,14 @@ class BitDeltaLinear(nn.Module):
         return self.scale * unpack_signs(self.signs, self.in_features, self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.scale.requires_grad and torch.is_grad_enabled():  # training the scale: autograd through torch
+        if self.scale.requires_grad and torch.is_grad_enabled():  # training the scale
+            if self._dense_signs is not None and x.dtype == self._dense_signs.dtype:
+                b = self.base
+                return _DistillMatmul.apply(x, b.weight, b.bias, self._dense_signs, self.scale.to(x.dtype))
+            y = self.base(x)
             d = binary_matmul_reference(x.to(self.scale.dtype), self.signs, self.in_features)
         else:
+            y = self.base(x)
             d = binary_matmul(x.float(), self.signs, self.in_features)
         return y + (self.scale * d).to(y.dtype)
 
@@ -161,6 +187,9 @@ class BitDelta(Compressor):
             p.requires_grad_(False)
         for s in scales:
             s.requires_grad_(True)
+        mods = [m for m in student.modules() if isinstance(m, BitDeltaLinear)]
+        for m in mods:  # unpacked once for the whole run, not at every forward
+            m._dense_signs = unpack_signs(m.signs, m.in_features, m.base.weight.dtype)
         opt = torch.optim.AdamW(scales, lr=self.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(  # cosine from lr to 0, no warm-up (the paper's)
             opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(1.0, i / max(1, self.steps)))))
@@ -181,6 +210,8 @@ class BitDelta(Compressor):
                 opt.zero_grad(set_to_none=True)
                 report.history.append(loss.item())
         finally:
+            for m in mods:
+                m._dense_signs = None
             for s in scales:
                 s.requires_grad_(False)
             for p, f in zip(others, flags):  # the caller's models keep their flags
