@@ -43,6 +43,38 @@ def test_multi_binary_matmul_equals_reference(rows, in_f, out_f):
     torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 7, 40])
+@pytest.mark.parametrize("in_f,out_f", [(13, 7), (64, 160), (200, 33), (576, 48)])
+def test_native_binary_matmul_equals_reference(rows, in_f, out_f):
+    from llmdeploy.kernels.binary import multi_binary_matmul_native, native_available
+    if not native_available():
+        pytest.skip("no C compiler here")
+    g = torch.Generator().manual_seed(rows * 7 + in_f)
+    packed = torch.stack([pack_signs(torch.randn(out_f, in_f, generator=g)) for _ in range(3)])
+    x = torch.randn(in_f, rows, generator=g).T  # non-contiguous
+    tenant = torch.randint(0, 3, (rows,), generator=g)
+    got = multi_binary_matmul_native(x, packed, tenant, in_f)
+    torch.testing.assert_close(got, multi_binary_matmul_reference(x.contiguous(), packed, tenant, in_f),
+                               atol=1e-4, rtol=1e-5)
+    with pytest.raises(IndexError, match="tenant indices"):
+        multi_binary_matmul_native(x, packed, torch.full((rows,), 3), in_f)
+
+
+def test_native_kernel_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    from llmdeploy.kernels import native
+    monkeypatch.setenv("LLMDEPLOY_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "/bin/false")  # a "compiler" that always fails
+    native.library.cache_clear()
+    try:
+        assert native.library("binary") is None
+        assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built left behind
+        monkeypatch.setenv("LLMDEPLOY_NATIVE", "0")
+        native.library.cache_clear()
+        assert native.library("binary") is None
+    finally:
+        native.library.cache_clear()
+
+
 def _pair():
     base, tok = llmdeploy.load("tiny-llama")
     ft = copy.deepcopy(base)

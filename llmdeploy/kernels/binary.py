@@ -2,11 +2,12 @@
 
 Signs are packed 8 per byte along the input dimension, bit ``k`` of byte ``j`` holding input
 ``8j + k`` (1 = +1, 0 = −1; a zero delta counts as +1). Since ``x·s = 2·Σ_{bit=1} x − Σ x``, the
-CPU kernel (numba) builds per token a lookup table of the 256 partial sums of every 8 inputs
-(32 adds per input) and then each output is ``in/8`` table reads through the packed bytes: one
-bit per weight is what it reads, instead of 32. The multi-tenant variant takes a tenant index per
-row, so one call applies a different delta to each row of a batch. Both are checked against
-:func:`binary_matmul_reference`.
+C kernel (``csrc/binary.c``, built on first use, see :mod:`.native`) computes each output as a
+masked sum where two packed bytes are the AVX-512 lane mask of 16 inputs: one bit per weight is
+what it reads, instead of 32. The numba kernel (used where no C compiler is) builds per token a
+lookup table of the 256 partial sums of every 8 inputs and reads ``in/8`` table entries per
+output. Both take a tenant index per row, so one call applies a different delta to each row of a
+batch; both are checked against :func:`binary_matmul_reference`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ import torch
 
 from . import importable
 
-#: above this many rows the table per row costs more than unpacking the signs once
+#: above this many rows the numba kernel's table per row costs more than unpacking the signs once
 KERNEL_MAX_ROWS = 16
+#: the C kernel's crossover with unpack-then-matmul (576x1536 on 2 cores: 1.8 ms vs 16 ms at 64
+#: rows, even at about 512)
+NATIVE_MAX_ROWS = 256
 _BIT = torch.tensor([1 << k for k in range(8)], dtype=torch.uint8)
 
 
@@ -68,44 +72,102 @@ def _kernel():
     def kernel(x, packed, tenant, out):  # x (N, IN) f32; packed (T, O, NB) u8; tenant (N,) i64; out (N, O)
         n_rows, n_in = x.shape
         _, n_out, n_bytes = packed.shape
-        lut = np.zeros((n_bytes, 256), np.float32)
+        # lut[n, j, b] = sum of the inputs 8j+k of row n whose bit k is set in b: built by doubling
+        # (the entries with bit k set are those without it plus input 8j+k), 255 adds per byte
+        lut = np.empty((n_rows, n_bytes, 256), np.float32)
+        for q in numba.prange(n_rows * n_bytes):
+            n, j = q // n_bytes, q % n_bytes
+            row = lut[n, j]
+            row[0] = 0.0
+            for k in range(8):
+                idx = 8 * j + k
+                v = x[n, idx] if idx < n_in else numba.float32(0.0)
+                half = 1 << k
+                for b in range(half):
+                    row[half + b] = row[b] + v
+        total = np.empty(n_rows, np.float32)
         for n in range(n_rows):
-            for j in numba.prange(n_bytes):  # lut[j, b] = sum of the inputs 8j+k whose bit k is set in b
-                row = lut[j]
-                row[0] = 0.0
-                for b in range(1, 256):
-                    low = b & (-b)
-                    k = 0
-                    while (1 << k) != low:
-                        k += 1
-                    idx = 8 * j + k
-                    v = x[n, idx] if idx < n_in else numba.float32(0.0)
-                    row[b] = row[b ^ low] + v
-            total = numba.float32(0.0)
+            t = numba.float32(0.0)
             for i in range(n_in):
-                total += x[n, i]
-            t = tenant[n]
-            for o in numba.prange(n_out):
-                acc = numba.float32(0.0)
-                codes = packed[t, o]
-                for j in range(n_bytes):
-                    acc += lut[j, codes[j]]
-                out[n, o] = 2 * acc - total
+                t += x[n, i]
+            total[n] = t
+        for o in numba.prange(n_out):  # one parallel region for every row: rows differ only in table and codes
+            for n in range(n_rows):
+                codes = packed[tenant[n], o]
+                table = lut[n]
+                # four independent sums: one chain of dependent adds would wait on the add latency
+                a0 = a1 = a2 = a3 = numba.float32(0.0)
+                j4 = n_bytes - n_bytes % 4
+                for j in range(0, j4, 4):
+                    a0 += table[j, codes[j]]
+                    a1 += table[j + 1, codes[j + 1]]
+                    a2 += table[j + 2, codes[j + 2]]
+                    a3 += table[j + 3, codes[j + 3]]
+                for j in range(j4, n_bytes):
+                    a0 += table[j, codes[j]]
+                out[n, o] = 2 * ((a0 + a1) + (a2 + a3)) - total[n]
 
     return kernel
 
 
+@functools.cache
+def _native():
+    import ctypes
+
+    from .native import library
+    lib = library("binary")
+    if lib is None:
+        return None
+    fn = lib.multi_binary_matmul
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def native_available() -> bool:
+    """Whether the C kernel (AVX-512 masked adds where the CPU has them) built on this machine."""
+    return _native() is not None
+
+
+def multi_binary_matmul_native(x: torch.Tensor, packed: torch.Tensor, tenant: torch.Tensor,
+                               in_features: int) -> torch.Tensor:
+    """The C kernel (``csrc/binary.c``): fp32 CPU rows, any number of them."""
+    fn = _native()
+    if fn is None:
+        raise RuntimeError("the native binary kernel is not built here (no C compiler or LLMDEPLOY_NATIVE=0)")
+    if x.dtype != torch.float32 or packed.dtype != torch.uint8 or x.device.type != "cpu" or packed.device.type != "cpu":
+        raise ValueError(f"the native kernel takes fp32 CPU rows and uint8 CPU signs, got {x.dtype} on {x.device} "
+                         f"and {packed.dtype} on {packed.device}")
+    x = x.contiguous()
+    packed = packed.contiguous()
+    tenant = tenant.to(torch.int64).contiguous()
+    if x.shape[1] != in_features or packed.shape[2] != -(-in_features // 8):
+        raise ValueError(f"x has {x.shape[1]} inputs and the signs {packed.shape[2]} bytes per row, "
+                         f"expected {in_features} and {-(-in_features // 8)}")
+    out = torch.empty(x.shape[0], packed.shape[1], dtype=torch.float32)
+    rc = fn(x.data_ptr(), packed.data_ptr(), tenant.data_ptr(), out.data_ptr(), x.shape[0], in_features,
+            packed.shape[1], packed.shape[2], packed.shape[0], torch.get_num_threads())
+    if rc == -1:
+        raise IndexError(f"tenant indices must lie in [0, {packed.shape[0]}), got {tenant.tolist()}")
+    if rc != 0:
+        raise MemoryError("the binary matmul kernel could not allocate its row sums")
+    return out
+
+
 def multi_binary_matmul(x: torch.Tensor, packed: torch.Tensor, tenant: torch.Tensor, in_features: int
                         ) -> torch.Tensor:
-    """Per-row binary matmul: on CUDA the Triton kernel, on CPU the numba kernel for up to
-    :data:`KERNEL_MAX_ROWS` fp32 rows (decoding); otherwise the reference (prefill: unpack once
-    per tenant, then a dense matmul)."""
+    """Per-row binary matmul. CUDA: the Triton kernel. CPU, fp32: the C kernel for up to
+    :data:`NATIVE_MAX_ROWS` rows, else the numba kernel for up to :data:`KERNEL_MAX_ROWS`;
+    otherwise (prefill of long prompts) the reference: unpack once per tenant, then a dense matmul."""
     if x.is_cuda:
         from . import binary_triton
         if binary_triton.available():
             return binary_triton.multi_binary_matmul(x, packed, tenant.to(x.device), in_features).to(x.dtype)
-    if not (available() and x.device.type == "cpu" and x.dtype == torch.float32 and packed.device.type == "cpu"
-            and x.shape[0] <= KERNEL_MAX_ROWS):
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == torch.float32 and packed.device.type == "cpu"
+    if cpu_fp32 and x.shape[0] <= NATIVE_MAX_ROWS and native_available():
+        return multi_binary_matmul_native(x, packed, tenant, in_features)
+    if not (cpu_fp32 and available() and x.shape[0] <= KERNEL_MAX_ROWS):
         return multi_binary_matmul_reference(x, packed, tenant, in_features)
     out = torch.empty(x.shape[0], packed.shape[1], dtype=torch.float32)
     _kernel()(x.contiguous().numpy(), packed.contiguous().numpy(), tenant.to(torch.int64).contiguous().numpy(),
