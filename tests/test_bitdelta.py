@@ -232,3 +232,20 @@ def test_baselines_fit_the_budget_and_reconstruct():
     ids = ids_for(tok, n=1, seq=6)
     with torch.no_grad():  # the base outside the linears, the approximate delta inside
         assert rtn(ids).logits.shape == ft(ids).logits.shape
+
+
+def test_multi_binary_linear_prefill_path_equals_decode_path():
+    """Above NATIVE_MAX_ROWS rows the per-tenant merged weight is used; it equals base + per-row delta."""
+    from llmdeploy.kernels.binary import NATIVE_MAX_ROWS, merge_signs, multi_binary_linear
+    g = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(40, 24)
+    packed = torch.stack([pack_signs(torch.randn(24, 40, generator=g)) for _ in range(3)])
+    scales = torch.tensor([0.01, 0.02, 0.03])
+    x = torch.randn(NATIVE_MAX_ROWS + 9, 40, generator=g)
+    tenant = torch.randint(0, 3, (x.shape[0],), generator=g)
+    with torch.no_grad():
+        got = multi_binary_linear(x, base, packed, scales, tenant)
+        ref = base(x) + scales[tenant][:, None] * multi_binary_matmul_reference(x, packed, tenant, 40)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(merge_signs(base.weight, packed[1], 0.02),
+                                   base.weight + 0.02 * unpack_signs(packed[1], 40))

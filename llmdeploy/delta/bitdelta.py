@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..compress.base import Compressor, Report, engine_field, register_method
 from ..errors import ConfigError, TrainingDivergedError
 from ..finetune.full import batch_order
-from ..kernels.binary import binary_matmul, binary_matmul_reference, pack_signs, unpack_signs
+from ..kernels.binary import binary_matmul_reference, multi_binary_linear, pack_signs, unpack_signs
 from ..models.adapters import get_adapter
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,17 @@ class BitDeltaLinear(nn.Module):
         return self.scale * unpack_signs(self.signs, self.in_features, self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale.requires_grad and torch.is_grad_enabled():  # training the scale
+        if torch.is_grad_enabled() and (self.scale.requires_grad or x.requires_grad):  # autograd paths
             if self._dense_signs is not None and x.dtype == self._dense_signs.dtype:
                 b = self.base
                 return _DistillMatmul.apply(x, b.weight, b.bias, self._dense_signs, self.scale.to(x.dtype))
             y = self.base(x)
             d = binary_matmul_reference(x.to(self.scale.dtype), self.signs, self.in_features)
-        else:
-            y = self.base(x)
-            d = binary_matmul(x.float(), self.signs, self.in_features)
-        return y + (self.scale * d).to(y.dtype)
+            return y + (self.scale * d).to(y.dtype)
+        flat = x.reshape(-1, self.in_features)
+        y = multi_binary_linear(flat, self.base, self.signs[None], self.scale.detach().float()[None],
+                                torch.zeros(flat.shape[0], dtype=torch.int64))
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, scale={self.scale.item():.3g}"

@@ -6,7 +6,9 @@
 - :class:`MultiTenant` holds one base and the signs/scales of N fine-tunes. A batch whose rows
   belong to different fine-tunes runs in one forward: every linear computes the base matmul once
   for the whole batch and adds, per row, that row's binary delta (one kernel call with a tenant
-  index per row, :func:`llmdeploy.kernels.binary.multi_binary_matmul`).
+  index per row, :func:`llmdeploy.kernels.binary.multi_binary_linear`). Long prefills (more than
+  256 token rows) on CPU run instead one dense matmul per tenant with its merged weight, the
+  cheaper of the two there.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..kernels.binary import multi_binary_matmul
+from ..kernels.binary import multi_binary_linear
 from .bitdelta import BitDeltaLinear, model_hash, shallow_clone
 
 FORMAT = "llmdeploy-bitdelta-1"
@@ -95,16 +97,14 @@ class MultiTenantLinear(nn.Module):
         self._rows = rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._base[0](x)
         tenant = self._rows.tenant
         if tenant is None:
             raise ConfigError("MultiTenant: run the model through MultiTenant.forward/generate (tenants per row)")
         B = x.shape[0]
-        flat = x.reshape(-1, x.shape[-1]).float()
+        flat = x.reshape(-1, x.shape[-1])
         per_row = tenant.repeat_interleave(flat.shape[0] // B)
-        d = multi_binary_matmul(flat, self.signs, per_row, self.in_features)
-        d = d * self.scales[per_row][:, None]
-        return y + d.reshape(*x.shape[:-1], self.out_features).to(y.dtype)
+        y = multi_binary_linear(flat, self._base[0], self.signs, self.scales, per_row)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
 
 class MultiTenant(nn.Module):

@@ -125,6 +125,55 @@ def _native():
     return fn
 
 
+@functools.cache
+def _native_merge():
+    import ctypes
+
+    from .native import library
+    lib = library("binary")
+    if lib is None:
+        return None
+    fn = lib.merge_signs
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, p, ctypes.c_float, p, i64, i64, i64, ctypes.c_int]
+    fn.restype = None
+    return fn
+
+
+def merge_signs(weight: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
+    """``weight + scale · sign`` (out, in): one tenant's dense weight (the C kernel for fp32 CPU
+    tensors, else torch)."""
+    fn = _native_merge()
+    if (fn is None or weight.dtype != torch.float32 or weight.device.type != "cpu"
+            or packed.device.type != "cpu"):
+        return weight + scale * unpack_signs(packed, weight.shape[1], weight.dtype)
+    w, packed = weight.detach().contiguous(), packed.contiguous()
+    out = torch.empty_like(w)
+    fn(w.data_ptr(), packed.data_ptr(), float(scale), out.data_ptr(), w.shape[0], w.shape[1], packed.shape[1],
+       torch.get_num_threads())
+    return out
+
+
+def multi_binary_linear(x: torch.Tensor, base: torch.nn.Linear, packed: torch.Tensor, scales: torch.Tensor,
+                        tenant: torch.Tensor) -> torch.Tensor:
+    """``base(x[n]) + scales[t] · x[n] · sign_tᵀ`` for row ``n`` of tenant ``t = tenant[n]``
+    (x: N, in). Up to :data:`NATIVE_MAX_ROWS` rows (decoding): the base matmul once for all rows
+    plus the per-row sign matmul. More rows (long prefills) on CPU: per tenant the merged weight
+    ``W_base + α_t·S_t`` (:func:`merge_signs`) and one dense matmul of that tenant's rows, which
+    costs one dense pass instead of two; equal up to float rounding."""
+    in_features = base.in_features
+    if x.shape[0] <= NATIVE_MAX_ROWS or x.is_cuda:
+        y = base(x)
+        d = multi_binary_matmul(x.float(), packed, tenant, in_features) * scales[tenant][:, None]
+        return y + d.to(y.dtype)
+    out = x.new_empty(x.shape[0], base.out_features)
+    for t in torch.unique(tenant).tolist():
+        rows = (tenant == t).nonzero(as_tuple=True)[0]
+        w = merge_signs(base.weight, packed[t], float(scales[t]))
+        out[rows] = torch.nn.functional.linear(x[rows], w.to(x.dtype), base.bias)
+    return out
+
+
 def native_available() -> bool:
     """Whether the C kernel (AVX-512 masked adds where the CPU has them) built on this machine."""
     return _native() is not None

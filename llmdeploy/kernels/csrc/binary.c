@@ -67,3 +67,27 @@ int multi_binary_matmul(const float *x, const uint8_t *packed, const int64_t *te
     free(total);
     return 0;
 }
+
+/* out (n_out, n_in) = w + scale * s, s = ±1 from the packed bits: a tenant's merged weight, so a
+ * long prefill runs one dense matmul per tenant instead of the base's plus the delta's. */
+void merge_signs(const float *w, const uint8_t *packed, float scale, float *out,
+                 int64_t n_out, int64_t n_in, int64_t n_bytes, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < n_out; o++) {
+        const uint8_t *codes = packed + o * n_bytes;
+        const float *wr = w + o * n_in;
+        float *orow = out + o * n_in;
+        int64_t i = 0;
+#ifdef __AVX512F__
+        const __m512 plus = _mm512_set1_ps(scale), minus = _mm512_set1_ps(-scale);
+        for (; i + 16 <= n_in; i += 16) { /* two bytes of signs select +scale or -scale for 16 inputs */
+            uint16_t m;
+            memcpy(&m, codes + i / 8, 2);
+            __m512 s = _mm512_mask_blend_ps((__mmask16)m, minus, plus);
+            _mm512_storeu_ps(orow + i, _mm512_add_ps(_mm512_loadu_ps(wr + i), s));
+        }
+#endif
+        for (; i < n_in; i++)
+            orow[i] = wr[i] + (((codes[i >> 3] >> (i & 7)) & 1) ? scale : -scale);
+    }
+}
