@@ -78,6 +78,7 @@ def stage_finetune(domains, steps: int, batch: int, seq_len: int, lr: float) -> 
 EVAL = {"shakespeare": ["shakespeare"], "pystdlib": ["pystdlib"], "mix": ["shakespeare", "pystdlib"],
         "pydocs": ["pydocs"]}
 DISTILLED = "BitDelta, scales distilled"
+MT, DENSE = "MultiTenant (one base, per-row deltas)", "dense fine-tunes one after another"
 
 
 def _ppl(model, tok, corpus: str, windows: int) -> float:
@@ -195,6 +196,7 @@ def stage_serve(rounds: int, new_tokens: int = 32) -> dict:
     from llmdeploy.data.calibration import tokenize_text
     from llmdeploy.data.corpora import load_text
     from llmdeploy.delta import MultiTenant, load_delta
+    from llmdeploy.models.adapters import get_adapter
 
     base, tok = llmdeploy.load(MODEL)
     base.eval()
@@ -206,25 +208,32 @@ def stage_serve(rounds: int, new_tokens: int = 32) -> dict:
     text = load_text("shakespeare", "test") + load_text("pystdlib", "test")
     ids = tokenize_text(tok, text[:20000])[: 8 * 64].reshape(8, 64)
     gen = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "pad_token_id": 0}
-    times = {"MultiTenant (one base, per-row deltas)": [], "dense fine-tunes one after another": []}
+    first = dict(gen, max_new_tokens=1, min_new_tokens=1)
+    times = {f"{k} {what}": [] for k in (MT, DENSE) for what in ("generate", "prefill")}
     with torch.no_grad():
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            mixed = server.generate(ids, rows, **gen)
-            times["MultiTenant (one base, per-row deltas)"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            for d in names:
-                sel = [i for i, r in enumerate(rows) if r == d]
-                dense[d].generate(ids[sel], **gen)
-            times["dense fine-tunes one after another"].append(time.perf_counter() - t0)
+        for _ in range(rounds):  # interleaved: both deployments see the same machine state
+            for what, kw in (("generate", gen), ("prefill", first)):
+                t0 = time.perf_counter()
+                out = server.generate(ids, rows, **kw)
+                times[f"{MT} {what}"].append(time.perf_counter() - t0)
+                if what == "generate":
+                    mixed = out
+                t0 = time.perf_counter()
+                for d in names:
+                    sel = [i for i, r in enumerate(rows) if r == d]
+                    dense[d].generate(ids[sel], **kw)
+                times[f"{DENSE} {what}"].append(time.perf_counter() - t0)
             log.info("serve round: %s", {k: round(v[-1], 2) for k, v in times.items()})
     agree = [torch.equal(mixed[i], deltas[r].generate(ids[i:i + 1], **gen)[0]) for i, r in enumerate(rows)]
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    linears = [base.get_submodule(n) for n in get_adapter(base).linear_names()]
+    fp16_linears = sum(2 * m.weight.numel() for m in linears)
     out = {"tenants": names, "rows": rows, "prompt_len": 64, "new_tokens": new_tokens, "rounds": rounds,
            "median_s": {k: statistics.median(v) for k, v in times.items()}, "all_s": times,
            "tokens": 8 * new_tokens, "rows_equal_each_tenant_alone": agree,
            "memory_bytes": {"base": param_bytes, "deltas": server.delta_bytes(),
-                            "dense fine-tunes": len(names) * param_bytes}}
+                            "dense fine-tunes": len(names) * param_bytes,
+                            "bound: base + N x fp16 linears / 16": param_bytes + len(names) * fp16_linears // 16}}
     path = RESULTS / "bitdelta.json"
     res = json.loads(path.read_text()) if path.exists() else {"base": {}, "domains": {}}
     res["serve"] = out
@@ -259,16 +268,22 @@ def markdown(res: dict) -> str:
         mem = sv["memory_bytes"]
         lines += ["## Serving several fine-tunes", "",
                   f"{len(sv['rows'])} rows over {len(sv['tenants'])} tenants ({', '.join(sv['tenants'])}), prompts of "
-                  f"{sv['prompt_len']} tokens, {sv['new_tokens']} greedy tokens each, medians of {sv['rounds']} "
-                  f"interleaved rounds. Every row equals its tenant's BitDelta model alone: "
-                  f"{all(sv['rows_equal_each_tenant_alone'])}.", "",
-                  "| deployment | median s | tokens/s | memory (MiB) |", "|---|---|---|---|"]
-        mt, dn = sv["median_s"]["MultiTenant (one base, per-row deltas)"], sv["median_s"]["dense fine-tunes one after another"]
-        lines.append(f"| MultiTenant (one base, per-row deltas) | {mt:.2f} | {sv['tokens'] / mt:.1f} | "
-                     f"{(mem['base'] + mem['deltas']) / 2**20:.1f} |")
-        lines.append(f"| dense fine-tunes one after another | {dn:.2f} | {sv['tokens'] / dn:.1f} | "
-                     f"{mem['dense fine-tunes'] / 2**20:.1f} |")
-        lines.append("")
+                  f"{sv['prompt_len']} tokens, {sv['new_tokens']} greedy tokens each (prefill: the first token only), "
+                  f"medians of {sv['rounds']} interleaved rounds, {res['meta'].get('threads', 2)} CPU threads. "
+                  f"Every row equals its tenant's BitDelta model alone: {all(sv['rows_equal_each_tenant_alone'])}.", "",
+                  "| deployment | generate s | tokens/s | speed-up | prefill s | memory (MiB) |",
+                  "|---|---|---|---|---|---|"]
+        med = sv["median_s"]
+        for name, memory in ((MT, mem["base"] + mem["deltas"]), (DENSE, mem["dense fine-tunes"])):
+            g, pf = med[f"{name} generate"], med[f"{name} prefill"]
+            lines.append(f"| {name} | {g:.2f} | {sv['tokens'] / g:.1f} | {med[f'{DENSE} generate'] / g:.2f}x | "
+                         f"{pf:.2f} | {memory / 2**20:.1f} |")
+        bound = mem["bound: base + N x fp16 linears / 16"]
+        lines += ["", f"Memory of the multi-tenant deployment: base {mem['base'] / 2**20:.1f} MiB + "
+                  f"{len(sv['tenants'])} deltas {mem['deltas'] / 2**20:.2f} MiB = "
+                  f"{(mem['base'] + mem['deltas']) / 2**20:.2f} MiB; goal base + N x (fp16 linears / 16) = "
+                  f"{bound / 2**20:.2f} MiB (the signs are exactly 1/16; each delta adds its scales, "
+                  f"{(mem['deltas'] - (bound - mem['base'])) // max(1, len(sv['tenants']))} bytes).", ""]
     return "\n".join(lines)
 
 
