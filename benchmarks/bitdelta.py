@@ -78,6 +78,7 @@ def stage_finetune(domains, steps: int, batch: int, seq_len: int, lr: float) -> 
 EVAL = {"shakespeare": ["shakespeare"], "pystdlib": ["pystdlib"], "mix": ["shakespeare", "pystdlib"],
         "pydocs": ["pydocs"]}
 DISTILLED = "BitDelta, scales distilled"
+EXTRA = ("fine-tune's linears, base's other tensors (ceiling)", "RTN of the delta, 1 bit, groups of 128")
 MT, DENSE = "MultiTenant (one base, per-row deltas)", "dense fine-tunes one after another"
 
 
@@ -101,8 +102,9 @@ def linears_only(base, ft):
     return out
 
 
-def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, redo: str | None = None) -> dict:
-    from llmdeploy.delta import BitDelta, LowRankDelta, RTNDelta, save_delta
+def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, redo: str | None = None,
+                   core: bool = False) -> dict:
+    from llmdeploy.delta import BitDelta, LowRankDelta, RTNDelta, load_delta, save_delta
 
     path = RESULTS / "bitdelta.json"
     res = json.loads(path.read_text()) if path.exists() else {"base": {}, "domains": {}}
@@ -135,7 +137,7 @@ def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, red
             path.write_text(json.dumps(res, indent=2))
 
         def todo(label, rows=rows):
-            return evaluate and label not in rows
+            return evaluate and label not in rows and not (core and label in EXTRA)
 
         if todo("fine-tune (dense)"):
             record("fine-tune (dense)", ft)
@@ -144,16 +146,23 @@ def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, red
         bd = BitDelta(base=base, steps=steps, lr=1e-4, batch_size=4)
         if todo("BitDelta, scales at init"):
             record("BitDelta, scales at init", bd.compress(ft), nbytes=bd.report_.delta_bytes)
-        delta_file = FINETUNES / domain / "bitdelta.safetensors"
-        if todo(DISTILLED) or not delta_file.exists():
+        delta_file, sidecar = FINETUNES / domain / "bitdelta.safetensors", FINETUNES / domain / "bitdelta.json"
+        fresh = redo in ("distilled", "all") or not (delta_file.exists() and sidecar.exists())
+        if fresh:  # distil, save the delta and what the run measured beside it
             t0 = time.perf_counter()
             model = bd(ft, calib)
-            seconds = time.perf_counter() - t0
-            size = save_delta(model, delta_file, base).stat().st_size
-            record(DISTILLED, model, seconds=seconds, nbytes=bd.report_.delta_bytes, file_bytes=size,
-                   distill_loss=[bd.report_.init_loss, bd.report_.final_loss], history=bd.report_.history)
-            res["fp16_linear_bytes"] = bd.report_.fp16_bytes
-            del model
+            r = bd.report_
+            info = {"seconds": time.perf_counter() - t0, "delta_bytes": r.delta_bytes, "fp16_bytes": r.fp16_bytes,
+                    "file_bytes": save_delta(model, delta_file, base).stat().st_size,
+                    "distill_loss": [r.init_loss, r.final_loss], "history": r.history}
+            sidecar.write_text(json.dumps(info))
+        if todo(DISTILLED):  # a delta made earlier (e.g. by --no-eval) is loaded, not distilled again
+            info = json.loads(sidecar.read_text())
+            model = model if fresh else load_delta(base, delta_file)
+            record(DISTILLED, model, seconds=info["seconds"], nbytes=info["delta_bytes"],
+                   file_bytes=info["file_bytes"], distill_loss=info["distill_loss"], history=info["history"])
+            res["fp16_linear_bytes"] = info["fp16_bytes"]
+        model = None
         for label, comp in (("low-rank delta (SVD), same bytes", LowRankDelta(base=base)),
                             ("RTN of the delta, 1 bit, groups of 128", RTNDelta(base=base, bits=1, group_size=128))):
             if todo(label):
@@ -295,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-eval", action="store_true", help="compress: only make and save the distilled deltas")
     p.add_argument("--redo", choices=["distilled", "all"], help="compress: recompute rows already recorded")
+    p.add_argument("--core", action="store_true", help="compress: only the scoreboard's rows (dense, BitDelta "
+                   "before/after distillation, SVD), not the ceiling and RTN")
     p.add_argument("--only", nargs="+", choices=DOMAINS)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=4)
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_finetune(args.only or DOMAINS, args.steps, args.batch, args.seq_len, args.lr)
     elif args.stage == "compress":
         print(markdown(stage_compress(args.only or DOMAINS, args.windows, args.distill_steps, not args.no_eval,
-                                      args.redo)))
+                                      args.redo, args.core)))
     elif args.stage == "serve":
         print(markdown(stage_serve(args.rounds)))
     return 0
