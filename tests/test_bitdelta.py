@@ -249,3 +249,68 @@ def test_multi_binary_linear_prefill_path_equals_decode_path():
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(merge_signs(base.weight, packed[1], 0.02),
                                    base.weight + 0.02 * unpack_signs(packed[1], 40))
+
+
+def test_readme_quotes_the_bitdelta_benchmark():
+    """The README's BitDelta numbers are those of benchmarks/results/bitdelta/bitdelta.json."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks" / "results" / "bitdelta" / "bitdelta.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+
+    def gain(domain, label, corpus):
+        rows = res["domains"][domain]
+        ft, ppl, base = rows["fine-tune (dense)"]["ppl"][corpus], rows[label]["ppl"][corpus], res["base"][corpus]
+        return f"{100 * (base - ppl) / (base - ft):.1f}%"
+
+    for domain, rows in res["domains"].items():
+        for corpus in rows["BitDelta, scales distilled"]["ppl"]:
+            quoted = (f"{domain} on {corpus}: {gain(domain, 'BitDelta, scales distilled', corpus)} "
+                      f"(scales at init {gain(domain, 'BitDelta, scales at init', corpus)}, "
+                      f"SVD {gain(domain, 'low-rank delta (SVD), same bytes', corpus)})")
+            assert quoted in readme, quoted
+    delta = res["domains"]["shakespeare"]["BitDelta, scales distilled"]["delta_bytes"]
+    assert f"{delta / 2**20:.2f} MiB" in readme and f"{res['fp16_linear_bytes'] / delta:.1f}x smaller" in readme
+    sv = res["serve"]
+    assert all(sv["rows_equal_each_tenant_alone"])
+    mt = sv["median_s"]["MultiTenant (one base, per-row deltas) generate"]
+    dense = sv["median_s"]["dense fine-tunes one after another generate"]
+    assert f"{sv['tokens'] / mt:.1f} tokens/s against {sv['tokens'] / dense:.1f}" in readme
+
+
+def test_others_finetune_keeps_the_finetunes_own_tensors(tmp_path):
+    """others='finetune' (the reference's model): the fine-tune's norms/embeddings where they differ
+    from the base, in 16 bits, stored in the delta; ties stay tied; MultiTenant refuses it."""
+    base, ft, tok = _pair()
+    with torch.no_grad():  # the fine-tune also moved a norm and the embedding
+        ft.model.norm.weight.add_(0.05)
+        ft.model.embed_tokens.weight.add_(0.01 * torch.randn(ft.model.embed_tokens.weight.shape))
+    bd = BitDelta(base=base, others="finetune")
+    model = bd.compress(ft)
+    assert torch.equal(model.model.norm.weight, ft.model.norm.weight.half().float())
+    assert model.model.embed_tokens.weight is model.get_output_embeddings().weight or \
+        not base.config.tie_word_embeddings
+    assert torch.equal(base.model.norm.weight, _pair()[0].model.norm.weight)  # the base is untouched
+    plain_bd = BitDelta(base=base)
+    plain = plain_bd.compress(ft)
+    extra = 2 * (ft.model.norm.weight.numel() + ft.model.embed_tokens.weight.numel())  # fp16
+    assert bd.report_.delta_bytes == plain_bd.report_.delta_bytes + extra
+    ids = ids_for(tok, 2, 12)
+    ref = copy.deepcopy(ft)  # the explicit model: fine-tune's tensors in fp16, linears W_base + α·sign(Δ)
+    with torch.no_grad():
+        base_params = dict(base.named_parameters())
+        for n, p in ref.named_parameters():
+            if not torch.equal(p, base_params[n]):
+                p.copy_(p.half().float())
+        for name, m in model.named_modules():
+            if isinstance(m, BitDeltaLinear):
+                ref.get_submodule(name).weight.copy_(m.base.weight + m.delta_weight())
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(plain(ids).logits, ref(ids).logits, atol=1e-4)  # others='base' differs
+    path = save_delta(model, tmp_path / "own.safetensors", base)
+    back = load_delta(base, path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="others='base'"):
+        MultiTenant(base, {"own": back, "plain": plain})

@@ -10,10 +10,13 @@ an option) on text of the fine-tune's domain.
 
 Faithfulness notes. The reference code (FasterDecoding/BitDelta) never freezes the other
 parameters, so embeddings, norms and the head train too and are stored in its "diff"; here only
-the scales train (a test checks every other tensor is unchanged). Everything outside the decoder
-linears (embeddings, norms, head) is the *base's*: the delta holds signs and scales only, and a
-multi-tenant server shares every other tensor. A fine-tune that changed those tensors loses that
-change; scale distillation is what compensates, as in the paper.
+the scales train (a test checks every other tensor is unchanged). Outside the decoder linears
+(embeddings, norms, head) the model keeps, with ``others="base"`` (the default), the *base's*
+tensors: the delta holds signs and scales only and a multi-tenant server shares every other
+tensor; a fine-tune that changed those tensors loses that change, which scale distillation
+partly compensates. ``others="finetune"`` is the reference's model: the fine-tune's own tensors
+where they differ from the base, stored in 16 bits in the delta (and not servable by
+:class:`~llmdeploy.delta.MultiTenant`, whose tenants share them).
 """
 
 from __future__ import annotations
@@ -109,6 +112,28 @@ def shallow_clone(module: nn.Module) -> nn.Module:
     return new
 
 
+def own_tensors(model: nn.Module, base: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of a BitDelta ``model`` outside its delta linears that are not ``base``'s own
+    (set with ``others="finetune"``), by name; tied names are listed once, under their first name."""
+    scales = {id(m.scale) for m in model.modules() if isinstance(m, BitDeltaLinear)}
+    base_params = dict(base.named_parameters(remove_duplicate=False))
+    out, seen = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in scales or id(p) in seen or base_params.get(name) is p:
+            continue
+        seen.add(id(p))
+        out[name] = p
+    return out
+
+
+def replace_parameters(model: nn.Module, new: dict[int, nn.Parameter]) -> None:
+    """In ``model``'s tree, put ``new[id(p)]`` wherever parameter ``p`` sits (ties stay tied)."""
+    for mod in model.modules():
+        for k, p in mod._parameters.items():
+            if p is not None and id(p) in new:
+                mod._parameters[k] = new[id(p)]
+
+
 def model_hash(model: nn.Module) -> str:
     """SHA-256 over every parameter's name, shape and bytes: identifies a base model."""
     h = hashlib.sha256()
@@ -145,12 +170,15 @@ class BitDelta(Compressor):
     batch_size: int = 4
     loss: str = "mse"
     seed: int = 0
+    others: str = "base"
     base: nn.Module | None = engine_field(None)
     needs_calibration = True
 
     def validate(self, model: nn.Module) -> None:
         if self.base is None:
             raise ConfigError("bitdelta needs base=<the base model the fine-tune started from>")
+        if self.others not in ("base", "finetune"):
+            raise ConfigError(f"bitdelta: others must be 'base' or 'finetune', got {self.others!r}")
         if self.loss not in ("mse", "kl"):
             raise ConfigError(f"bitdelta: loss must be 'mse' or 'kl', got {self.loss!r}")
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
@@ -175,6 +203,21 @@ class BitDelta(Compressor):
             n += 1
             nbytes += mod.signs.numel() + 2  # signs + an fp16 scale
             fp16 += 2 * mod.in_features * mod.out_features
+        if self.others == "finetune":  # the paper's model: the fine-tune's own tensors elsewhere, in 16 bits
+            linears = {f"{name}.{k}" for name in get_adapter(model).linear_names() for k in ("weight", "bias")}
+            ft = dict(model.named_parameters(remove_duplicate=False))
+            swap: dict[int, nn.Parameter] = {}
+            for name, p in self.base.named_parameters(remove_duplicate=False):
+                if name in linears or id(p) in swap:
+                    continue
+                q = ft.get(name)
+                if q is None or q.shape != p.shape:
+                    raise ConfigError(f"bitdelta: the fine-tune has no tensor {name} of shape {tuple(p.shape)}; "
+                                      "others='finetune' needs the base's architecture and vocabulary")
+                if not torch.equal(q, p):
+                    swap[id(p)] = nn.Parameter(q.detach().to(torch.float16).to(p.dtype), requires_grad=False)
+            replace_parameters(out, swap)
+            nbytes += sum(2 * p.numel() for p in swap.values())
         self.report_ = BitDeltaReport(layers=n, delta_bytes=nbytes, fp16_bytes=fp16)
         return out
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..kernels.binary import multi_binary_linear
-from .bitdelta import BitDeltaLinear, model_hash, shallow_clone
+from .bitdelta import BitDeltaLinear, model_hash, own_tensors, replace_parameters, shallow_clone
 
 FORMAT = "llmdeploy-bitdelta-1"
 
@@ -47,8 +47,12 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base: nn.Module) -> Pa
     for name, m in mods.items():
         tensors[f"{name}.signs"] = m.signs.detach().cpu().contiguous()
         tensors[f"{name}.scale"] = m.scale.detach().float().cpu().reshape(1)
+    others = own_tensors(model, base)  # others="finetune": the fine-tune's tensors outside the linears
+    for name, p in others.items():
+        tensors[f"other.{name}"] = p.detach().to(torch.float16).cpu().contiguous()
     meta = {"format": FORMAT, "base_sha256": model_hash(base),
-            "in_features": json.dumps({n: m.in_features for n, m in mods.items()})}
+            "in_features": json.dumps({n: m.in_features for n, m in mods.items()}),
+            "others": json.dumps(sorted(others))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
@@ -76,6 +80,11 @@ def load_delta(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             lin = base.get_submodule(name)
             mod = BitDeltaLinear(lin, f.get_tensor(f"{name}.signs"), float(f.get_tensor(f"{name}.scale")[0]))
             model.set_submodule(name, mod.to(lin.weight.device))
+        base_params = dict(base.named_parameters(remove_duplicate=False))
+        replace_parameters(model, {
+            id(base_params[name]): nn.Parameter(f.get_tensor(f"other.{name}").to(base_params[name].dtype).to(
+                base_params[name].device), requires_grad=False)
+            for name in json.loads(meta.get("others", "[]"))})
     return model
 
 
@@ -123,6 +132,11 @@ class MultiTenant(nn.Module):
             for path, m in mods.items():
                 if m.base is not base.get_submodule(path):
                     raise ConfigError(f"tenant {name!r} was not compressed against this base ({path})")
+            own = own_tensors(tenants[name], base)
+            if own:
+                raise ConfigError(f"tenant {name!r} carries its own {sorted(own)[:3]}… (BitDelta others='finetune'); "
+                                  "tenants share every tensor outside the linears: compress with others='base' "
+                                  "or serve this fine-tune on its own")
         self._rows = _Rows()
         self.model = shallow_clone(base)
         for path in sorted(layers):
