@@ -264,7 +264,9 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for domain, rows in res["domains"].items():
         ft = rows.get("fine-tune (dense)")
-        for label, r in rows.items():
+        order = ["fine-tune (dense)", EXTRA[0], "BitDelta, scales at init", DISTILLED,
+                 "low-rank delta (SVD), same bytes", EXTRA[1]]
+        for label, r in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             for corpus, ppl in r["ppl"].items():
                 base = res["base"][corpus]
                 gain = (base - ppl) / (base - ft["ppl"][corpus]) if ft and base != ft["ppl"][corpus] else float("nan")

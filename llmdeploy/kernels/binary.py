@@ -95,49 +95,28 @@ def _kernel():
             for n in range(n_rows):
                 codes = packed[tenant[n], o]
                 table = lut[n]
-                # four independent sums: one chain of dependent adds would wait on the add latency
-                a0 = a1 = a2 = a3 = numba.float32(0.0)
-                j4 = n_bytes - n_bytes % 4
-                for j in range(0, j4, 4):
-                    a0 += table[j, codes[j]]
-                    a1 += table[j + 1, codes[j + 1]]
-                    a2 += table[j + 2, codes[j + 2]]
-                    a3 += table[j + 3, codes[j + 3]]
-                for j in range(j4, n_bytes):
-                    a0 += table[j, codes[j]]
-                out[n, o] = 2 * ((a0 + a1) + (a2 + a3)) - total[n]
+                acc = numba.float32(0.0)
+                for j in range(n_bytes):
+                    acc += table[j, codes[j]]
+                out[n, o] = 2 * acc - total[n]
 
     return kernel
 
 
-@functools.cache
 def _native():
     import ctypes
 
-    from .native import library
-    lib = library("binary")
-    if lib is None:
-        return None
-    fn = lib.multi_binary_matmul
+    from .native import function
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
+    return function("binary", "multi_binary_matmul", (p, p, p, p, i64, i64, i64, i64, i64, ctypes.c_int), ctypes.c_int)
 
 
-@functools.cache
 def _native_merge():
     import ctypes
 
-    from .native import library
-    lib = library("binary")
-    if lib is None:
-        return None
-    fn = lib.merge_signs
+    from .native import function
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, ctypes.c_float, p, i64, i64, i64, ctypes.c_int]
-    fn.restype = None
-    return fn
+    return function("binary", "merge_signs", (p, p, ctypes.c_float, p, i64, i64, i64, ctypes.c_int), None)
 
 
 def merge_signs(weight: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:

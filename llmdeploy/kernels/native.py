@@ -70,3 +70,15 @@ def library(name: str) -> ctypes.CDLL | None:
     except OSError as e:
         log.warning("loading %s failed (%s); using the numba/torch paths", target, e)
         return None
+
+
+@functools.cache
+def function(name: str, symbol: str, argtypes: tuple, restype) -> ctypes._CFuncPtr | None:
+    """``symbol`` of the compiled ``csrc/<name>.c`` with its C signature, or None (see :func:`library`)."""
+    lib = library(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.argtypes = list(argtypes)
+    fn.restype = restype
+    return fn
