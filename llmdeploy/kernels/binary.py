@@ -201,12 +201,3 @@ def multi_binary_matmul(x: torch.Tensor, packed: torch.Tensor, tenant: torch.Ten
     _kernel()(x.contiguous().numpy(), packed.contiguous().numpy(), tenant.to(torch.int64).contiguous().numpy(),
               out.numpy())
     return out
-
-
-def binary_matmul(x: torch.Tensor, packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``x @ sign^T`` for x (..., in): the CPU kernel when it applies, else the reference."""
-    shape = x.shape
-    flat = x.reshape(-1, shape[-1])
-    tenant = torch.zeros(flat.shape[0], dtype=torch.int64)
-    y = multi_binary_matmul(flat, packed[None], tenant, in_features)
-    return y.reshape(*shape[:-1], packed.shape[0])
