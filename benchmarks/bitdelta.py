@@ -79,6 +79,8 @@ EVAL = {"shakespeare": ["shakespeare"], "pystdlib": ["pystdlib"], "mix": ["shake
         "pydocs": ["pydocs"]}
 DISTILLED = "BitDelta, scales distilled"
 EXTRA = ("fine-tune's linears, base's other tensors (ceiling)", "RTN of the delta, 1 bit, groups of 128")
+EMB_INIT = "BitDelta + embedding delta (per-row scales), at init"
+EMB_DISTILLED = "BitDelta + embedding delta (per-row scales), distilled"
 MT, DENSE = "MultiTenant (one base, per-row deltas)", "dense fine-tunes one after another"
 
 
@@ -126,6 +128,7 @@ def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, red
         rows = {} if redo == "all" else res["domains"].get(domain, {})
         if redo == "distilled":
             rows.pop(DISTILLED, None)
+            rows.pop(EMB_DISTILLED, None)
         res["domains"][domain] = rows
 
         def record(label, model, seconds=None, nbytes=None, domain=domain, rows=rows, **extra):
@@ -143,25 +146,32 @@ def stage_compress(domains, windows: int, steps: int, evaluate: bool = True, red
             record("fine-tune (dense)", ft)
         if todo("fine-tune's linears, base's other tensors (ceiling)"):
             record("fine-tune's linears, base's other tensors (ceiling)", linears_only(base, ft))
-        bd = BitDelta(base=base, steps=steps, lr=1e-4, batch_size=4)
-        if todo("BitDelta, scales at init"):
-            record("BitDelta, scales at init", bd.compress(ft), nbytes=bd.report_.delta_bytes)
-        delta_file, sidecar = FINETUNES / domain / "bitdelta.safetensors", FINETUNES / domain / "bitdelta.json"
-        fresh = redo in ("distilled", "all") or not (delta_file.exists() and sidecar.exists())
-        if fresh:  # distil, save the delta and what the run measured beside it
-            t0 = time.perf_counter()
-            model = bd(ft, calib)
-            r = bd.report_
-            info = {"seconds": time.perf_counter() - t0, "delta_bytes": r.delta_bytes, "fp16_bytes": r.fp16_bytes,
-                    "file_bytes": save_delta(model, delta_file, base).stat().st_size,
-                    "distill_loss": [r.init_loss, r.final_loss], "history": r.history}
-            sidecar.write_text(json.dumps(info))
-        if todo(DISTILLED):  # a delta made earlier (e.g. by --no-eval) is loaded, not distilled again
-            info = json.loads(sidecar.read_text())
-            model = model if fresh else load_delta(base, delta_file)
-            record(DISTILLED, model, seconds=info["seconds"], nbytes=info["delta_bytes"],
-                   file_bytes=info["file_bytes"], distill_loss=info["distill_loss"], history=info["history"])
-            res["fp16_linear_bytes"] = info["fp16_bytes"]
+        for embeddings in (False, True):
+            init_label, dist_label = ("BitDelta, scales at init", DISTILLED) if not embeddings else \
+                (EMB_INIT, EMB_DISTILLED)
+            bd = BitDelta(base=base, steps=steps, lr=1e-4, batch_size=4, embeddings=embeddings)
+            if todo(init_label):
+                record(init_label, bd.compress(ft), nbytes=bd.report_.delta_bytes, fp16_bytes=bd.report_.fp16_bytes)
+            stem = FINETUNES / domain / ("bitdelta-emb" if embeddings else "bitdelta")
+            delta_file, sidecar = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+            fresh = dist_label not in rows and (  # the row is wanted and no delta of this run is saved
+                redo in ("distilled", "all") or not (delta_file.exists() and sidecar.exists()))
+            if fresh:  # distil, save the delta and what the run measured beside it
+                t0 = time.perf_counter()
+                model = bd(ft, calib)
+                r = bd.report_
+                info = {"seconds": time.perf_counter() - t0, "delta_bytes": r.delta_bytes, "fp16_bytes": r.fp16_bytes,
+                        "file_bytes": save_delta(model, delta_file, base).stat().st_size,
+                        "distill_loss": [r.init_loss, r.final_loss], "history": r.history}
+                sidecar.write_text(json.dumps(info))
+            if todo(dist_label):  # a delta made earlier (e.g. by --no-eval) is loaded, not distilled again
+                info = json.loads(sidecar.read_text())
+                model = model if fresh else load_delta(base, delta_file)
+                record(dist_label, model, seconds=info["seconds"], nbytes=info["delta_bytes"],
+                       fp16_bytes=info["fp16_bytes"], file_bytes=info["file_bytes"],
+                       distill_loss=info["distill_loss"], history=info["history"])
+                if not embeddings:
+                    res["fp16_linear_bytes"] = info["fp16_bytes"]
         model = None
         for label, comp in (("low-rank delta (SVD), same bytes", LowRankDelta(base=base)),
                             ("RTN of the delta, 1 bit, groups of 128", RTNDelta(base=base, bits=1, group_size=128))):
@@ -185,9 +195,11 @@ def plot(res: dict) -> None:
         if done.exists():
             h = json.loads(done.read_text())["history"]
             axes[0].plot(range(1, len(h) + 1), h, label=domain, alpha=0.8)
-        h = res["domains"].get(domain, {}).get(DISTILLED, {}).get("history")
-        if h:
-            axes[1].plot(range(1, len(h) + 1), h, label=domain, alpha=0.8)
+        for label, style in ((DISTILLED, "-"), (EMB_DISTILLED, ":")):
+            h = res["domains"].get(domain, {}).get(label, {}).get("history")
+            if h:
+                name = domain if label == DISTILLED else f"{domain} + embedding delta"
+                axes[1].plot(range(1, len(h) + 1), h, style, label=name, alpha=0.8)
     axes[0].set(xlabel="step", ylabel="training loss (cross-entropy)", title="full fine-tunes of smollm2-135m")
     axes[1].set(xlabel="step", ylabel="logit MSE to the fine-tune", yscale="log",
                 title="BitDelta scale distillation")
@@ -259,19 +271,22 @@ def markdown(res: dict) -> str:
                        if n < m["windows"]) + "; scale "
              f"distillation {m['distill_steps']} steps of 4 x 128 tokens (lr 1e-4). Gain recovered = "
              "(base ppl - ppl) / (base ppl - fine-tune ppl). fp16 copy of the decoder linears: "
-             f"{res.get('fp16_linear_bytes', 0) / 2**20:.1f} MiB.", "",
+             f"{res.get('fp16_linear_bytes', 0) / 2**20:.1f} MiB. The embedding-delta rows (an extension, "
+             "not in the paper: `BitDelta(embeddings=True)`, the tied embedding/head gets a 1-bit delta "
+             "with one scale per vocabulary row) compare with fp16 linears + embedding.", "",
              "| fine-tune | model | test corpus | ppl | gain recovered | delta MiB | x smaller than fp16 |",
              "|---|---|---|---|---|---|---|"]
     for domain, rows in res["domains"].items():
         ft = rows.get("fine-tune (dense)")
         order = ["fine-tune (dense)", EXTRA[0], "BitDelta, scales at init", DISTILLED,
-                 "low-rank delta (SVD), same bytes", EXTRA[1]]
+                 "low-rank delta (SVD), same bytes", EXTRA[1], EMB_INIT, EMB_DISTILLED]
         for label, r in sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             for corpus, ppl in r["ppl"].items():
                 base = res["base"][corpus]
                 gain = (base - ppl) / (base - ft["ppl"][corpus]) if ft and base != ft["ppl"][corpus] else float("nan")
                 size = f"{r['delta_bytes'] / 2**20:.2f}" if r.get("delta_bytes") else ""
-                ratio = f"{res['fp16_linear_bytes'] / r['delta_bytes']:.1f}" if r.get("delta_bytes") else ""
+                fp16 = r.get("fp16_bytes") or res["fp16_linear_bytes"]  # embedding rows: linears + embedding
+                ratio = f"{fp16 / r['delta_bytes']:.1f}" if r.get("delta_bytes") else ""
                 lines.append(f"| {domain} | {label} | {corpus} | {ppl:.3f} | {100 * gain:.1f}% | {size} | {ratio} |")
     lines += ["", "Base model: " + ", ".join(f"{c} {p:.3f}" for c, p in res["base"].items()), ""]
     if "serve" in res:

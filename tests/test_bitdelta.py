@@ -317,3 +317,127 @@ def test_others_finetune_keeps_the_finetunes_own_tensors(tmp_path):
         torch.testing.assert_close(back(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ConfigError, match="others='base'"):
         MultiTenant(base, {"own": back, "plain": plain})
+
+
+def _pair_with_embedding(name: str):
+    """A base and a fine-tune that moved its decoder linears and, unevenly by row, its embedding
+    (and its head where untied)."""
+    base, tok = llmdeploy.load(name)
+    ft = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, m in ft.named_modules():
+            if isinstance(m, torch.nn.Linear) and "layers" in n:
+                m.weight += 0.02 * torch.randn(m.weight.shape, generator=g)
+        for w in {id(p): p for p in (ft.get_input_embeddings().weight, ft.get_output_embeddings().weight)}.values():
+            w += 0.05 * torch.rand(w.shape[0], 1, generator=g) ** 3 * torch.randn(w.shape, generator=g)
+    return base.eval(), ft.eval(), tok
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])  # untied and tied head
+def test_embedding_delta_equals_explicit_dense_model(name):
+    from llmdeploy.delta import BitDeltaEmbedding
+    base, ft, tok = _pair_with_embedding(name)
+    tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+    plain_bd, bd = BitDelta(base=base), BitDelta(base=base, embeddings=True)
+    plain_bd.compress(ft)
+    model = bd.compress(ft)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, BitDeltaEmbedding) and isinstance(head, BitDeltaLinear) and head.per_row
+    delta = ft.get_input_embeddings().weight - base.get_input_embeddings().weight
+    torch.testing.assert_close(emb.scale, delta.abs().mean(1))  # one scale per row, mean|Δ_r|
+    assert (head.scale is emb.scale and head.signs is emb.signs) == tied
+    vocab, dim = delta.shape
+    extra = (vocab * dim // 8 + 2 * vocab) * (1 if tied else 2)
+    assert bd.report_.delta_bytes == plain_bd.report_.delta_bytes + extra
+    ref = copy.deepcopy(base)  # the explicit model: every delta merged into a dense weight
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if isinstance(m, (BitDeltaLinear, BitDeltaEmbedding)):
+                ref.get_submodule(n).weight.copy_(m.base.weight + m.delta_weight())
+        ids = ids_for(tok, 2, 12)
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, atol=1e-4, rtol=1e-4)
+        # the embedding delta brings the model closer to the fine-tune than the linears alone
+        plain = plain_bd.compress(ft)
+        err = (model(ids).logits - ft(ids).logits).norm()
+        assert err < (plain(ids).logits - ft(ids).logits).norm()
+    with pytest.raises(ConfigError, match="choose one"):
+        BitDelta(base=base, embeddings=True, others="finetune")(ft, ids_for(tok))
+
+
+def test_per_row_scale_distill_matmul_gradients():
+    from llmdeploy.delta.bitdelta import _DistillMatmul
+    g = torch.Generator().manual_seed(5)
+    w, signs = torch.randn(12, 8, generator=g), torch.where(torch.randn(12, 8, generator=g) >= 0, 1.0, -1.0)
+    x = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    scale = (torch.rand(12, generator=g) * 0.1).requires_grad_(True)
+    out = _DistillMatmul.apply(x, w, None, signs, scale)
+    gout = torch.randn(out.shape, generator=g)
+    out.backward(gout)
+    got = (x.grad.clone(), scale.grad.clone())
+    x.grad, scale.grad = None, None
+    ref = x @ (w + scale[:, None] * signs).T
+    torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)
+    ref.backward(gout)
+    torch.testing.assert_close(got[0], x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], scale.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_embedding_delta_distills_only_scales_saves_and_serves(tmp_path):
+    base, ft, tok = _pair_with_embedding("tiny-qwen2")
+    calib = ids_for(tok, n=8, seq=32)
+    init = BitDelta(base=base, embeddings=True).compress(ft)
+    bd = BitDelta(base=base, steps=20, lr=2e-3, batch_size=4, embeddings=True)
+    model = bd(ft, calib)
+    assert bd.report_.final_loss < bd.report_.init_loss
+    emb = model.get_input_embeddings()
+    assert model.get_output_embeddings().scale is emb.scale  # still tied after training
+    assert not torch.equal(emb.scale, init.get_input_embeddings().scale)
+    for n, p in model.named_parameters():
+        if not n.endswith(".scale"):
+            assert p is base.get_parameter(n)
+    path = save_delta(model, tmp_path / "emb.safetensors", base)
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert "model.embed_tokens.signs" in keys and not any(k.startswith("lm_head") for k in keys)  # tied: once
+    back = load_delta(base, path)
+    ids = ids_for(tok, n=3, seq=10, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=0, atol=0)
+    assert back.get_output_embeddings().scale is back.get_input_embeddings().scale
+    # two tenants with embedding deltas in one batch equal each alone, row by row
+    ft2 = copy.deepcopy(ft)
+    with torch.no_grad():
+        ft2.get_input_embeddings().weight.mul_(-1.0)
+    tenants = {"a": back, "b": BitDelta(base=base, embeddings=True).compress(ft2)}
+    server = MultiTenant(base, tenants)
+    rows = ["b", "a", "b"]
+    with torch.no_grad():
+        logits = server(ids, rows).logits
+        for i, t in enumerate(rows):
+            torch.testing.assert_close(logits[i], tenants[t](ids[i:i + 1]).logits[0], atol=1e-4, rtol=1e-4)
+        out = server.generate(ids, rows, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        for i, t in enumerate(rows):
+            assert torch.equal(out[i], tenants[t].generate(ids[i:i + 1], max_new_tokens=5, do_sample=False,
+                                                           pad_token_id=0)[0])
+    vocab, dim = emb.num_embeddings, emb.embedding_dim
+    assert server.delta_bytes() < 2 * (bd.report_.delta_bytes + vocab * dim)  # the tied head's signs held once
+    with pytest.raises(ConfigError, match="same layers"):
+        MultiTenant(base, {"a": back, "plain": BitDelta(base=base).compress(ft)})
+
+
+def test_multi_binary_linear_per_row_scales():
+    from llmdeploy.kernels.binary import NATIVE_MAX_ROWS, multi_binary_linear
+    g = torch.Generator().manual_seed(4)
+    base = torch.nn.Linear(40, 24)
+    packed = torch.stack([pack_signs(torch.randn(24, 40, generator=g)) for _ in range(3)])
+    scales = torch.rand(3, 24, generator=g) * 0.05
+    for n in (5, NATIVE_MAX_ROWS + 9):
+        x = torch.randn(n, 40, generator=g)
+        tenant = torch.randint(0, 3, (n,), generator=g)
+        with torch.no_grad():
+            ref = torch.stack([base(x[i]) + scales[tenant[i]] * (unpack_signs(packed[tenant[i]], 40) @ x[i])
+                               for i in range(n)])
+            torch.testing.assert_close(multi_binary_linear(x, base, packed, scales, tenant), ref,
+                                       atol=1e-5, rtol=1e-5)

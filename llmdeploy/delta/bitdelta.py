@@ -17,6 +17,13 @@ tensor; a fine-tune that changed those tensors loses that change, which scale di
 partly compensates. ``others="finetune"`` is the reference's model: the fine-tune's own tensors
 where they differ from the base, stored in 16 bits in the delta (and not servable by
 :class:`~llmdeploy.delta.MultiTenant`, whose tenants share them).
+
+Extension (not in the paper): ``embeddings=True`` also gives the token embedding a 1-bit delta,
+with one scale per vocabulary row (``α_r = mean|Δ_r|``, distilled like the others), and the LM head
+too — a tied head shares the embedding's signs and scales. A fine-tune moves its embedding rows very
+unevenly (the tokens of its domain a lot, the rest barely), so one scale for the whole matrix makes
+things worse, while per-row scales recover most of what keeping the base's embedding loses; it
+costs ``vocab·dim/8`` bytes of signs plus 2 bytes per row, and stays servable by ``MultiTenant``.
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ log = logging.getLogger(__name__)
 
 class _DistillMatmul(torch.autograd.Function):
     """``x·W_baseᵀ + b + α·(x·Sᵀ)`` with gradients for ``x`` and ``α`` only (the base is frozen
-    during scale distillation). Backward uses one matmul with the merged weight ``W_base + α·S``
-    instead of one per term, and ``∂/∂α = Σ g ⊙ (x·Sᵀ)`` from the saved sign product."""
+    during scale distillation); ``α`` is one scale or one per output row. Backward uses one matmul
+    with the merged weight ``W_base + α·S`` instead of one per term, and ``∂/∂α = Σ g ⊙ (x·Sᵀ)``
+    from the saved sign product."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, signs, scale):
@@ -57,34 +65,54 @@ class _DistillMatmul(torch.autograd.Function):
         weight, signs, scale, d = ctx.saved_tensors
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             raise RuntimeError("BitDelta scale distillation keeps the base frozen")
-        gx = g @ (weight + scale * signs) if ctx.needs_input_grad[0] else None
-        gs = (g * d).sum().reshape(scale.shape) if ctx.needs_input_grad[4] else None
+        col = scale[:, None] if scale.dim() else scale
+        gx = g @ (weight + col * signs) if ctx.needs_input_grad[0] else None
+        gs = None
+        if ctx.needs_input_grad[4]:
+            gd = (g * d).reshape(-1, d.shape[-1])
+            gs = gd.sum(0) if scale.dim() else gd.sum().reshape(scale.shape)
         return gx, None, None, None, gs
+
+
+def _scale_parameter(scale: float | torch.Tensor) -> nn.Parameter:
+    """A scale as a parameter; a given ``nn.Parameter`` is kept (shared, e.g. by a tied head)."""
+    if isinstance(scale, nn.Parameter):
+        return scale
+    return nn.Parameter(torch.as_tensor(scale, dtype=torch.float32).detach().clone())
 
 
 class BitDeltaLinear(nn.Module):
     """``base(x) + scale · (x · signsᵀ)`` with the base linear shared (held outside the module's
-    parameters, so it is neither copied, saved nor trained here)."""
+    parameters, so it is neither copied, saved nor trained here). ``scale`` is one number (the
+    paper's, for decoder linears) or one per output row (the LM head with ``embeddings=True``)."""
 
-    def __init__(self, base: nn.Linear, signs: torch.Tensor, scale: float):
+    def __init__(self, base: nn.Linear, signs: torch.Tensor, scale: float | torch.Tensor):
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
         self._base = (base,)  # a tuple hides it from parameters(), state_dict() and .to()
         self.register_buffer("signs", signs)
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.scale = _scale_parameter(scale)
+        if self.scale.dim() not in (0, 1) or (self.scale.dim() == 1 and self.scale.numel() != self.out_features):
+            raise ConfigError(f"BitDeltaLinear: the scale must be one number or {self.out_features} (one per "
+                              f"output), got shape {tuple(self.scale.shape)}")
         self._dense_signs: torch.Tensor | None = None  # ±1 matrix, only while distilling
 
     @property
     def base(self) -> nn.Linear:
         return self._base[0]
 
+    @property
+    def per_row(self) -> bool:
+        return self.scale.dim() == 1
+
     @classmethod
-    def from_weights(cls, base: nn.Linear, finetuned_weight: torch.Tensor) -> BitDeltaLinear:
+    def from_weights(cls, base: nn.Linear, finetuned_weight: torch.Tensor, per_row: bool = False) -> BitDeltaLinear:
         delta = (finetuned_weight.detach().float() - base.weight.detach().float())
-        return cls(base, pack_signs(delta), delta.abs().mean().item())
+        return cls(base, pack_signs(delta), delta.abs().mean(1) if per_row else delta.abs().mean())
 
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * unpack_signs(self.signs, self.in_features, self.scale.dtype)
+        col = self.scale[:, None] if self.per_row else self.scale
+        return col * unpack_signs(self.signs, self.in_features, self.scale.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.scale.requires_grad or x.requires_grad):  # autograd paths
@@ -100,7 +128,44 @@ class BitDeltaLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, scale={self.scale.item():.3g}"
+        scale = "per row" if self.per_row else f"{self.scale.item():.3g}"
+        return f"in={self.in_features}, out={self.out_features}, scale={scale}"
+
+
+class BitDeltaEmbedding(nn.Module):
+    """``base(ids) + scale[ids] · signs[ids]``: a token embedding with a 1-bit delta and one scale
+    per vocabulary row, the base embedding shared (``BitDelta(embeddings=True)``)."""
+
+    def __init__(self, base: nn.Embedding, signs: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self._base = (base,)
+        self.register_buffer("signs", signs)
+        self.scale = _scale_parameter(scale)
+        if self.scale.shape != (self.num_embeddings,):
+            raise ConfigError(f"BitDeltaEmbedding: one scale per row ({self.num_embeddings}) is needed, "
+                              f"got shape {tuple(self.scale.shape)}")
+
+    @property
+    def base(self) -> nn.Embedding:
+        return self._base[0]
+
+    @classmethod
+    def from_weights(cls, base: nn.Embedding, finetuned_weight: torch.Tensor) -> BitDeltaEmbedding:
+        delta = finetuned_weight.detach().float() - base.weight.detach().float()
+        return cls(base, pack_signs(delta), delta.abs().mean(1))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale[:, None] * unpack_signs(self.signs, self.embedding_dim, self.scale.dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y = self.base(ids)
+        d = unpack_signs(self.signs[ids], self.embedding_dim, y.dtype)
+        return y + self.scale[ids].to(y.dtype)[..., None] * d
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, scale=per row"
 
 
 def shallow_clone(module: nn.Module) -> nn.Module:
@@ -115,7 +180,7 @@ def shallow_clone(module: nn.Module) -> nn.Module:
 def own_tensors(model: nn.Module, base: nn.Module) -> dict[str, nn.Parameter]:
     """The parameters of a BitDelta ``model`` outside its delta linears that are not ``base``'s own
     (set with ``others="finetune"``), by name; tied names are listed once, under their first name."""
-    scales = {id(m.scale) for m in model.modules() if isinstance(m, BitDeltaLinear)}
+    scales = {id(m.scale) for m in model.modules() if isinstance(m, (BitDeltaLinear, BitDeltaEmbedding))}
     base_params = dict(base.named_parameters(remove_duplicate=False))
     out, seen = {}, set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -155,7 +220,8 @@ class BitDeltaReport(Report):
 
     def summary(self) -> str:
         return (f"BitDelta: {self.layers} linears, {self.delta_bytes / 2**20:.2f} MiB of signs and scales "
-                f"({self.fp16_bytes / max(1, self.delta_bytes):.1f}x smaller than fp16 linears); distillation loss "
+                f"({self.fp16_bytes / max(1, self.delta_bytes):.1f}x smaller than the fp16 tensors it replaces); "
+                f"distillation loss "
                 f"{self.init_loss:.4g} -> {self.final_loss:.4g}")
 
 
@@ -171,6 +237,7 @@ class BitDelta(Compressor):
     loss: str = "mse"
     seed: int = 0
     others: str = "base"
+    embeddings: bool = False
     base: nn.Module | None = engine_field(None)
     needs_calibration = True
 
@@ -179,6 +246,14 @@ class BitDelta(Compressor):
             raise ConfigError("bitdelta needs base=<the base model the fine-tune started from>")
         if self.others not in ("base", "finetune"):
             raise ConfigError(f"bitdelta: others must be 'base' or 'finetune', got {self.others!r}")
+        if self.embeddings and self.others == "finetune":
+            raise ConfigError("bitdelta: embeddings=True gives the embedding a 1-bit delta, others='finetune' "
+                              "keeps the fine-tune's whole embedding; choose one")
+        if self.embeddings:
+            a, b = model.get_input_embeddings(), self.base.get_input_embeddings()
+            if not isinstance(a, nn.Embedding) or not isinstance(b, nn.Embedding) or a.weight.shape != b.weight.shape:
+                raise ConfigError("bitdelta: embeddings=True needs dense token embeddings of one shape in both "
+                                  "models (same vocabulary); use embeddings=False")
         if self.loss not in ("mse", "kl"):
             raise ConfigError(f"bitdelta: loss must be 'mse' or 'kl', got {self.loss!r}")
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1:
@@ -203,6 +278,22 @@ class BitDelta(Compressor):
             n += 1
             nbytes += mod.signs.numel() + 2  # signs + an fp16 scale
             fp16 += 2 * mod.in_features * mod.out_features
+        if self.embeddings:
+            names = {id(m): n for n, m in self.base.named_modules()}
+            emb_b = self.base.get_input_embeddings()
+            emb = BitDeltaEmbedding.from_weights(emb_b, model.get_input_embeddings().weight)
+            out.set_submodule(names[id(emb_b)], emb)
+            nbytes += emb.signs.numel() + 2 * emb.num_embeddings
+            fp16 += 2 * emb_b.weight.numel()
+            head_b = self.base.get_output_embeddings()
+            if isinstance(head_b, nn.Linear):
+                if head_b.weight is emb_b.weight:  # tied: the head is the same matrix, same delta
+                    head = BitDeltaLinear(head_b, emb.signs, emb.scale)
+                else:
+                    head = BitDeltaLinear.from_weights(head_b, model.get_output_embeddings().weight, per_row=True)
+                    nbytes += head.signs.numel() + 2 * head.out_features
+                    fp16 += 2 * head_b.weight.numel()
+                out.set_submodule(names[id(head_b)], head)
         if self.others == "finetune":  # the paper's model: the fine-tune's own tensors elsewhere, in 16 bits
             linears = {f"{name}.{k}" for name in get_adapter(model).linear_names() for k in ("weight", "bias")}
             ft = dict(model.named_parameters(remove_duplicate=False))
@@ -224,7 +315,8 @@ class BitDelta(Compressor):
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
         student = self.compress(model)
         report = self.report_
-        scales = [m.scale for m in student.modules() if isinstance(m, BitDeltaLinear)]
+        scales = list({id(m.scale): m.scale for m in student.modules()
+                       if isinstance(m, (BitDeltaLinear, BitDeltaEmbedding))}.values())  # a tied head shares
         others = list(model.parameters()) + list(self.base.parameters())
         flags = [p.requires_grad for p in others]
         for p in others:

@@ -8,7 +8,8 @@
   for the whole batch and adds, per row, that row's binary delta (one kernel call with a tenant
   index per row, :func:`llmdeploy.kernels.binary.multi_binary_linear`). Long prefills (more than
   256 token rows) on CPU run instead one dense matmul per tenant with its merged weight, the
-  cheaper of the two there.
+  cheaper of the two there. Token-embedding deltas (``BitDelta(embeddings=True)``) are looked up
+  per row the same way, and a tied head shares one stacked copy of the embedding's signs.
 """
 
 from __future__ import annotations
@@ -25,14 +26,34 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..kernels.binary import multi_binary_linear
-from .bitdelta import BitDeltaLinear, model_hash, own_tensors, replace_parameters, shallow_clone
+from ..kernels.binary import multi_binary_linear, unpack_signs
+from .bitdelta import (
+    BitDeltaEmbedding,
+    BitDeltaLinear,
+    model_hash,
+    own_tensors,
+    replace_parameters,
+    shallow_clone,
+)
 
 FORMAT = "llmdeploy-bitdelta-1"
 
 
-def delta_modules(model: nn.Module) -> dict[str, BitDeltaLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, BitDeltaLinear)}
+def delta_modules(model: nn.Module) -> dict[str, BitDeltaLinear | BitDeltaEmbedding]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (BitDeltaLinear, BitDeltaEmbedding))}
+
+
+def _tied(mods: dict[str, nn.Module]) -> dict[str, str]:
+    """Delta modules that share another's signs and scale (a tied head): name -> the owner's name."""
+    owner: dict[tuple[int, int], str] = {}
+    tied = {}
+    for name, m in mods.items():
+        key = (id(m.signs), id(m.scale))
+        if key in owner:
+            tied[name] = owner[key]
+        else:
+            owner[key] = name
+    return tied
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, base: nn.Module) -> Path:
@@ -43,16 +64,22 @@ def save_delta(model: nn.Module, path: str | os.PathLike, base: nn.Module) -> Pa
     for name, m in mods.items():
         if m.base is not base.get_submodule(name):
             raise ConfigError(f"save_delta: {name} was not compressed against this base")
+    tied = _tied(mods)
     tensors = {}
     for name, m in mods.items():
+        if name in tied:
+            continue
         tensors[f"{name}.signs"] = m.signs.detach().cpu().contiguous()
-        tensors[f"{name}.scale"] = m.scale.detach().float().cpu().reshape(1)
+        tensors[f"{name}.scale"] = m.scale.detach().float().cpu().reshape(-1)
     others = own_tensors(model, base)  # others="finetune": the fine-tune's tensors outside the linears
     for name, p in others.items():
         tensors[f"other.{name}"] = p.detach().to(torch.float16).cpu().contiguous()
+    linears = {n: m for n, m in mods.items() if isinstance(m, BitDeltaLinear)}
     meta = {"format": FORMAT, "base_sha256": model_hash(base),
-            "in_features": json.dumps({n: m.in_features for n, m in mods.items()}),
-            "others": json.dumps(sorted(others))}
+            "in_features": json.dumps({n: m.in_features for n, m in linears.items()}),
+            "per_row": json.dumps(sorted(n for n, m in linears.items() if m.per_row)),
+            "embeddings": json.dumps(sorted(n for n, m in mods.items() if isinstance(m, BitDeltaEmbedding))),
+            "tied": json.dumps(tied), "others": json.dumps(sorted(others))}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
@@ -76,10 +103,23 @@ def load_delta(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise CheckpointError(f"{path} was made against another base model (sha256 {meta['base_sha256'][:12]}…); "
                                   "load it over the base the fine-tune started from")
         model = shallow_clone(base)
+        tied, per_row = json.loads(meta.get("tied", "{}")), set(json.loads(meta.get("per_row", "[]")))
+        built: dict[str, nn.Module] = {}
+        for name in json.loads(meta.get("embeddings", "[]")):
+            emb = base.get_submodule(name)
+            built[name] = BitDeltaEmbedding(emb, f.get_tensor(f"{name}.signs").to(emb.weight.device),
+                                            f.get_tensor(f"{name}.scale").to(emb.weight.device))
         for name in json.loads(meta["in_features"]):
             lin = base.get_submodule(name)
-            mod = BitDeltaLinear(lin, f.get_tensor(f"{name}.signs"), float(f.get_tensor(f"{name}.scale")[0]))
-            model.set_submodule(name, mod.to(lin.weight.device))
+            if name in tied:
+                owner = built[tied[name]]
+                built[name] = BitDeltaLinear(lin, owner.signs, owner.scale)
+                continue
+            scale = f.get_tensor(f"{name}.scale")
+            built[name] = BitDeltaLinear(lin, f.get_tensor(f"{name}.signs"),
+                                         scale if name in per_row else float(scale[0])).to(lin.weight.device)
+        for name, mod in built.items():
+            model.set_submodule(name, mod)
         base_params = dict(base.named_parameters(remove_duplicate=False))
         replace_parameters(model, {
             id(base_params[name]): nn.Parameter(f.get_tensor(f"other.{name}").to(base_params[name].dtype).to(
@@ -116,6 +156,28 @@ class MultiTenantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class MultiTenantEmbedding(nn.Module):
+    """``base(ids)`` plus, for a row of tenant ``t``, ``scales[t, id] · signs[t, id]``."""
+
+    def __init__(self, base: nn.Embedding, signs: torch.Tensor, scales: torch.Tensor, rows: _Rows):
+        super().__init__()
+        self._base = (base,)
+        self.num_embeddings, self.embedding_dim = base.num_embeddings, base.embedding_dim
+        self.padding_idx = base.padding_idx
+        self.register_buffer("signs", signs)  # (T, vocab, dim/8)
+        self.register_buffer("scales", scales)  # (T, vocab)
+        self._rows = rows
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        tenant = self._rows.tenant
+        if tenant is None:
+            raise ConfigError("MultiTenant: run the model through MultiTenant.forward/generate (tenants per row)")
+        y = self._base[0](ids)
+        t = tenant.to(ids.device).reshape(-1, *([1] * (ids.dim() - 1))).expand_as(ids)
+        d = unpack_signs(self.signs[t, ids], self.embedding_dim, y.dtype)
+        return y + self.scales[t, ids].to(y.dtype)[..., None] * d
+
+
 class MultiTenant(nn.Module):
     """One base model serving several BitDelta fine-tunes, mixed within a batch."""
 
@@ -139,10 +201,22 @@ class MultiTenant(nn.Module):
                                   "or serve this fine-tune on its own")
         self._rows = _Rows()
         self.model = shallow_clone(base)
+        stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # a tied head reuses its embedding's
         for path in sorted(layers):
-            signs = torch.stack([per[n][path].signs for n in self.names])
-            scales = torch.stack([per[n][path].scale.detach().float() for n in self.names])
-            self.model.set_submodule(path, MultiTenantLinear(base.get_submodule(path), signs, scales, self._rows))
+            mods = [per[n][path] for n in self.names]
+            key = tuple(id(m.signs) for m in mods)
+            if key not in stacked:
+                scales = [m.scale.detach().float() for m in mods]
+                if any(s.dim() for s in scales):  # one scale per row for some tenant: per row for all
+                    rows_n = next(s.numel() for s in scales if s.dim())
+                    scales = [s.expand(rows_n) for s in scales]
+                stacked[key] = torch.stack([m.signs for m in mods]), torch.stack(scales)
+            signs, scales = stacked[key]
+            kinds = {type(m) for m in mods}
+            if len(kinds) > 1:
+                raise ConfigError(f"tenants hold different kinds of delta at {path}")
+            cls = MultiTenantEmbedding if kinds == {BitDeltaEmbedding} else MultiTenantLinear
+            self.model.set_submodule(path, cls(base.get_submodule(path), signs, scales, self._rows))
 
     def tenant_ids(self, tenants: Sequence[str]) -> torch.Tensor:
         unknown = [t for t in tenants if t not in self.names]
@@ -171,6 +245,7 @@ class MultiTenant(nn.Module):
             self._rows.tenant = None
 
     def delta_bytes(self) -> int:
-        """Bytes of every tenant's signs and scales (what N tenants add to the base)."""
-        return sum(b.numel() * b.element_size() for m in self.model.modules() if isinstance(m, MultiTenantLinear)
-                   for b in (m.signs, m.scales))
+        """Bytes of every tenant's signs and scales (what N tenants add to the base; shared ones once)."""
+        seen = {b.data_ptr(): b.numel() * b.element_size() for m in self.model.modules()
+                if isinstance(m, (MultiTenantLinear, MultiTenantEmbedding)) for b in (m.signs, m.scales)}
+        return sum(seen.values())

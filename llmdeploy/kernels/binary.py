@@ -119,10 +119,13 @@ def _native_merge():
     return function("binary", "merge_signs", (p, p, ctypes.c_float, p, i64, i64, i64, ctypes.c_int), None)
 
 
-def merge_signs(weight: torch.Tensor, packed: torch.Tensor, scale: float) -> torch.Tensor:
-    """``weight + scale · sign`` (out, in): one tenant's dense weight (the C kernel for fp32 CPU
-    tensors, else torch)."""
+def merge_signs(weight: torch.Tensor, packed: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """``weight + scale · sign`` (out, in): one tenant's dense weight; ``scale`` is one number or
+    one per output row (the C kernel for one number and fp32 CPU tensors, else torch)."""
     fn = _native_merge()
+    if isinstance(scale, torch.Tensor) and scale.dim():
+        return weight + scale.to(weight.dtype)[:, None] * unpack_signs(packed, weight.shape[1], weight.dtype)
+    scale = float(scale)
     if (fn is None or weight.dtype != torch.float32 or weight.device.type != "cpu"
             or packed.device.type != "cpu"):
         return weight + scale * unpack_signs(packed, weight.shape[1], weight.dtype)
@@ -136,19 +139,20 @@ def merge_signs(weight: torch.Tensor, packed: torch.Tensor, scale: float) -> tor
 def multi_binary_linear(x: torch.Tensor, base: torch.nn.Linear, packed: torch.Tensor, scales: torch.Tensor,
                         tenant: torch.Tensor) -> torch.Tensor:
     """``base(x[n]) + scales[t] · x[n] · sign_tᵀ`` for row ``n`` of tenant ``t = tenant[n]``
-    (x: N, in). Up to :data:`NATIVE_MAX_ROWS` rows (decoding): the base matmul once for all rows
+    (x: N, in; ``scales``: (T,), or (T, out) for one scale per output row). Up to :data:`NATIVE_MAX_ROWS` rows (decoding): the base matmul once for all rows
     plus the per-row sign matmul. More rows (long prefills) on CPU: per tenant the merged weight
     ``W_base + α_t·S_t`` (:func:`merge_signs`) and one dense matmul of that tenant's rows, which
     costs one dense pass instead of two; equal up to float rounding."""
     in_features = base.in_features
     if x.shape[0] <= NATIVE_MAX_ROWS or x.is_cuda:
         y = base(x)
-        d = multi_binary_matmul(x.float(), packed, tenant, in_features) * scales[tenant][:, None]
+        s = scales[tenant]
+        d = multi_binary_matmul(x.float(), packed, tenant, in_features) * (s if s.dim() == 2 else s[:, None])
         return y + d.to(y.dtype)
     out = x.new_empty(x.shape[0], base.out_features)
     for t in torch.unique(tenant).tolist():
         rows = (tenant == t).nonzero(as_tuple=True)[0]
-        w = merge_signs(base.weight, packed[t], float(scales[t]))
+        w = merge_signs(base.weight, packed[t], scales[t])
         out[rows] = torch.nn.functional.linear(x[rows], w.to(x.dtype), base.bias)
     return out
 
