@@ -1,8 +1,9 @@
 """Kernels for quantized matmuls, each tested against a plain-torch reference.
 
 ``aqlm_kernel_for(module, x, tokens)`` picks the kernel an ``AQLMLinear`` uses for input ``x``
-(or None: the reference). ``LLMDEPLOY_AQLM_KERNEL=reference`` (environment) or
-:func:`use_reference` forces the reference everywhere.
+(or None: the reference); RTN/GPTQ layers use :mod:`.quant` for fp32 CPU inputs.
+:func:`use_reference` or ``LLMDEPLOY_KERNELS=reference`` (environment) forces the plain-torch
+reference everywhere; ``LLMDEPLOY_AQLM_KERNEL=reference`` only for AQLM.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ def use_reference() -> Iterator[None]:
         _FORCE_REFERENCE = old
 
 
+def forced_reference() -> bool:
+    """Whether :func:`use_reference` (or ``LLMDEPLOY_KERNELS=reference``) asks for plain torch."""
+    return _FORCE_REFERENCE or os.environ.get("LLMDEPLOY_KERNELS", "auto") == "reference"
+
+
 def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The fastest available kernel for ``module(x)``, or None for the reference."""
-    if _FORCE_REFERENCE or os.environ.get("LLMDEPLOY_AQLM_KERNEL", "auto") == "reference":
+    if forced_reference() or os.environ.get("LLMDEPLOY_AQLM_KERNEL", "auto") == "reference":
         return None
     if module.out_group_size != 1:
         return None
@@ -57,4 +63,4 @@ def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Ten
     return None
 
 
-__all__ = ["aqlm_kernel_for", "importable", "use_reference"]
+__all__ = ["aqlm_kernel_for", "forced_reference", "importable", "use_reference"]

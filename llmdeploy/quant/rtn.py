@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 from ..compress.base import Compressor, Report, register_method, require_targets
 from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
+from ..kernels import forced_reference as kernels_forced_reference
+from ..kernels import quant as quant_kernel
+from ..kernels.quant import PlaneWeights, to_planes
 from ..models.adapters import get_adapter
 from .packing import pack, unpack
 
@@ -125,7 +128,22 @@ class RTNLinear(CompressedModule):
         dtype = self.bias.dtype if self.bias is not None else torch.float32
         return self.dequantize(dtype)
 
+    def kernel_weights(self) -> PlaneWeights:
+        """This layer in the C kernel's layout, repacked on first use and again only when the
+        stored codes, scales or zero points change (the checkpoint layout stays the documented one)."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.zeros) if t is not None)
+        cached = getattr(self, "_kernel_cache", None)
+        if cached is None or cached[0] != key:
+            zeros = self.zeros if self.zeros is not None else torch.full_like(self.scales, 2 ** (self.bits - 1))
+            cached = (key, to_planes(self.codes(), self.scales, zeros, self.bits, self.group_size))
+            self._kernel_cache = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (not kernels_forced_reference() and quant_kernel.supports(x, self.group_size)
+                and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
+                                                                           and self.bias.requires_grad)))):
+            return quant_kernel.wonly_matmul(x, self.kernel_weights(), self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def init_kwargs(self) -> dict[str, Any]:
