@@ -2,8 +2,8 @@
 
 The checkpoint keeps its documented layout (codes packed along the input dimension, see
 :mod:`llmdeploy.quant.packing`). On the first CPU forward a layer is repacked once into the C
-kernel's layout, :class:`PlaneWeights` — for each output row and group, one bit plane per code bit
-— and the scales and zero points are widened to fp32. Then (``csrc/qmatmul.c``):
+kernel's layout, :class:`PlaneWeights` — one bit plane per code bit, in words of 16 inputs, the
+words of 8 outputs side by side (groups of a multiple of 16 inputs) — and the scales and zero points are widened to fp32. Then (``csrc/qmatmul.c``):
 
 - up to :data:`MAX_KERNEL_ROWS` token rows (decoding): each output is ``Σ_g s_g·(Σ_k 2^k·m_{g,k} −
   z_g·Σ_{i∈g} x_i)`` where ``m_{g,k}`` is the sum of the inputs whose code has bit ``k`` set; two
@@ -36,7 +36,7 @@ MAX_KERNEL_ROWS = 16
 class PlaneWeights:
     """A quantized weight in the C kernel's layout (built once per layer)."""
 
-    planes: torch.Tensor  # (out, groups, bits, group_size / 8) uint8
+    planes: torch.Tensor  # (ceil(out / 8), groups, bits, group_size / 16, 8, 2) uint8
     scales: torch.Tensor  # (out, groups) fp32
     zeros: torch.Tensor  # (out, groups) fp32
     bits: int
@@ -49,14 +49,15 @@ def to_planes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
               ) -> PlaneWeights:
     """Repack unsigned ``codes`` (out, in) of ``bits`` bits with group ``scales``/``zeros`` (out, groups)."""
     out_f, in_f = codes.shape
-    if group_size % 8 or in_f % group_size:
-        raise ValueError(f"group_size={group_size} must be a multiple of 8 dividing in_features={in_f}")
-    ng = in_f // group_size
-    c = codes.to(torch.uint8).reshape(out_f, ng, 1, group_size)
-    shifts = torch.arange(bits, dtype=torch.uint8).reshape(1, 1, bits, 1)
-    bitsets = (c >> shifts) & 1  # (out, groups, bits, group_size)
+    if group_size % 16 or in_f % group_size:
+        raise ValueError(f"group_size={group_size} must be a multiple of 16 dividing in_features={in_f}")
+    ng, nc, pad = in_f // group_size, group_size // 16, (-out_f) % 8
+    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).reshape(-1, 8, ng, 1, group_size)
+    shifts = torch.arange(bits, dtype=torch.uint8).reshape(1, 1, 1, bits, 1)
+    bitsets = (c >> shifts) & 1  # (out blocks, 8, groups, bits, group_size)
     planes = pack_signs((bitsets.to(torch.int8) * 2 - 1).reshape(-1, group_size).float())
-    return PlaneWeights(planes.reshape(out_f, ng, bits, group_size // 8).contiguous(),
+    planes = planes.reshape(-1, 8, ng, bits, nc, 2).permute(0, 2, 3, 4, 1, 5)
+    return PlaneWeights(planes.contiguous(),
                         scales.float().reshape(out_f, ng).contiguous(), zeros.float().reshape(out_f, ng).contiguous(),
                         bits, group_size, in_f, out_f)
 
@@ -76,8 +77,8 @@ def available() -> bool:
 
 
 def supports(x: torch.Tensor, group_size: int) -> bool:
-    """Whether the C kernel takes this input: fp32 on CPU, groups of a multiple of 8, built here."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and group_size % 8 == 0 and available()
+    """Whether the C kernel takes this input: fp32 on CPU, groups of a multiple of 16, built here."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and group_size % 16 == 0 and available()
 
 
 def dequantize_planes(w: PlaneWeights) -> torch.Tensor:

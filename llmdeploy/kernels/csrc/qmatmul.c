@@ -2,17 +2,17 @@
  *
  *   out[n, o] = bias[o] + sum_g scale[o, g] * sum_{i in g} (code[o, i] - zero[o, g]) * x[n, i]
  *
- * Kernel layout (repacked once from the checkpoint's codes, see kernels/quant.py): for output o and
- * group g, `bits` planes of group_size/8 bytes each; bit (i % 8) of byte i / 8 of plane k is bit k
- * of the code of input i of the group. Since code = sum_k 2^k bit_k,
+ * Kernel layout (repacked once from the checkpoint's codes, see kernels/quant.py): bit planes, where
+ * bit j of the 16-bit word of output o, plane k, chunk c of group g is bit k of the code of input
+ * g*gs + 16c + j; the words of 8 consecutive outputs sit together. Since code = sum_k 2^k bit_k,
  *
  *   sum_i code_i x_i = sum_k 2^k (sum of the x_i whose bit k is set),
  *
  * and with AVX-512 two bytes of a plane are directly the lane mask of 16 inputs: one masked add
- * consumes 16 weights of one plane while reading 2 bytes, so a b-bit weight costs b/16 adds and
- * b bits of memory traffic. The zero point enters once per group through the group's sum of x.
- * Parallel over outputs (OpenMP): the few bytes of one output's codes stay in L1 while the rows
- * of x are reused. Without AVX-512 a portable loop computes the same sums bit by bit.
+ * consumes 16 weights of one plane while reading 2 bytes (x is pre-multiplied by 2^k per plane), so
+ * a b-bit weight costs b/16 adds and b bits of memory traffic. The zero point enters once per group
+ * through the group's sum of x. Parallel over blocks of 8 outputs (OpenMP), which share each load
+ * of x and keep 8 independent accumulators. Without AVX-512 a portable loop computes the same sums.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,102 +21,126 @@
 #include <immintrin.h>
 #endif
 
-/* sum over the inputs of one group (x: gs floats) of code * x, from the group's planes */
-static float group_dot(const float *x, const uint8_t *planes, int bits, int64_t gs) {
-    int64_t nb = gs / 8;
-    float acc = 0.0f;
-    int64_t i0 = 0;
-#ifdef __AVX512F__
-    __m512 total = _mm512_setzero_ps();
-    int64_t full = gs - gs % 16;
-    for (int k = 0; k < bits; k++) {
-        const uint8_t *p = planes + k * nb;
-        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
-        int64_t i = 0;
-        for (; i + 32 <= full; i += 32) { /* two accumulators hide the add latency */
-            uint16_t m0, m1;
-            memcpy(&m0, p + i / 8, 2);
-            memcpy(&m1, p + i / 8 + 2, 2);
-            a = _mm512_mask_add_ps(a, (__mmask16)m0, a, _mm512_loadu_ps(x + i));
-            b = _mm512_mask_add_ps(b, (__mmask16)m1, b, _mm512_loadu_ps(x + i + 16));
-        }
-        for (; i < full; i += 16) {
-            uint16_t m;
-            memcpy(&m, p + i / 8, 2);
-            a = _mm512_mask_add_ps(a, (__mmask16)m, a, _mm512_loadu_ps(x + i));
-        }
-        total = _mm512_fmadd_ps(_mm512_set1_ps((float)(1 << k)), _mm512_add_ps(a, b), total);
-    }
-    acc = _mm512_reduce_add_ps(total);
-    i0 = full;
-#endif
-    for (int k = 0; k < bits; k++) {
-        const uint8_t *p = planes + k * nb;
-        float s = 0.0f;
-        for (int64_t i = i0; i < gs; i++)
-            if ((p[i >> 3] >> (i & 7)) & 1) s += x[i];
-        acc += (float)(1 << k) * s;
-    }
-    return acc;
-}
+#define OB 8 /* outputs per block: 8 independent accumulators hide the add latency, x loads are shared */
 
-/* x (n_rows, n_in) f32 contiguous; planes (n_out, n_groups, bits, gs/8) u8; scales and zeros
- * (n_out, n_groups) f32; bias (n_out,) f32 or NULL; out (n_rows, n_out) f32.
- * Returns 0, or -2 when out of memory (nothing computed). */
+static inline float plane_scale(int k) { return (float)(1 << k); }
+
+/* x (n_rows, n_in) f32 contiguous; planes (ceil(n_out/8), groups, bits, gs/16, 8, 2) u8 (the 2 bytes
+ * of the 8 outputs of a block for one 16-input chunk of one plane are adjacent, so a block streams
+ * its codes in order); scales and zeros (n_out, groups) f32; bias (n_out,) f32 or NULL;
+ * out (n_rows, n_out) f32. gs must be a multiple of 16. Returns 0, or -2 when out of memory. */
 int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, const float *zeros,
                    const float *bias, float *out, int64_t n_rows, int64_t n_in, int64_t n_out, int bits,
                    int64_t gs, int threads) {
-    int64_t ng = n_in / gs, per_group = (int64_t)bits * (gs / 8);
+    int64_t ng = n_in / gs, nc = gs / 16, n_ob = (n_out + OB - 1) / OB;
+    int64_t block_bytes = ng * bits * nc * OB * 2;
+    /* per row: xsum per group (zero points) and x * 2^k per plane (so a plane's adds need no scaling) */
     float *xsum = malloc(sizeof(float) * (n_rows * ng > 0 ? n_rows * ng : 1));
-    if (!xsum) return -2;
-    for (int64_t n = 0; n < n_rows; n++)
+    float *xk = malloc(sizeof(float) * (n_rows * bits * n_in > 0 ? n_rows * bits * n_in : 1));
+    if (!xsum || !xk) {
+        free(xsum);
+        free(xk);
+        return -2;
+    }
+    for (int64_t n = 0; n < n_rows; n++) {
         for (int64_t g = 0; g < ng; g++) {
             float t = 0.0f;
             for (int64_t i = 0; i < gs; i++) t += x[n * n_in + g * gs + i];
             xsum[n * ng + g] = t;
         }
+        for (int k = 0; k < bits; k++)
+            for (int64_t i = 0; i < n_in; i++) xk[(n * bits + k) * n_in + i] = x[n * n_in + i] * plane_scale(k);
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < n_out; o++) {
-        const uint8_t *wp = planes + o * ng * per_group;
-        const float *s = scales + o * ng, *z = zeros + o * ng;
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        const uint8_t *wb = planes + ob * block_bytes;
+        int64_t o0 = ob * OB, nr = n_out - o0 < OB ? n_out - o0 : OB;
         for (int64_t n = 0; n < n_rows; n++) {
-            const float *xr = x + n * n_in;
-            float acc = 0.0f;
-            for (int64_t g = 0; g < ng; g++)
-                acc += s[g] * (group_dot(xr + g * gs, wp + g * per_group, bits, gs) - z[g] * xsum[n * ng + g]);
-            out[n * n_out + o] = acc + (bias ? bias[o] : 0.0f);
+            float res[OB] = {0};
+            const float *xr = xk + n * bits * n_in;
+#ifdef __AVX512F__
+            __m512 tot[OB];
+            for (int r = 0; r < OB; r++) tot[r] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m512 acc[OB];
+                for (int r = 0; r < OB; r++) acc[r] = _mm512_setzero_ps();
+                const uint8_t *pg = wb + g * bits * nc * OB * 2;
+                for (int k = 0; k < bits; k++) {
+                    const float *xg = xr + k * n_in + g * gs;
+                    for (int64_t c = 0; c < nc; c++) {
+                        __m512 xv = _mm512_loadu_ps(xg + c * 16);
+                        const uint8_t *m = pg + (k * nc + c) * OB * 2;
+                        for (int r = 0; r < OB; r++)
+                            acc[r] = _mm512_mask_add_ps(acc[r], _load_mask16((__mmask16 *)(m + 2 * r)), acc[r], xv);
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
+            }
+            for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
+#else
+            for (int64_t g = 0; g < ng; g++) {
+                const uint8_t *pg = wb + g * bits * nc * OB * 2;
+                for (int r = 0; r < nr; r++) {
+                    float t = 0.0f;
+                    for (int k = 0; k < bits; k++)
+                        for (int64_t c = 0; c < nc; c++) {
+                            const uint8_t *m = pg + ((k * nc + c) * OB + r) * 2;
+                            unsigned mask = m[0] | (m[1] << 8);
+                            const float *xg = xr + k * n_in + g * gs + c * 16;
+                            for (int j = 0; j < 16; j++)
+                                if ((mask >> j) & 1) t += xg[j];
+                        }
+                    res[r] += scales[(o0 + r) * ng + g] * t;
+                }
+            }
+#endif
+            for (int r = 0; r < nr; r++) {
+                int64_t o = o0 + r;
+                float zt = 0.0f;
+                for (int64_t g = 0; g < ng; g++) zt += scales[o * ng + g] * zeros[o * ng + g] * xsum[n * ng + g];
+                out[n * n_out + o] = res[r] - zt + (bias ? bias[o] : 0.0f);
+            }
         }
     }
     free(xsum);
+    free(xk);
     return 0;
 }
 
 /* The dense weight (n_out, n_in) f32 of the same planes: w[o, i] = (code - zero) * scale. */
 void dequant_planes(const uint8_t *planes, const float *scales, const float *zeros, float *w, int64_t n_in,
                     int64_t n_out, int bits, int64_t gs, int threads) {
-    int64_t ng = n_in / gs, nb = gs / 8, per_group = (int64_t)bits * nb;
+    int64_t ng = n_in / gs, nc = gs / 16, n_ob = (n_out + OB - 1) / OB;
+    int64_t block_bytes = ng * bits * nc * OB * 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t o = 0; o < n_out; o++) {
-        for (int64_t g = 0; g < ng; g++) {
-            const uint8_t *p = planes + (o * ng + g) * per_group;
-            float s = scales[o * ng + g], z = zeros[o * ng + g];
-            float *dst = w + o * n_in + g * gs;
-            int64_t i0 = 0;
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        int64_t o0 = ob * OB, nr = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int r = 0; r < nr; r++) {
+            int64_t o = o0 + r;
+            for (int64_t g = 0; g < ng; g++) {
+                const uint8_t *pg = planes + ob * block_bytes + g * bits * nc * OB * 2;
+                float s = scales[o * ng + g], z = zeros[o * ng + g];
+                for (int64_t c = 0; c < nc; c++) {
+                    float *dst = w + o * n_in + g * gs + c * 16;
 #ifdef __AVX512F__
-            for (; i0 + 16 <= gs; i0 += 16) {
-                __m512 c = _mm512_setzero_ps();
-                for (int k = 0; k < bits; k++) {
-                    uint16_t m;
-                    memcpy(&m, p + k * nb + i0 / 8, 2);
-                    c = _mm512_mask_add_ps(c, (__mmask16)m, c, _mm512_set1_ps((float)(1 << k)));
-                }
-                _mm512_storeu_ps(dst + i0, _mm512_mul_ps(_mm512_sub_ps(c, _mm512_set1_ps(z)), _mm512_set1_ps(s)));
-            }
+                    __m512 v = _mm512_setzero_ps();
+                    for (int k = 0; k < bits; k++) {
+                        __mmask16 m = _load_mask16((__mmask16 *)(pg + ((k * nc + c) * OB + r) * 2));
+                        v = _mm512_mask_add_ps(v, m, v, _mm512_set1_ps(plane_scale(k)));
+                    }
+                    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(z)), _mm512_set1_ps(s)));
+#else
+                    for (int j = 0; j < 16; j++) {
+                        int code = 0;
+                        for (int k = 0; k < bits; k++) {
+                            const uint8_t *m = pg + ((k * nc + c) * OB + r) * 2;
+                            code |= (((m[0] | (m[1] << 8)) >> j) & 1) << k;
+                        }
+                        dst[j] = ((float)code - z) * s;
+                    }
 #endif
-            for (int64_t i = i0; i < gs; i++) {
-                int c = 0;
-                for (int k = 0; k < bits; k++) c |= ((p[k * nb + (i >> 3)] >> (i & 7)) & 1) << k;
-                dst[i] = ((float)c - z) * s;
+                }
             }
         }
     }

@@ -1,0 +1,198 @@
+"""Speed of compressed models against the dense model they replace, on this machine's CPU.
+
+    python -m benchmarks.speed                 # layers and smollm2-135m, writes results/speed/
+    python -m benchmarks.speed --rounds 7 --skip-model
+
+Three measurements, every ratio against dense in the same run, rounds interleaved (dense, then each
+format, then dense again…) so that machine noise hits every row alike; medians reported:
+
+- **memory bandwidth**: ``sum()`` over a 1 GiB fp32 tensor, the ceiling for memory-bound decoding;
+- **layers**, batch 1 (one token): ``F.linear`` on the fp32 weight against each quantized layer's
+  forward, at Llama-2-7B's MLP shape (11008 x 4096) and smollm2's (1536 x 576); achieved GB/s =
+  bytes of the stored weight / time;
+- **model**: batch-1 greedy decode tokens/s (median step of ``--new-tokens`` steps after a 64-token
+  prompt) and prefill of 512 tokens, for ``smollm2-135m`` dense and compressed.
+
+Writes ``results/speed/speed.json``, ``SPEED.md`` and ``speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results" / "speed"
+log = logging.getLogger("benchmarks.speed")
+
+LAYER_SHAPES = {"llama2-7b mlp 11008x4096": (11008, 4096), "smollm2 mlp 1536x576": (1536, 576)}
+
+
+def _median_time(fn: Callable[[], object], inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def bandwidth(rounds: int) -> float:
+    """GB/s of a streaming read (``sum`` of 1 GiB of fp32), median of ``rounds``."""
+    a = torch.ones(2**28)
+    a.sum()
+    return statistics.median(a.numel() * 4 / _median_time(a.sum, 3) / 1e9 for _ in range(rounds))
+
+
+def layer_formats() -> dict[str, Callable[[torch.nn.Linear], torch.nn.Module]]:
+    from llmdeploy.quant import RTNLinear
+    from llmdeploy.quant.dynamic_int8 import DynamicInt8Linear
+
+    return {
+        "rtn int4 g64": lambda lin: RTNLinear.from_linear(lin, 4, 64, False),
+        "rtn int3 g64": lambda lin: RTNLinear.from_linear(lin, 3, 64, False),
+        "rtn int8 g64": lambda lin: RTNLinear.from_linear(lin, 8, 64, False),
+        "rtn int2 g64": lambda lin: RTNLinear.from_linear(lin, 2, 64, False),
+        "w8a8 dynamic": DynamicInt8Linear.from_linear,
+    }
+
+
+def stored_bytes(mod: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(mod.buffers()) + list(mod.parameters()))
+
+
+@torch.no_grad()
+def layers(rounds: int) -> dict:
+    out = {}
+    for label, (o, i) in LAYER_SHAPES.items():
+        lin = torch.nn.Linear(i, o, bias=False)
+        mods = {"dense fp32": lin, **{k: f(lin) for k, f in layer_formats().items()}}
+        x = torch.randn(1, i)
+        inner = 20 if o * i > 10**7 else 200
+        for m in mods.values():  # warm-up, and the kernels' one-time repacking
+            m(x)
+        times: dict[str, list[float]] = {k: [] for k in mods}
+        for _ in range(rounds):
+            for k, m in mods.items():
+                times[k].append(_median_time(lambda m=m, x=x: m(x), inner))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        out[label] = {k: {"ms": 1e3 * med[k], "x_dense": med["dense fp32"] / med[k],
+                          "weight_bytes": stored_bytes(m), "gb_s": stored_bytes(m) / med[k] / 1e9}
+                      for k, m in mods.items()}
+        log.info("%s: %s", label, {k: round(v["x_dense"], 2) for k, v in out[label].items()})
+    return out
+
+
+def model_formats() -> dict[str, Callable]:
+    from llmdeploy.quant import RTN, DynamicInt8
+
+    return {
+        "rtn int4 g64": lambda m: RTN(bits=4, group_size=64)(m, None),
+        "rtn int3 g64": lambda m: RTN(bits=3, group_size=64)(m, None),
+        "rtn int8 g64": lambda m: RTN(bits=8, group_size=64)(m, None),
+        "w8a8 dynamic": lambda m: DynamicInt8()(m, None),
+    }
+
+
+@torch.no_grad()
+def model(rounds: int, new_tokens: int, only: list[str] | None) -> dict:
+    import llmdeploy
+    from llmdeploy.eval.speed import _decode, _prefill
+
+    base, _ = llmdeploy.load("smollm2-135m")
+    models = {"dense fp32": base.eval()}
+    for k, f in model_formats().items():
+        if only is None or k in only:
+            m, _ = llmdeploy.load("smollm2-135m")
+            models[k] = f(m.eval()).eval()
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, base.config.vocab_size, (1, 64), generator=gen)
+    long = torch.randint(0, base.config.vocab_size, (1, 512), generator=gen)
+    for m in models.values():  # warm-up (and repacking)
+        _decode(m, prompt, 2)
+        _prefill(m, long[:, :64])
+    dec: dict[str, list[float]] = {k: [] for k in models}
+    pre: dict[str, list[float]] = {k: [] for k in models}
+    for r in range(rounds):
+        for k, m in models.items():
+            dec[k].append(statistics.median(_decode(m, prompt, new_tokens)))
+            pre[k].append(_prefill(m, long))
+        log.info("model round %d: %s", r, {k: round(1 / v[-1], 1) for k, v in dec.items()})
+    d = {k: statistics.median(v) for k, v in dec.items()}
+    p = {k: statistics.median(v) for k, v in pre.items()}
+    return {k: {"decode_tok_s": 1 / d[k], "decode_x_dense": d["dense fp32"] / d[k],
+                "prefill_512_s": p[k], "prefill_x_dense": p["dense fp32"] / p[k],
+                "bytes": stored_bytes(models[k])} for k in models}
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    lines = [f"# Speed on this CPU (`python -m benchmarks.speed`, {m['date']})", "",
+             f"{m['threads']} threads; streaming read bandwidth {res['bandwidth_gb_s']:.1f} GB/s (median of "
+             f"{m['rounds']}). Medians of {m['rounds']} interleaved rounds; every ratio is against dense fp32 "
+             "in the same run.", ""]
+    if "layers" in res:
+        lines += ["## Layers, batch 1", "", "| shape | format | ms | x dense | weight MiB | GB/s |",
+                  "|---|---|---|---|---|---|"]
+        for shape, rows in res["layers"].items():
+            for k, r in rows.items():
+                lines.append(f"| {shape} | {k} | {r['ms']:.3f} | {r['x_dense']:.2f}x | "
+                             f"{r['weight_bytes'] / 2**20:.2f} | {r['gb_s']:.1f} |")
+        lines.append("")
+    if "model" in res:
+        lines += ["## smollm2-135m", "", f"Batch-1 greedy decode (median step of {m['new_tokens']} after a "
+                  "64-token prompt) and one prefill of 512 tokens.", "",
+                  "| format | decode tok/s | x dense | prefill 512 s | x dense | MiB |", "|---|---|---|---|---|---|"]
+        for k, r in res["model"].items():
+            lines.append(f"| {k} | {r['decode_tok_s']:.1f} | {r['decode_x_dense']:.2f}x | {r['prefill_512_s']:.2f} "
+                         f"| {r['prefill_x_dense']:.2f}x | {r['bytes'] / 2**20:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(res: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(s, rows) for s, rows in res.get("layers", {}).items()]
+    if "model" in res:
+        panels.append(("smollm2-135m decode", {k: {"x_dense": v["decode_x_dense"]} for k, v in res["model"].items()}))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
+    for ax, (title, rows) in zip(axes[0], panels):
+        ax.barh(list(rows), [r["x_dense"] for r in rows.values()])
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.set(title=title, xlabel="speed vs dense fp32 (same run)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "speed.png", dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--skip-model", action="store_true")
+    p.add_argument("--skip-layers", action="store_true")
+    p.add_argument("--only", nargs="+", help="model formats to measure (default: all)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    res = {"meta": {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "rounds": args.rounds,
+                    "new_tokens": args.new_tokens}, "bandwidth_gb_s": bandwidth(args.rounds)}
+    if not args.skip_layers:
+        res["layers"] = layers(args.rounds)
+    if not args.skip_model:
+        res["model"] = model(args.rounds, args.new_tokens, args.only)
+    (RESULTS / "speed.json").write_text(json.dumps(res, indent=2))
+    (RESULTS / "SPEED.md").write_text(markdown(res))
+    plot(res)
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
