@@ -69,3 +69,39 @@ def test_training_through_a_quantized_layer_uses_autograd():
     x = torch.randn(2, 64, requires_grad=True)
     mod(x).sum().backward()
     torch.testing.assert_close(x.grad, mod.dequantize().sum(0).expand(2, 64), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("out_f,in_f", [(7, 13), (33, 200), (64, 64), (130, 300)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 64])
+def test_w8a8_kernel_is_bit_identical_to_the_reference(out_f, in_f, rows):
+    from llmdeploy.kernels import int8
+    from llmdeploy.quant.dynamic_int8 import DynamicInt8Linear
+    if not int8.available():
+        pytest.skip("no AVX512-VNNI here")
+    g = torch.Generator().manual_seed(out_f + rows)
+    for bias in (True, False):
+        lin = torch.nn.Linear(in_f, out_f, bias=bias)
+        mod = DynamicInt8Linear.from_linear(lin)
+        x = 3 * torch.randn(in_f, rows, generator=g).T  # non-contiguous
+        with torch.no_grad():
+            got = mod(x)
+            with use_reference():
+                ref = mod(x)
+            assert torch.equal(got, ref)
+            x3 = torch.randn(2, rows, in_f, generator=g)
+            got3 = mod(x3)
+            with use_reference():
+                assert torch.equal(got3, mod(x3))
+
+
+def test_w8a8_model_logits_identical_with_and_without_the_kernel():
+    from llmdeploy.quant import DynamicInt8
+    model, tok = llmdeploy.load("tiny-llama")
+    model = DynamicInt8()(model.eval())
+    for seq in (1, 6):
+        ids = ids_for(tok, n=2, seq=seq)
+        with torch.no_grad():
+            fast = model(ids).logits
+            with use_reference():
+                ref = model(ids).logits
+        assert torch.equal(fast, ref)

@@ -1,5 +1,8 @@
 """Dynamic int8 quantization: int8 weights (per output channel, symmetric) and activations
-quantized per token at run time, multiplied in integer arithmetic (int32 accumulation)."""
+quantized per token at run time, multiplied in integer arithmetic (int32 accumulation).
+
+On CPUs with AVX512-VNNI the layer runs the C kernel of :mod:`llmdeploy.kernels.int8`
+(bit-identical to the torch path below, which stays the reference and the fallback)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from tqdm.auto import tqdm
 
 from ..compress.base import Compressor, register_method, require_targets
 from ..compress.modules import CompressedModule, register_module
+from ..kernels import forced_reference
+from ..kernels import int8 as int8_kernel
 from ..models.adapters import get_adapter
 
 QMAX = 127
@@ -78,7 +83,21 @@ class DynamicInt8Linear(CompressedModule):
     def weight(self) -> torch.Tensor:
         return self.qweight.to(torch.float32) * self.wscale.unsqueeze(-1)
 
+    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Contiguous weight, fp32 scales and the weight's row sums, recomputed only when they change."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.wscale))
+        cached = getattr(self, "_kernel_cache", None)
+        if cached is None or cached[0] != key:
+            w = self.qweight.contiguous()
+            cached = (key, (w, self.wscale.float().contiguous(), int8_kernel.row_sums(w)))
+            self._kernel_cache = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.qweight.device.type == "cpu"
+                and not forced_reference() and not (torch.is_grad_enabled() and x.requires_grad)
+                and int8_kernel.available()):
+            return int8_kernel.w8a8_linear(x, *self._kernel_args(), self.bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         xq, xs = quantize_per_row(x2)

@@ -1,0 +1,144 @@
+/* W8A8 dynamic linear: int8 weights (per output channel scale), activations quantized per row
+ * at run time, an exact int8 x int8 -> int32 product, then the scales.
+ *
+ *   s_n = max(max_i |x[n, i]| / 127, 1e-12),  q[n, i] = clamp(round(x[n, i] / s_n), -127, 127)
+ *   out[n, o] = ((float)(sum_i q[n, i] * w[o, i]) * s_n) * wscale[o] + bias[o]
+ *
+ * Every step is the same fp32 operation as the torch reference (llmdeploy/quant/dynamic_int8.py),
+ * and the integer sum is exact, so the result is bit-identical to it.
+ *
+ * With AVX512-VNNI, vpdpbusd multiplies 64 unsigned x signed byte pairs and adds them into 16
+ * int32 lanes in one instruction. The activations are made unsigned by adding 128 (the stored
+ * byte is q + 128), and 128 * sum_i w[o, i] (precomputed per output) is subtracted afterwards.
+ * Tiles: 8 outputs x 1 row for decoding (x stays in registers' reach, the weight streams once),
+ * 4 outputs x 4 rows for longer inputs (each load feeds 4 products). OpenMP over output blocks.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+int w8a8_has_vnni(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* sum_i w[o, i] for each output (int32), used to undo the +128 shift of the activations */
+void w8a8_row_sums(const int8_t *w, int32_t *sums, int64_t n_out, int64_t k) {
+    for (int64_t o = 0; o < n_out; o++) {
+        int32_t t = 0;
+        for (int64_t i = 0; i < k; i++) t += w[o * k + i];
+        sums[o] = t;
+    }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+static inline int32_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
+#endif
+
+/* x (n, k) f32; w (n_out, k) s8; wscale (n_out,) f32; wsum (n_out,) i32; bias (n_out,) f32 or NULL;
+ * out (n, n_out) f32. Returns 0, or -2 when out of memory. */
+int w8a8_linear(const float *x, const int8_t *w, const float *wscale, const int32_t *wsum, const float *bias,
+                float *out, int64_t n, int64_t k, int64_t n_out, int threads) {
+    int64_t kp = (k + 63) / 64 * 64;
+    uint8_t *xq = malloc((size_t)(n > 0 ? n : 1) * kp);
+    float *xs = malloc(sizeof(float) * (n > 0 ? n : 1));
+    if (!xq || !xs) {
+        free(xq);
+        free(xs);
+        return -2;
+    }
+    for (int64_t r = 0; r < n; r++) { /* the reference's per-row quantization, op for op */
+        const float *xr = x + r * k;
+        float m = 0.0f;
+        for (int64_t i = 0; i < k; i++) m = fmaxf(m, fabsf(xr[i]));
+        float s = m / 127.0f;
+        if (s < 1e-12f) s = 1e-12f;
+        xs[r] = s;
+        for (int64_t i = 0; i < k; i++) {
+            float q = nearbyintf(xr[i] / s); /* round half to even, as torch.round */
+            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+            xq[r * kp + i] = (uint8_t)((int)q + 128);
+        }
+        memset(xq + r * kp + k, 128, (size_t)(kp - k)); /* padding: q = 0 */
+    }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    int64_t full = k / 64 * 64;
+    __mmask64 tail = (k - full) ? (((__mmask64)1 << (k - full)) - 1) : 0;
+    if (n < 4) {
+        int64_t n_ob = (n_out + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            int64_t o0 = ob * 8, nr = n_out - o0 < 8 ? n_out - o0 : 8;
+            for (int64_t r = 0; r < n; r++) {
+                const uint8_t *xr = xq + r * kp;
+                __m512i acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_si512();
+                for (int64_t i = 0; i < full; i += 64) {
+                    __m512i xv = _mm512_loadu_si512(xr + i);
+                    for (int j = 0; j < 8; j++)
+                        if (j < nr)
+                            acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_loadu_si512(w + (o0 + j) * k + i));
+                }
+                if (tail) {
+                    __m512i xv = _mm512_loadu_si512(xr + full);
+                    for (int j = 0; j < nr; j++)
+                        acc[j] = _mm512_dpbusd_epi32(acc[j], xv, _mm512_maskz_loadu_epi8(tail, w + (o0 + j) * k + full));
+                }
+                for (int j = 0; j < nr; j++) {
+                    int64_t o = o0 + j;
+                    int32_t v = hsum(acc[j]) - 128 * wsum[o];
+                    out[r * n_out + o] = ((float)v * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    } else {
+        int64_t n_ob = (n_out + 3) / 4, n_rb = (n + 3) / 4;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            for (int64_t rb = 0; rb < n_rb; rb++) {
+                int64_t o0 = ob * 4, r0 = rb * 4;
+                int64_t no = n_out - o0 < 4 ? n_out - o0 : 4, nrw = n - r0 < 4 ? n - r0 : 4;
+                const int8_t *wr[4];
+                const uint8_t *xr[4];
+                for (int j = 0; j < 4; j++) wr[j] = w + (o0 + (j < no ? j : 0)) * k; /* ragged: recompute, not stored */
+                for (int j = 0; j < 4; j++) xr[j] = xq + (r0 + (j < nrw ? j : 0)) * kp;
+                __m512i acc[4][4];
+                for (int a = 0; a < 4; a++)
+                    for (int b = 0; b < 4; b++) acc[a][b] = _mm512_setzero_si512();
+                for (int64_t i = 0; i < kp; i += 64) {
+                    __m512i wv[4], xv[4];
+                    __mmask64 m = i < full ? ~(__mmask64)0 : tail;
+                    for (int j = 0; j < 4; j++) wv[j] = _mm512_maskz_loadu_epi8(m, wr[j] + i);
+                    for (int j = 0; j < 4; j++) xv[j] = _mm512_loadu_si512(xr[j] + i);
+                    for (int a = 0; a < 4; a++)
+                        for (int b = 0; b < 4; b++) acc[a][b] = _mm512_dpbusd_epi32(acc[a][b], xv[b], wv[a]);
+                }
+                for (int a = 0; a < no; a++)
+                    for (int b = 0; b < nrw; b++) {
+                        int64_t o = o0 + a, r = r0 + b;
+                        int32_t v = hsum(acc[a][b]) - 128 * wsum[o];
+                        out[r * n_out + o] = ((float)v * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                    }
+            }
+        }
+    }
+#else
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < n_out; o++)
+        for (int64_t r = 0; r < n; r++) {
+            int32_t v = 0;
+            for (int64_t i = 0; i < k; i++) v += ((int32_t)xq[r * kp + i] - 128) * (int32_t)w[o * k + i];
+            out[r * n_out + o] = ((float)v * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+        }
+#endif
+    free(xq);
+    free(xs);
+    return 0;
+}

@@ -1,0 +1,56 @@
+"""W8A8 dynamic int8 linear on CPU: an exact int8 x int8 product with AVX512-VNNI (``csrc/w8a8.c``).
+
+The activations are quantized per row as the torch reference does (symmetric, ``round(x / s)``,
+``s = max|x| / 127``), made unsigned by adding 128 for ``vpdpbusd`` (64 byte products per
+instruction, int32 accumulation), and ``128 · Σ_i w[o, i]`` is subtracted; every fp32 step matches
+the reference, so outputs are bit-identical to :class:`~llmdeploy.quant.DynamicInt8Linear`'s torch
+path. Used only where the compiled kernel has VNNI (else torch's path is faster than scalar C).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+
+@functools.cache
+def _fn(symbol: str):
+    from .native import function
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sig = {"w8a8_linear": ((p, p, p, p, p, p, i64, i64, i64, i32), ctypes.c_int),
+           "w8a8_row_sums": ((p, p, i64, i64), None),
+           "w8a8_has_vnni": ((), ctypes.c_int)}[symbol]
+    return function("w8a8", symbol, *sig)
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the C kernel built here with AVX512-VNNI."""
+    fn = _fn("w8a8_has_vnni")
+    return fn is not None and fn() == 1
+
+
+def row_sums(qweight: torch.Tensor) -> torch.Tensor:
+    """``Σ_i w[o, i]`` per output (int32): what undoes the +128 shift of the activations."""
+    w = qweight.contiguous()
+    out = torch.empty(w.shape[0], dtype=torch.int32)
+    _fn("w8a8_row_sums")(w.data_ptr(), out.data_ptr(), w.shape[0], w.shape[1])
+    return out
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic W8A8 ``x · (q_w·s_w)ᵀ + bias`` for fp32 CPU ``x`` (..., in); ``wsum`` from :func:`row_sums`."""
+    k = qweight.shape[1]
+    lead = x.shape[:-1]
+    flat = x.reshape(-1, k).contiguous()
+    out = torch.empty(flat.shape[0], qweight.shape[0], dtype=torch.float32)
+    b = bias.detach().float().contiguous() if bias is not None else None
+    rc = _fn("w8a8_linear")(flat.data_ptr(), qweight.data_ptr(), wscale.data_ptr(), wsum.data_ptr(),
+                            b.data_ptr() if b is not None else None, out.data_ptr(), flat.shape[0], k,
+                            qweight.shape[0], torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("the W8A8 kernel could not allocate its quantized activations")
+    return out.reshape(*lead, qweight.shape[0])
