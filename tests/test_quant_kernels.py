@@ -14,14 +14,17 @@ from .conftest import ids_for
 pytestmark = pytest.mark.skipif(not Q.available(), reason="no C compiler here")
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
-@pytest.mark.parametrize("out_f,in_f,gs", [(7, 48, 16), (33, 160, 32), (48, 64, 64), (161, 96, 96)])
+LAYOUTS = [("planes", b) for b in (2, 3, 4, 5, 8)] + [("nibble", 3), ("nibble", 4), ("byte", 8)]
+
+
+@pytest.mark.parametrize("layout,bits", LAYOUTS)
+@pytest.mark.parametrize("out_f,in_f,gs", [(7, 64, 32), (33, 192, 64), (48, 64, 64), (161, 96, 96)])
 @pytest.mark.parametrize("rows", [1, 4, 64])
-def test_plane_kernel_equals_reference(bits, out_f, in_f, gs, rows):
+def test_kernel_layouts_equal_reference(layout, bits, out_f, in_f, gs, rows):
     g = torch.Generator().manual_seed(bits * 100 + in_f + rows)
     w = torch.randn(out_f, in_f, generator=g)
     q, s, z = quantize_groupwise(w, bits, gs, symmetric=False)
-    pw = Q.to_planes(q, s, z, bits, gs)
+    pw = Q.to_kernel_layout(q, s, z, bits, gs, layout=layout)
     x = torch.randn(in_f, rows, generator=g).T  # non-contiguous
     bias = torch.randn(out_f, generator=g)
     for b in (bias, None):
@@ -32,14 +35,24 @@ def test_plane_kernel_equals_reference(bits, out_f, in_f, gs, rows):
                                atol=1e-4, rtol=1e-4)
     # the dense weight the prefill path multiplies with is the reference's, bit for bit
     ref_w = ((q.reshape(out_f, -1, gs).float() - z.float()[..., None]) * s.float()[..., None]).reshape(out_f, in_f)
-    assert torch.equal(Q.dequantize_planes(pw), ref_w)
+    assert torch.equal(Q.dequantize_kernel_weights(pw), ref_w)
+
+
+def test_layout_choice_and_refusals():
+    assert Q.choose_layout(4, 64) == "nibble" and Q.choose_layout(3, 32) == "nibble"
+    assert Q.choose_layout(8, 16) == "byte" and Q.choose_layout(2, 64) == "planes"
+    assert Q.choose_layout(4, 16) == "planes" and Q.choose_layout(4, 8) is None
+    q = torch.zeros(4, 64, dtype=torch.uint8)
+    s, z = torch.ones(4, 4, dtype=torch.float16), torch.zeros(4, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="no nibble kernel layout"):
+        Q.to_kernel_layout(q, s, z, 5, 16, layout="nibble")
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_rtn_model_logits_same_on_every_path(symmetric):
     model, tok = llmdeploy.load("tiny-llama")
     model = RTN(bits=4, group_size=32, symmetric=symmetric)(model.eval())
-    for seq in (1, 5, 40):  # decode-sized (plane kernel) and prefill (dequantize + BLAS) inputs
+    for seq in (1, 5, 40):  # decode-sized (row kernels) and prefill (dequantize + BLAS) inputs
         ids = ids_for(tok, n=1, seq=seq)
         with torch.no_grad():
             fast = model(ids).logits

@@ -1,16 +1,23 @@
 """Weight-only quantized matmul (RTN/GPTQ layers: codes of 1..8 bits, fp16 group scales, zero points).
 
 The checkpoint keeps its documented layout (codes packed along the input dimension, see
-:mod:`llmdeploy.quant.packing`). On the first CPU forward a layer is repacked once into the C
-kernel's layout, :class:`PlaneWeights` — one bit plane per code bit, in words of 16 inputs, the
-words of 8 outputs side by side (groups of a multiple of 16 inputs) — and the scales and zero points are widened to fp32. Then (``csrc/qmatmul.c``):
+:mod:`llmdeploy.quant.packing`). On the first CPU forward a layer is repacked once into a C
+kernel layout (:class:`KernelWeights`, blocks of 8 outputs that share every load of ``x``) and its
+scales and zero points are widened to fp32 (``csrc/qmatmul.c``). Up to :data:`MAX_KERNEL_ROWS`
+token rows (decoding):
 
-- up to :data:`MAX_KERNEL_ROWS` token rows (decoding): each output is ``Σ_g s_g·(Σ_k 2^k·m_{g,k} −
-  z_g·Σ_{i∈g} x_i)`` where ``m_{g,k}`` is the sum of the inputs whose code has bit ``k`` set; two
-  bytes of a plane are the AVX-512 lane mask of 16 inputs, so the kernel reads ``bits`` bits per
-  weight instead of 32 and does ``bits/16`` masked adds per weight;
-- more rows (prefill): the C kernel writes the dense fp32 weight (bit-exact with the reference's
-  dequantization) and one BLAS matmul follows, so prefill costs one dequantization per call.
+- ``nibble`` (3- and 4-bit codes, groups of a multiple of 32): one code per nibble; per output and
+  group a 16-entry table ``(code − z)·s`` and ``vpermps`` (which reads only an index's low 4 bits)
+  turn 16 codes into 16 weights, then one FMA. 3-bit codes take 4 bits in this layout (a third
+  more memory than the checkpoint), which is faster than their bit planes;
+- ``byte`` (8-bit codes): bytes widened to floats, a dot product per group, then
+  ``s·(Σ c·x − z·Σ x)``;
+- ``planes`` (any width, groups of a multiple of 16): one bit plane per code bit; two bytes of a
+  plane are the AVX-512 lane mask of 16 inputs, so ``Σ code·x = Σ_k 2^k·(masked sum of plane k)``,
+  ``bits/16`` masked adds per weight.
+
+More rows (prefill): the C kernel writes the dense fp32 weight (bit-identical to the reference's
+dequantization) and one BLAS matmul follows: one dequantization per call.
 
 :func:`wonly_matmul_reference` (dequantize in torch, then ``F.linear``) is what the layers computed
 before and what the tests compare with.
@@ -27,16 +34,17 @@ import torch.nn.functional as F
 
 from .binary import pack_signs
 
-#: decode-sized inputs take the plane kernel; above this many rows, dequantize once + BLAS
+#: decode-sized inputs take the row kernels; above this many rows, dequantize once + BLAS
 #: (smollm2's 576x1536 layers on 2 cores: the crossover is between 16 and 32 rows, see benchmarks.speed)
 MAX_KERNEL_ROWS = 16
 
 
 @dataclass
-class PlaneWeights:
-    """A quantized weight in the C kernel's layout (built once per layer)."""
+class KernelWeights:
+    """A quantized weight in one of the C kernel's layouts (built once per layer)."""
 
-    planes: torch.Tensor  # (ceil(out / 8), groups, bits, group_size / 16, 8, 2) uint8
+    layout: str  # "nibble" (3-4 bits), "byte" (8 bits) or "planes" (any width)
+    data: torch.Tensor  # uint8, blocks of 8 outputs (see csrc/qmatmul.c)
     scales: torch.Tensor  # (out, groups) fp32
     zeros: torch.Tensor  # (out, groups) fp32
     bits: int
@@ -45,30 +53,60 @@ class PlaneWeights:
     out_features: int
 
 
-def to_planes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
-              ) -> PlaneWeights:
-    """Repack unsigned ``codes`` (out, in) of ``bits`` bits with group ``scales``/``zeros`` (out, groups)."""
+def choose_layout(bits: int, group_size: int) -> str | None:
+    """The fastest layout the kernel has for these codes, or None (the reference only)."""
+    if bits in (3, 4) and group_size % 32 == 0:
+        return "nibble"
+    if bits == 8 and group_size % 16 == 0:
+        return "byte"
+    if group_size % 16 == 0:
+        return "planes"
+    return None
+
+
+def _blocks(codes: torch.Tensor) -> torch.Tensor:
+    """(out, in) -> (ceil(out / 8), 8, in) with zero rows padding the last block."""
+    pad = (-codes.shape[0]) % 8
+    return torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).reshape(-1, 8, codes.shape[1])
+
+
+def to_kernel_layout(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                     layout: str | None = None) -> KernelWeights:
+    """Repack unsigned ``codes`` (out, in) of ``bits`` bits with group ``scales``/``zeros`` (out,
+    groups) into ``layout`` (default: :func:`choose_layout`)."""
     out_f, in_f = codes.shape
-    if group_size % 16 or in_f % group_size:
-        raise ValueError(f"group_size={group_size} must be a multiple of 16 dividing in_features={in_f}")
-    ng, nc, pad = in_f // group_size, group_size // 16, (-out_f) % 8
-    c = torch.nn.functional.pad(codes.to(torch.uint8), (0, 0, 0, pad)).reshape(-1, 8, ng, 1, group_size)
-    shifts = torch.arange(bits, dtype=torch.uint8).reshape(1, 1, 1, bits, 1)
-    bitsets = (c >> shifts) & 1  # (out blocks, 8, groups, bits, group_size)
-    planes = pack_signs((bitsets.to(torch.int8) * 2 - 1).reshape(-1, group_size).float())
-    planes = planes.reshape(-1, 8, ng, bits, nc, 2).permute(0, 2, 3, 4, 1, 5)
-    return PlaneWeights(planes.contiguous(),
-                        scales.float().reshape(out_f, ng).contiguous(), zeros.float().reshape(out_f, ng).contiguous(),
-                        bits, group_size, in_f, out_f)
+    layout = layout or choose_layout(bits, group_size)
+    need = {"nibble": 32, "byte": 16, "planes": 16}.get(layout or "", 0)
+    if not need or group_size % need or in_f % group_size or (layout == "nibble" and bits > 4) or \
+            (layout == "byte" and bits != 8):
+        raise ValueError(f"no {layout} kernel layout for {bits}-bit codes in groups of {group_size} "
+                         f"(in_features={in_f})")
+    ng, b = in_f // group_size, _blocks(codes)
+    if layout == "nibble":  # byte j of a 32-input chunk: input j (low nibble), input 16 + j (high)
+        c = b.reshape(-1, 8, ng, group_size // 32, 2, 16)
+        data = (c[..., 0, :] | (c[..., 1, :] << 4)).permute(0, 2, 3, 1, 4)
+    elif layout == "byte":
+        data = b.reshape(-1, 8, ng, group_size // 16, 16).permute(0, 2, 3, 1, 4)
+    else:
+        shifts = torch.arange(bits, dtype=torch.uint8).reshape(1, 1, 1, bits, 1)
+        bitsets = (b.reshape(-1, 8, ng, 1, group_size) >> shifts) & 1  # (blocks, 8, groups, bits, gs)
+        planes = pack_signs((bitsets.to(torch.int8) * 2 - 1).reshape(-1, group_size).float())
+        data = planes.reshape(-1, 8, ng, bits, group_size // 16, 2).permute(0, 2, 3, 4, 1, 5)
+    return KernelWeights(layout, data.contiguous(), scales.float().reshape(out_f, ng).contiguous(),
+                         zeros.float().reshape(out_f, ng).contiguous(), bits, group_size, in_f, out_f)
 
 
 @functools.cache
 def _fn(symbol: str):
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    if symbol == "qmatmul_planes":
-        return function("qmatmul", symbol, (p, p, p, p, p, p, i64, i64, i64, i32, i64, i32), ctypes.c_int)
-    return function("qmatmul", symbol, (p, p, p, p, i64, i64, i32, i64, i32), None)
+    sig = {"qmatmul_planes": ((p, p, p, p, p, p, i64, i64, i64, i32, i64, i32), ctypes.c_int),
+           "dequant_planes": ((p, p, p, p, i64, i64, i32, i64, i32), None),
+           "qmatmul_nibble": ((p, p, p, p, p, p, i64, i64, i64, i64, i32), ctypes.c_int),
+           "qmatmul_byte": ((p, p, p, p, p, p, i64, i64, i64, i64, i32), ctypes.c_int),
+           "dequant_nibble": ((p, p, p, p, i64, i64, i64, i32), None),
+           "dequant_byte": ((p, p, p, p, i64, i64, i64, i32), None)}[symbol]
+    return function("qmatmul", symbol, *sig)
 
 
 def available() -> bool:
@@ -76,33 +114,43 @@ def available() -> bool:
     return _fn("qmatmul_planes") is not None
 
 
-def supports(x: torch.Tensor, group_size: int) -> bool:
-    """Whether the C kernel takes this input: fp32 on CPU, groups of a multiple of 16, built here."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and group_size % 16 == 0 and available()
+def supports(x: torch.Tensor, bits: int, group_size: int) -> bool:
+    """Whether the C kernel takes this input: fp32 on CPU, a layout for these codes, built here."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and choose_layout(bits, group_size) is not None
+            and available())
 
 
-def dequantize_planes(w: PlaneWeights) -> torch.Tensor:
-    """The dense fp32 weight (out, in) of ``w`` (C kernel)."""
+def dequantize_kernel_weights(w: KernelWeights) -> torch.Tensor:
+    """The dense fp32 weight (out, in) of ``w`` (C kernel; bit-identical to the reference's)."""
     out = torch.empty(w.out_features, w.in_features, dtype=torch.float32)
-    _fn("dequant_planes")(w.planes.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(),
-                          w.in_features, w.out_features, w.bits, w.group_size, torch.get_num_threads())
+    ptrs = (w.data.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(), out.data_ptr(), w.in_features,
+            w.out_features)
+    threads = torch.get_num_threads()
+    if w.layout == "planes":
+        _fn("dequant_planes")(*ptrs, w.bits, w.group_size, threads)
+    else:
+        _fn(f"dequant_{w.layout}")(*ptrs, w.group_size, threads)
     return out
 
 
-def wonly_matmul(x: torch.Tensor, w: PlaneWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
+def wonly_matmul(x: torch.Tensor, w: KernelWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x · Ŵᵀ + bias`` for fp32 CPU ``x`` (..., in) with the quantized weight ``w``."""
     lead = x.shape[:-1]
     flat = x.reshape(-1, w.in_features)
     if flat.shape[0] > MAX_KERNEL_ROWS:
-        return F.linear(x, dequantize_planes(w), bias)
+        return F.linear(x, dequantize_kernel_weights(w), bias)
     flat = flat.contiguous()
     out = torch.empty(flat.shape[0], w.out_features, dtype=torch.float32)
     b = bias.detach().float().contiguous() if bias is not None else None
-    rc = _fn("qmatmul_planes")(flat.data_ptr(), w.planes.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
-                               b.data_ptr() if b is not None else None, out.data_ptr(), flat.shape[0],
-                               w.in_features, w.out_features, w.bits, w.group_size, torch.get_num_threads())
+    ptrs = (flat.data_ptr(), w.data.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
+            b.data_ptr() if b is not None else None, out.data_ptr(), flat.shape[0], w.in_features, w.out_features)
+    threads = torch.get_num_threads()
+    if w.layout == "planes":
+        rc = _fn("qmatmul_planes")(*ptrs, w.bits, w.group_size, threads)
+    else:
+        rc = _fn(f"qmatmul_{w.layout}")(*ptrs, w.group_size, threads)
     if rc != 0:
-        raise MemoryError("the quantized matmul kernel could not allocate its group sums")
+        raise MemoryError("the quantized matmul kernel could not allocate its buffers")
     return out.reshape(*lead, w.out_features)
 
 

@@ -24,7 +24,7 @@ from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
 from ..kernels import forced_reference as kernels_forced_reference
 from ..kernels import quant as quant_kernel
-from ..kernels.quant import PlaneWeights, to_planes
+from ..kernels.quant import KernelWeights, to_kernel_layout
 from ..models.adapters import get_adapter
 from .packing import pack, unpack
 
@@ -128,19 +128,19 @@ class RTNLinear(CompressedModule):
         dtype = self.bias.dtype if self.bias is not None else torch.float32
         return self.dequantize(dtype)
 
-    def kernel_weights(self) -> PlaneWeights:
+    def kernel_weights(self) -> KernelWeights:
         """This layer in the C kernel's layout, repacked on first use and again only when the
         stored codes, scales or zero points change (the checkpoint layout stays the documented one)."""
         key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.zeros) if t is not None)
         cached = getattr(self, "_kernel_cache", None)
         if cached is None or cached[0] != key:
             zeros = self.zeros if self.zeros is not None else torch.full_like(self.scales, 2 ** (self.bits - 1))
-            cached = (key, to_planes(self.codes(), self.scales, zeros, self.bits, self.group_size))
+            cached = (key, to_kernel_layout(self.codes(), self.scales, zeros, self.bits, self.group_size))
             self._kernel_cache = cached
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not kernels_forced_reference() and quant_kernel.supports(x, self.group_size)
+        if (not kernels_forced_reference() and quant_kernel.supports(x, self.bits, self.group_size)
                 and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
                                                                            and self.bias.requires_grad)))):
             return quant_kernel.wonly_matmul(x, self.kernel_weights(), self.bias)

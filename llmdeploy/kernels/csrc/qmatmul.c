@@ -145,3 +145,174 @@ void dequant_planes(const uint8_t *planes, const float *scales, const float *zer
         }
     }
 }
+
+/* ---- 3- and 4-bit codes, one per nibble: a 16-entry lookup table per output and group ----
+ * Layout: (ceil(n_out/8), groups, gs/32, 8, 16) bytes; byte j of the 16 of output r, chunk c holds
+ * the code of input 32c + j (low nibble) and of input 32c + 16 + j (high nibble). The table of
+ * output o, group g is (code - z) * s for code = 0..15 (exactly the reference's weights), and
+ * vpermps, which reads only the low 4 bits of each index, turns 16 codes into 16 weights. */
+int qmatmul_nibble(const float *x, const uint8_t *codes, const float *scales, const float *zeros,
+                   const float *bias, float *out, int64_t n_rows, int64_t n_in, int64_t n_out, int64_t gs,
+                   int threads) {
+    int64_t ng = n_in / gs, nc = gs / 32, n_ob = (n_out + OB - 1) / OB;
+    int64_t block_bytes = ng * nc * OB * 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        const uint8_t *wb = codes + ob * block_bytes;
+        int64_t o0 = ob * OB, nr = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int64_t n = 0; n < n_rows; n++) {
+            const float *xr = x + n * n_in;
+            float res[OB] = {0};
+#ifdef __AVX512F__
+            const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+            __m512 tot[OB], lut[OB];
+            for (int r = 0; r < OB; r++) tot[r] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                for (int r = 0; r < OB; r++) {
+                    int64_t o = o0 + (r < nr ? r : 0);
+                    lut[r] = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(zeros[o * ng + g])),
+                                           _mm512_set1_ps(scales[o * ng + g]));
+                }
+                const uint8_t *pg = wb + g * nc * OB * 16;
+                for (int64_t c = 0; c < nc; c++) {
+                    __m512 x0 = _mm512_loadu_ps(xr + g * gs + c * 32), x1 = _mm512_loadu_ps(xr + g * gs + c * 32 + 16);
+                    const uint8_t *p = pg + c * OB * 16;
+                    for (int r = 0; r < OB; r++) {
+                        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + r * 16)));
+                        tot[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(b, lut[r]), x0, tot[r]);
+                        tot[r] = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut[r]), x1, tot[r]);
+                    }
+                }
+            }
+            for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
+#else
+            for (int r = 0; r < nr; r++) {
+                int64_t o = o0 + r;
+                float t = 0.0f;
+                for (int64_t g = 0; g < ng; g++) {
+                    float s = scales[o * ng + g], z = zeros[o * ng + g];
+                    const uint8_t *pg = wb + g * nc * OB * 16;
+                    for (int64_t c = 0; c < nc; c++)
+                        for (int j = 0; j < 16; j++) {
+                            uint8_t byte = pg[(c * OB + r) * 16 + j];
+                            const float *xc = xr + g * gs + c * 32;
+                            t += (((float)(byte & 15) - z) * s) * xc[j] + (((float)(byte >> 4) - z) * s) * xc[16 + j];
+                        }
+                }
+                res[r] = t;
+            }
+#endif
+            for (int r = 0; r < nr; r++)
+                out[n * n_out + o0 + r] = res[r] + (bias ? bias[o0 + r] : 0.0f);
+        }
+    }
+    return 0;
+}
+
+void dequant_nibble(const uint8_t *codes, const float *scales, const float *zeros, float *w, int64_t n_in,
+                    int64_t n_out, int64_t gs, int threads) {
+    int64_t ng = n_in / gs, nc = gs / 32, n_ob = (n_out + OB - 1) / OB;
+    int64_t block_bytes = ng * nc * OB * 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        int64_t o0 = ob * OB, nr = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int r = 0; r < nr; r++) {
+            int64_t o = o0 + r;
+            for (int64_t g = 0; g < ng; g++) {
+                float s = scales[o * ng + g], z = zeros[o * ng + g];
+                const uint8_t *pg = codes + ob * block_bytes + g * nc * OB * 16;
+                for (int64_t c = 0; c < nc; c++) {
+                    float *dst = w + o * n_in + g * gs + c * 32;
+                    for (int j = 0; j < 16; j++) {
+                        uint8_t byte = pg[(c * OB + r) * 16 + j];
+                        dst[j] = ((float)(byte & 15) - z) * s;
+                        dst[16 + j] = ((float)(byte >> 4) - z) * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- 8-bit codes, one per byte: unsigned bytes widened to floats, a dot product per group ----
+ * Layout: (ceil(n_out/8), groups, gs/16, 8, 16) bytes (16 consecutive inputs of one output). */
+int qmatmul_byte(const float *x, const uint8_t *codes, const float *scales, const float *zeros,
+                 const float *bias, float *out, int64_t n_rows, int64_t n_in, int64_t n_out, int64_t gs,
+                 int threads) {
+    int64_t ng = n_in / gs, nc = gs / 16, n_ob = (n_out + OB - 1) / OB;
+    int64_t block_bytes = ng * nc * OB * 16;
+    float *xsum = malloc(sizeof(float) * (n_rows * ng > 0 ? n_rows * ng : 1));
+    if (!xsum) return -2;
+    for (int64_t n = 0; n < n_rows; n++)
+        for (int64_t g = 0; g < ng; g++) {
+            float t = 0.0f;
+            for (int64_t i = 0; i < gs; i++) t += x[n * n_in + g * gs + i];
+            xsum[n * ng + g] = t;
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        const uint8_t *wb = codes + ob * block_bytes;
+        int64_t o0 = ob * OB, nr = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int64_t n = 0; n < n_rows; n++) {
+            const float *xr = x + n * n_in;
+            float res[OB] = {0};
+#ifdef __AVX512F__
+            __m512 tot[OB];
+            for (int r = 0; r < OB; r++) tot[r] = _mm512_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m512 acc[OB];
+                for (int r = 0; r < OB; r++) acc[r] = _mm512_setzero_ps();
+                const uint8_t *pg = wb + g * nc * OB * 16;
+                for (int64_t c = 0; c < nc; c++) {
+                    __m512 xv = _mm512_loadu_ps(xr + g * gs + c * 16);
+                    const uint8_t *p = pg + c * OB * 16;
+                    for (int r = 0; r < OB; r++) {
+                        __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + r * 16))));
+                        acc[r] = _mm512_fmadd_ps(wv, xv, acc[r]);
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
+            }
+            for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
+#else
+            for (int r = 0; r < nr; r++)
+                for (int64_t g = 0; g < ng; g++) {
+                    const uint8_t *pg = wb + g * nc * OB * 16;
+                    float t = 0.0f;
+                    for (int64_t c = 0; c < nc; c++)
+                        for (int j = 0; j < 16; j++) t += (float)pg[(c * OB + r) * 16 + j] * xr[g * gs + c * 16 + j];
+                    res[r] += scales[(o0 + r) * ng + g] * t;
+                }
+#endif
+            for (int r = 0; r < nr; r++) {
+                int64_t o = o0 + r;
+                float zt = 0.0f;
+                for (int64_t g = 0; g < ng; g++) zt += scales[o * ng + g] * zeros[o * ng + g] * xsum[n * ng + g];
+                out[n * n_out + o] = res[r] - zt + (bias ? bias[o] : 0.0f);
+            }
+        }
+    }
+    free(xsum);
+    return 0;
+}
+
+void dequant_byte(const uint8_t *codes, const float *scales, const float *zeros, float *w, int64_t n_in,
+                  int64_t n_out, int64_t gs, int threads) {
+    int64_t ng = n_in / gs, nc = gs / 16, n_ob = (n_out + OB - 1) / OB;
+    int64_t block_bytes = ng * nc * OB * 16;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        int64_t o0 = ob * OB, nr = n_out - o0 < OB ? n_out - o0 : OB;
+        for (int r = 0; r < nr; r++) {
+            int64_t o = o0 + r;
+            for (int64_t g = 0; g < ng; g++) {
+                float s = scales[o * ng + g], z = zeros[o * ng + g];
+                const uint8_t *pg = codes + ob * block_bytes + g * nc * OB * 16;
+                for (int64_t c = 0; c < nc; c++)
+                    for (int j = 0; j < 16; j++)
+                        w[o * n_in + g * gs + c * 16 + j] = ((float)pg[(c * OB + r) * 16 + j] - z) * s;
+            }
+        }
+    }
+}
