@@ -52,6 +52,11 @@ class KernelWeights:
     in_features: int
     out_features: int
 
+    def __post_init__(self) -> None:  # what every call passes, resolved once
+        self._ptrs = (self.data.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr())
+        self._fn = _fn(f"qmatmul_{self.layout}")
+        self._tail = (self.bits, self.group_size) if self.layout == "planes" else (self.group_size,)
+
 
 def choose_layout(bits: int, group_size: int) -> str | None:
     """The fastest layout the kernel has for these codes, or None (the reference only)."""
@@ -141,14 +146,10 @@ def wonly_matmul(x: torch.Tensor, w: KernelWeights, bias: torch.Tensor | None = 
         return F.linear(x, dequantize_kernel_weights(w), bias)
     flat = flat.contiguous()
     out = torch.empty(flat.shape[0], w.out_features, dtype=torch.float32)
-    b = bias.detach().float().contiguous() if bias is not None else None
-    ptrs = (flat.data_ptr(), w.data.data_ptr(), w.scales.data_ptr(), w.zeros.data_ptr(),
-            b.data_ptr() if b is not None else None, out.data_ptr(), flat.shape[0], w.in_features, w.out_features)
-    threads = torch.get_num_threads()
-    if w.layout == "planes":
-        rc = _fn("qmatmul_planes")(*ptrs, w.bits, w.group_size, threads)
-    else:
-        rc = _fn(f"qmatmul_{w.layout}")(*ptrs, w.group_size, threads)
+    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    rc = w._fn(flat.data_ptr(), *w._ptrs, bias.data_ptr() if bias is not None else None, out.data_ptr(),
+               flat.shape[0], w.in_features, w.out_features, *w._tail, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("the quantized matmul kernel could not allocate its buffers")
     return out.reshape(*lead, w.out_features)

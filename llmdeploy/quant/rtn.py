@@ -140,11 +140,20 @@ class RTNLinear(CompressedModule):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not kernels_forced_reference() and quant_kernel.supports(x, self.bits, self.group_size)
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and not self.qweight.is_cuda and self._kernel_ok()
+                and not kernels_forced_reference()
                 and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
                                                                            and self.bias.requires_grad)))):
             return quant_kernel.wonly_matmul(x, self.kernel_weights(), self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
+
+    def _kernel_ok(self) -> bool:
+        """Whether the C kernel has a layout for this layer's codes (decided once)."""
+        ok = getattr(self, "_kernel_layout_ok", None)
+        if ok is None:
+            ok = quant_kernel.choose_layout(self.bits, self.group_size) is not None and quant_kernel.available()
+            self._kernel_layout_ok = ok
+        return ok
 
     def init_kwargs(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features, bits=self.bits,
