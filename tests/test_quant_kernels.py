@@ -118,3 +118,23 @@ def test_w8a8_model_logits_identical_with_and_without_the_kernel():
             with use_reference():
                 ref = model(ids).logits
         assert torch.equal(fast, ref)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("out_f,in_f,gs,rows", [(7, 64, 16, 1), (33, 96, 32, 3)])
+def test_triton_kernels_equal_reference(bits, symmetric, out_f, in_f, gs, rows):
+    from llmdeploy.kernels import quant_triton
+    if not quant_triton.available():
+        pytest.skip("triton not installed")
+    g = torch.Generator().manual_seed(bits + out_f)
+    lin = torch.nn.Linear(in_f, out_f)
+    mod = RTNLinear.from_linear(lin, bits=bits, group_size=gs, symmetric=symmetric)
+    x = torch.randn(rows, in_f, generator=g)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, mod.dequantize(), mod.bias)
+        got = quant_triton.wonly_gemv(x, mod.qweight, mod.scales, mod.zeros, bits, gs, mod.bias,
+                                      block_o=16, block_k=32)
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        w = quant_triton.wonly_dequantize(mod.qweight, mod.scales, mod.zeros, bits, gs, in_f, block_o=16, block_k=32)
+        assert torch.equal(w, mod.dequantize())

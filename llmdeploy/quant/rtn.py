@@ -24,6 +24,7 @@ from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
 from ..kernels import forced_reference as kernels_forced_reference
 from ..kernels import quant as quant_kernel
+from ..kernels import quant_triton
 from ..kernels.quant import KernelWeights, to_kernel_layout
 from ..models.adapters import get_adapter
 from .packing import pack, unpack
@@ -145,6 +146,16 @@ class RTNLinear(CompressedModule):
                 and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
                                                                            and self.bias.requires_grad)))):
             return quant_kernel.wonly_matmul(x, self.kernel_weights(), self.bias)
+        if x.is_cuda and quant_triton.supports(self.bits) and not kernels_forced_reference() and \
+                not (torch.is_grad_enabled() and x.requires_grad):
+            flat = x.reshape(-1, self.in_features)
+            if flat.shape[0] <= quant_triton.GEMV_MAX_ROWS:
+                y = quant_triton.wonly_gemv(flat, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                            self.bias)
+                return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            w = quant_triton.wonly_dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                                              self.in_features)
+            return F.linear(x, w.to(x.dtype), self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
 
     def _kernel_ok(self) -> bool:
