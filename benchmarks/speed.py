@@ -11,7 +11,9 @@ format, then dense again…) so that machine noise hits every row alike; medians
   forward, at Llama-2-7B's MLP shape (11008 x 4096) and smollm2's (1536 x 576); achieved GB/s =
   bytes of the stored weight / time;
 - **model**: batch-1 greedy decode tokens/s (median step of ``--new-tokens`` steps after a 64-token
-  prompt) and prefill of 512 tokens, for ``smollm2-135m`` dense and compressed.
+  prompt) and prefill of 512 tokens, for ``smollm2-135m`` dense and compressed; the "floor" row
+  replaces every decoder linear by a stub returning zeros — the time per token spent outside them
+  (norms, attention, the head, PyTorch's eager dispatch), which no linear kernel can remove.
 
 Writes ``results/speed/speed.json``, ``SPEED.md`` and ``speed.png``.
 """
@@ -87,10 +89,32 @@ def layers(rounds: int) -> dict:
     return out
 
 
+class _Zero(torch.nn.Module):
+    """A linear's stand-in returning zeros: what decoding costs without the decoder linears."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def without_linears(model):
+    from llmdeploy.models.adapters import get_adapter
+    for name in get_adapter(model).linear_names():
+        model.set_submodule(name, _Zero(model.get_submodule(name).out_features))
+    return model
+
+
+FLOOR = "floor: decoder linears removed"
+
+
 def model_formats() -> dict[str, Callable]:
     from llmdeploy.quant import RTN, DynamicInt8
 
     return {
+        FLOOR: without_linears,
         "rtn int4 g64": lambda m: RTN(bits=4, group_size=64)(m, None),
         "rtn int3 g64": lambda m: RTN(bits=3, group_size=64)(m, None),
         "rtn int8 g64": lambda m: RTN(bits=8, group_size=64)(m, None),
@@ -148,8 +172,16 @@ def markdown(res: dict) -> str:
                   "64-token prompt) and one prefill of 512 tokens.", "",
                   "| format | decode tok/s | x dense | prefill 512 s | x dense | MiB |", "|---|---|---|---|---|---|"]
         for k, r in res["model"].items():
+            if k == FLOOR:
+                continue
             lines.append(f"| {k} | {r['decode_tok_s']:.1f} | {r['decode_x_dense']:.2f}x | {r['prefill_512_s']:.2f} "
                          f"| {r['prefill_x_dense']:.2f}x | {r['bytes'] / 2**20:.1f} |")
+        if FLOOR in res["model"]:
+            f, d = res["model"][FLOOR], res["model"]["dense fp32"]
+            lines += ["", f"Without any decoder linear (a stub returning zeros) a decode step still takes "
+                      f"{1e3 / f['decode_tok_s']:.1f} ms ({f['decode_tok_s']:.1f} tok/s) against "
+                      f"{1e3 / d['decode_tok_s']:.1f} ms dense: the most any linear kernel can give here is "
+                      f"{f['decode_x_dense']:.2f}x dense."]
         lines.append("")
     return "\n".join(lines)
 

@@ -1,14 +1,16 @@
-"""Quantization methods: additive codebooks (AQLM) and scalar baselines (RTN, dynamic int8, mixed
-precision through RTN overrides)."""
+"""Quantization methods: additive codebooks (AQLM), GPTQ, and scalar baselines (RTN, dynamic int8,
+mixed precision through RTN overrides)."""
 
 from .aqlm import AQLM, beam_search_codes, quantize_layer
 from .aqlm_linear import AQLMLinear
 from .dynamic_int8 import DynamicInt8, DynamicInt8Linear
+from .gptq import GPTQ, gptq_quantize, layer_error
 from .packing import pack, unpack
 from .rtn import RTN, RTNLinear, dequantize_groupwise, quantize_groupwise
 
 __all__ = [
     "AQLM",
+    "GPTQ",
     "RTN",
     "AQLMLinear",
     "DynamicInt8",
@@ -16,6 +18,8 @@ __all__ = [
     "RTNLinear",
     "beam_search_codes",
     "dequantize_groupwise",
+    "gptq_quantize",
+    "layer_error",
     "pack",
     "quantize_groupwise",
     "quantize_layer",
