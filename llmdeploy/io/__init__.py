@@ -2,7 +2,8 @@
 from their registry and reads checkpoints of the methods below it, which register themselves)."""
 
 from .checkpoint import load_saved, read_manifest, save
+from .compressed_tensors import save_compressed_tensors
 from .loading import load, load_gguf
 from .zoo import ZOO
 
-__all__ = ["ZOO", "load", "load_gguf", "load_saved", "read_manifest", "save"]
+__all__ = ["ZOO", "load", "load_gguf", "load_saved", "read_manifest", "save", "save_compressed_tensors"]
