@@ -273,6 +273,14 @@ def test_readme_quotes_the_bitdelta_benchmark():
                       f"(scales at init {gain(domain, 'BitDelta, scales at init', corpus)}, "
                       f"SVD {gain(domain, 'low-rank delta (SVD), same bytes', corpus)})")
             assert quoted in readme, quoted
+    emb_d, emb_i = ("BitDelta + embedding delta (per-row scales), distilled",
+                    "BitDelta + embedding delta (per-row scales), at init")
+    for domain, rows in res["domains"].items():
+        for corpus in rows.get(emb_d, {}).get("ppl", {}):
+            quoted = f"{domain} on {corpus}: {gain(domain, emb_d, corpus)} (at init {gain(domain, emb_i, corpus)})"
+            assert quoted in readme, quoted
+    emb = res["domains"]["shakespeare"][emb_d]
+    assert f"{emb['delta_bytes'] / 2**20:.2f} MiB, {emb['fp16_bytes'] / emb['delta_bytes']:.1f}x smaller" in readme
     delta = res["domains"]["shakespeare"]["BitDelta, scales distilled"]["delta_bytes"]
     assert f"{delta / 2**20:.2f} MiB" in readme and f"{res['fp16_linear_bytes'] / delta:.1f}x smaller" in readme
     sv = res["serve"]
