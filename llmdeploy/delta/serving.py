@@ -47,7 +47,8 @@ def _tied(mods: dict[str, nn.Module]) -> dict[str, str]:
     """Delta modules that share another's signs and scale (a tied head): name -> the owner's name."""
     owner: dict[tuple[int, int], str] = {}
     tied = {}
-    for name, m in mods.items():
+    embeddings_first = sorted(mods.items(), key=lambda kv: not isinstance(kv[1], BitDeltaEmbedding))
+    for name, m in embeddings_first:
         key = (id(m.signs), id(m.scale))
         if key in owner:
             tied[name] = owner[key]
@@ -204,6 +205,9 @@ class MultiTenant(nn.Module):
         stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # a tied head reuses its embedding's
         for path in sorted(layers):
             mods = [per[n][path] for n in self.names]
+            kinds = {type(m) for m in mods}
+            if len(kinds) > 1 or len({tuple(m.signs.shape) for m in mods}) > 1:
+                raise ConfigError(f"tenants hold different kinds or shapes of delta at {path}")
             key = tuple(id(m.signs) for m in mods)
             if key not in stacked:
                 scales = [m.scale.detach().float() for m in mods]
@@ -212,9 +216,6 @@ class MultiTenant(nn.Module):
                     scales = [s.expand(rows_n) for s in scales]
                 stacked[key] = torch.stack([m.signs for m in mods]), torch.stack(scales)
             signs, scales = stacked[key]
-            kinds = {type(m) for m in mods}
-            if len(kinds) > 1:
-                raise ConfigError(f"tenants hold different kinds of delta at {path}")
             cls = MultiTenantEmbedding if kinds == {BitDeltaEmbedding} else MultiTenantLinear
             self.model.set_submodule(path, cls(base.get_submodule(path), signs, scales, self._rows))
 
