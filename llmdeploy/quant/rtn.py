@@ -140,14 +140,17 @@ class RTNLinear(CompressedModule):
             self._kernel_cache = cached
         return cached[1]
 
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        """Whether this call must be differentiable (the kernels have no backward)."""
+        return torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad or (
+            self.bias is not None and self.bias.requires_grad))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == torch.float32 and x.device.type == "cpu" and not self.qweight.is_cuda and self._kernel_ok()
-                and not kernels_forced_reference()
-                and not (torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None
-                                                                           and self.bias.requires_grad)))):
+                and not kernels_forced_reference() and not self._needs_autograd(x)):
             return quant_kernel.wonly_matmul(x, self.kernel_weights(), self.bias)
         if x.is_cuda and quant_triton.supports(self.bits) and not kernels_forced_reference() and \
-                not (torch.is_grad_enabled() and x.requires_grad):
+                not self._needs_autograd(x):
             flat = x.reshape(-1, self.in_features)
             if flat.shape[0] <= quant_triton.GEMV_MAX_ROWS:
                 y = quant_triton.wonly_gemv(flat, self.qweight, self.scales, self.zeros, self.bits, self.group_size,
