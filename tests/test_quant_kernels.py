@@ -139,3 +139,20 @@ def test_triton_kernels_equal_reference(bits, symmetric, out_f, in_f, gs, rows):
         w = quant_triton.wonly_dequantize(mod.qweight, mod.scales, mod.zeros, bits, gs, in_f, block_o=16, block_k=32)
         assert torch.equal(w, mod.dequantize())
 
+
+
+def test_readme_quotes_the_speed_benchmark():
+    """The README's kernel speed-ups are those of benchmarks/results/speed/speed.json."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/speed/speed.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    layer = res["layers"]["llama2-7b mlp 11008x4096"]
+    for k, label in (("rtn int4 g64", "int4"), ("rtn int3 g64", "int3"), ("rtn int8 g64", "int8"),
+                     ("w8a8 dynamic", "W8A8")):
+        assert f"{label} {layer[k]['x_dense']:.2f}x" in readme, k
+        assert f"{label} {res['model'][k]['decode_x_dense']:.2f}x" in readme, k
+    floor = res["model"]["floor: decoder linears removed"]
+    assert f"more than {floor['decode_x_dense']:.2f}x faster" in readme
+    assert f"dense {res['model']['dense fp32']['decode_tok_s']:.1f} tok/s" in readme
