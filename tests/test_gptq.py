@@ -123,3 +123,17 @@ def test_gptq_errors():
     quantized = RTN(bits=4, group_size=32)(model)
     with pytest.raises(ConfigError, match="already compressed"):
         GPTQ(bits=4, group_size=32)(quantized, ids_for(tok))
+
+
+def test_readme_quotes_the_gptq_benchmark():
+    """The README's GPTQ perplexities are those of benchmarks/results/gptq/gptq.json."""
+    import json
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    rows = json.loads((root / "benchmarks/results/gptq/gptq.json").read_text())["rows"]
+    readme = " ".join((root / "README.md").read_text().split())
+    dense = rows["dense"]["ppl"]
+    assert f"dense {dense:.2f}" in readme
+    for bits in (4, 3):
+        g, r = rows[f"gptq-w{bits}-g64"]["ppl"], rows[f"rtn-w{bits}-g64"]["ppl"]
+        assert f"{bits}-bit: GPTQ {g:.2f} ({g / dense:.3f}x dense) against RTN {r:.2f}" in readme

@@ -1,0 +1,84 @@
+"""GPTQ against RTN on SmolLM2-135M at the perplexity protocol (128 windows of 512 tokens).
+
+    python -m benchmarks.gptq                      # dense, RTN and GPTQ at 4/3/2 bits, groups of 64
+    python -m benchmarks.gptq --bits 4 3 --calib 32
+
+Calibration: ``--calib`` windows of 512 tokens of the shakespeare train split (seed 0, the
+scoreboard's); evaluation: the shakespeare test split. Rows already in ``gptq.json`` are kept.
+Writes ``results/gptq/gptq.json`` and ``GPTQ.md`` (perplexity, ratio to dense, quantization time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import llmdeploy
+from llmdeploy.data import calibration
+from llmdeploy.eval import perplexity
+from llmdeploy.quant import GPTQ, RTN
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gptq"
+MODEL, GROUP = "smollm2-135m", 64
+log = logging.getLogger("benchmarks.gptq")
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    dense = res["rows"]["dense"]["ppl"]
+    lines = [f"# GPTQ vs RTN on `{MODEL}` (`python -m benchmarks.gptq`, {m['date']})", "",
+             f"Perplexity on the shakespeare test split, seq_len 512, {m['windows']} windows; GPTQ calibrated on "
+             f"{m['calib']} windows of 512 tokens (shakespeare train, seed 0); groups of {GROUP}, asymmetric; "
+             f"{m['threads']} CPU threads.", "",
+             "| model | ppl | x dense | quantize s |", "|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        s = f"{r['seconds']:.0f}" if r.get("seconds") else ""
+        lines.append(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {s} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--windows", type=int, default=128)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "gptq.json"
+    res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "calib": args.calib,
+                   "threads": torch.get_num_threads()}
+    todo = [("dense", None)] + [(f"{kind}-w{b}-g{GROUP}", (kind, b)) for b in args.bits for kind in ("rtn", "gptq")]
+    for name, spec in todo:
+        if name in res["rows"]:
+            continue
+        model, tok = llmdeploy.load(MODEL)
+        model.eval()
+        seconds = None
+        if spec is not None:
+            kind, bits = spec
+            t0 = time.perf_counter()
+            if kind == "rtn":
+                model = RTN(bits=bits, group_size=GROUP)(model)
+            else:
+                calib = calibration(tok, "shakespeare", n_samples=args.calib, seq_len=512, seed=0)
+                model = GPTQ(bits=bits, group_size=GROUP)(model, calib)
+            seconds = time.perf_counter() - t0
+        ppl = perplexity(model, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
+        res["rows"][name] = {"ppl": ppl, "seconds": seconds}
+        log.info("%s: ppl %.3f (%s s)", name, ppl, seconds)
+        path.write_text(json.dumps(res, indent=2))
+    (RESULTS / "GPTQ.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
