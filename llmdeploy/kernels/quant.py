@@ -119,12 +119,6 @@ def available() -> bool:
     return _fn("qmatmul_planes") is not None
 
 
-def supports(x: torch.Tensor, bits: int, group_size: int) -> bool:
-    """Whether the C kernel takes this input: fp32 on CPU, a layout for these codes, built here."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and choose_layout(bits, group_size) is not None
-            and available())
-
-
 def dequantize_kernel_weights(w: KernelWeights) -> torch.Tensor:
     """The dense fp32 weight (out, in) of ``w`` (C kernel; bit-identical to the reference's)."""
     out = torch.empty(w.out_features, w.in_features, dtype=torch.float32)

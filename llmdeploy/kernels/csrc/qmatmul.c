@@ -25,6 +25,28 @@
 
 static inline float plane_scale(int k) { return (float)(1 << k); }
 
+/* sum of x over each group of each row: xsum (n_rows, ng); the zero points enter through it */
+static float *group_sums(const float *x, int64_t n_rows, int64_t n_in, int64_t gs) {
+    int64_t ng = n_in / gs;
+    float *xsum = malloc(sizeof(float) * (n_rows * ng > 0 ? n_rows * ng : 1));
+    if (!xsum) return NULL;
+    for (int64_t n = 0; n < n_rows; n++)
+        for (int64_t g = 0; g < ng; g++) {
+            float t = 0.0f;
+            for (int64_t i = 0; i < gs; i++) t += x[n * n_in + g * gs + i];
+            xsum[n * ng + g] = t;
+        }
+    return xsum;
+}
+
+/* out = sum_g s_g * (dot_g) - sum_g s_g * z_g * xsum_g + bias, given acc = sum_g s_g * dot_g */
+static inline float finish(float acc, const float *scales, const float *zeros, const float *xsum, int64_t ng,
+                           const float *bias, int64_t o) {
+    float zt = 0.0f;
+    for (int64_t g = 0; g < ng; g++) zt += scales[o * ng + g] * zeros[o * ng + g] * xsum[g];
+    return acc - zt + (bias ? bias[o] : 0.0f);
+}
+
 /* x (n_rows, n_in) f32 contiguous; planes (ceil(n_out/8), groups, bits, gs/16, 8, 2) u8 (the 2 bytes
  * of the 8 outputs of a block for one 16-input chunk of one plane are adjacent, so a block streams
  * its codes in order); scales and zeros (n_out, groups) f32; bias (n_out,) f32 or NULL;
@@ -35,7 +57,7 @@ int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, c
     int64_t ng = n_in / gs, nc = gs / 16, n_ob = (n_out + OB - 1) / OB;
     int64_t block_bytes = ng * bits * nc * OB * 2;
     /* per row: xsum per group (zero points) and x * 2^k per plane (so a plane's adds need no scaling) */
-    float *xsum = malloc(sizeof(float) * (n_rows * ng > 0 ? n_rows * ng : 1));
+    float *xsum = group_sums(x, n_rows, n_in, gs);
     float *xk = malloc(sizeof(float) * (n_rows * bits * n_in > 0 ? n_rows * bits * n_in : 1));
     if (!xsum || !xk) {
         free(xsum);
@@ -43,11 +65,6 @@ int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, c
         return -2;
     }
     for (int64_t n = 0; n < n_rows; n++) {
-        for (int64_t g = 0; g < ng; g++) {
-            float t = 0.0f;
-            for (int64_t i = 0; i < gs; i++) t += x[n * n_in + g * gs + i];
-            xsum[n * ng + g] = t;
-        }
         for (int k = 0; k < bits; k++)
             for (int64_t i = 0; i < n_in; i++) xk[(n * bits + k) * n_in + i] = x[n * n_in + i] * plane_scale(k);
     }
@@ -95,12 +112,8 @@ int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, c
                 }
             }
 #endif
-            for (int r = 0; r < nr; r++) {
-                int64_t o = o0 + r;
-                float zt = 0.0f;
-                for (int64_t g = 0; g < ng; g++) zt += scales[o * ng + g] * zeros[o * ng + g] * xsum[n * ng + g];
-                out[n * n_out + o] = res[r] - zt + (bias ? bias[o] : 0.0f);
-            }
+            for (int r = 0; r < nr; r++)
+                out[n * n_out + o0 + r] = finish(res[r], scales, zeros, xsum + n * ng, ng, bias, o0 + r);
         }
     }
     free(xsum);
@@ -241,14 +254,8 @@ int qmatmul_byte(const float *x, const uint8_t *codes, const float *scales, cons
                  int threads) {
     int64_t ng = n_in / gs, nc = gs / 16, n_ob = (n_out + OB - 1) / OB;
     int64_t block_bytes = ng * nc * OB * 16;
-    float *xsum = malloc(sizeof(float) * (n_rows * ng > 0 ? n_rows * ng : 1));
+    float *xsum = group_sums(x, n_rows, n_in, gs);
     if (!xsum) return -2;
-    for (int64_t n = 0; n < n_rows; n++)
-        for (int64_t g = 0; g < ng; g++) {
-            float t = 0.0f;
-            for (int64_t i = 0; i < gs; i++) t += x[n * n_in + g * gs + i];
-            xsum[n * ng + g] = t;
-        }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n_ob; ob++) {
         const uint8_t *wb = codes + ob * block_bytes;
@@ -285,12 +292,8 @@ int qmatmul_byte(const float *x, const uint8_t *codes, const float *scales, cons
                     res[r] += scales[(o0 + r) * ng + g] * t;
                 }
 #endif
-            for (int r = 0; r < nr; r++) {
-                int64_t o = o0 + r;
-                float zt = 0.0f;
-                for (int64_t g = 0; g < ng; g++) zt += scales[o * ng + g] * zeros[o * ng + g] * xsum[n * ng + g];
-                out[n * n_out + o] = res[r] - zt + (bias ? bias[o] : 0.0f);
-            }
+            for (int r = 0; r < nr; r++)
+                out[n * n_out + o0 + r] = finish(res[r], scales, zeros, xsum + n * ng, ng, bias, o0 + r);
         }
     }
     free(xsum);
