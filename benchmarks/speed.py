@@ -111,7 +111,10 @@ FLOOR = "floor: decoder linears removed"
 
 
 def model_formats() -> dict[str, Callable]:
-    from llmdeploy.quant import RTN, DynamicInt8
+    from llmdeploy.quant import RTN, DynamicInt8, EmbeddingRTN
+
+    def emb8(m):  # the optional int8 embedding + tied head (EmbeddingRTN), on top of a format
+        return EmbeddingRTN(bits=8, group_size=64)(m, None)
 
     return {
         FLOOR: without_linears,
@@ -119,6 +122,9 @@ def model_formats() -> dict[str, Callable]:
         "rtn int3 g64": lambda m: RTN(bits=3, group_size=64)(m, None),
         "rtn int8 g64": lambda m: RTN(bits=8, group_size=64)(m, None),
         "w8a8 dynamic": lambda m: DynamicInt8()(m, None),
+        "rtn int4 g64 + int8 embedding/head": lambda m: emb8(RTN(bits=4, group_size=64)(m, None)),
+        "rtn int8 g64 + int8 embedding/head": lambda m: emb8(RTN(bits=8, group_size=64)(m, None)),
+        "w8a8 dynamic + int8 embedding/head": lambda m: emb8(DynamicInt8()(m, None)),
     }
 
 

@@ -58,6 +58,10 @@ class CompressedModule(nn.Module):
         format (AQLM's codebooks and scales); the bias is the caller's to choose."""
         return []
 
+    def bind(self, model: nn.Module) -> None:
+        """Called by the loader once every module of ``model`` is in place: a module that reads
+        another's storage (a head tied to a quantized embedding) finds it here. Default: nothing."""
+
     def storage_bits(self) -> int:
         """Bits actually held: every parameter and buffer of this module, at its stored dtype."""
         tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))

@@ -189,6 +189,8 @@ def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, ver
             model.set_submodule(name, module)
         except AttributeError as e:
             raise CheckpointError(f"{path}: module {name} does not exist in this architecture") from e
+    for module in compressed_modules(model).values():
+        module.bind(model)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as e:

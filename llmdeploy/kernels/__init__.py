@@ -2,8 +2,8 @@
 
 ``aqlm_kernel_for(module, x, tokens)`` picks the kernel an ``AQLMLinear`` uses for input ``x``
 (or None: the reference); RTN/GPTQ layers use :mod:`.quant` for fp32 CPU inputs.
-:func:`use_reference` or ``LLMDEPLOY_KERNELS=reference`` (environment) forces the plain-torch
-reference everywhere; ``LLMDEPLOY_AQLM_KERNEL=reference`` only for AQLM.
+:func:`use_reference` or ``LLMDEPLOY_KERNELS=reference`` (environment, read at import) forces the
+plain-torch reference everywhere; ``LLMDEPLOY_AQLM_KERNEL=reference`` only for AQLM.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 _FORCE_REFERENCE = False
+#: read once at import: the layers check it on every call, and ``os.environ`` costs a microsecond
+#: (use :func:`use_reference` to switch at run time)
+_ENV_REFERENCE = os.environ.get("LLMDEPLOY_KERNELS", "auto") == "reference"
 
 
 @functools.cache
@@ -37,8 +40,8 @@ def use_reference() -> Iterator[None]:
 
 
 def forced_reference() -> bool:
-    """Whether :func:`use_reference` (or ``LLMDEPLOY_KERNELS=reference``) asks for plain torch."""
-    return _FORCE_REFERENCE or os.environ.get("LLMDEPLOY_KERNELS", "auto") == "reference"
+    """Whether :func:`use_reference` (or ``LLMDEPLOY_KERNELS=reference`` at import) asks for plain torch."""
+    return _FORCE_REFERENCE or _ENV_REFERENCE
 
 
 def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:

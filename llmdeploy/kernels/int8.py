@@ -44,13 +44,14 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, ws
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic W8A8 ``x · (q_w·s_w)ᵀ + bias`` for fp32 CPU ``x`` (..., in); ``wsum`` from :func:`row_sums`."""
     k = qweight.shape[1]
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, k).contiguous()
-    out = torch.empty(flat.shape[0], qweight.shape[0], dtype=torch.float32)
-    b = bias.detach().float().contiguous() if bias is not None else None
-    rc = _fn("w8a8_linear")(flat.data_ptr(), qweight.data_ptr(), wscale.data_ptr(), wsum.data_ptr(),
-                            b.data_ptr() if b is not None else None, out.data_ptr(), flat.shape[0], k,
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    rc = _fn("w8a8_linear")(x.data_ptr(), qweight.data_ptr(), wscale.data_ptr(), wsum.data_ptr(),
+                            None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // k, k,
                             qweight.shape[0], torch.get_num_threads())
     if rc != 0:
         raise MemoryError("the W8A8 kernel could not allocate its quantized activations")
-    return out.reshape(*lead, qweight.shape[0])
+    return out

@@ -39,6 +39,8 @@ from .binary import pack_signs
 MAX_KERNEL_ROWS = 16
 
 
+
+
 @dataclass
 class KernelWeights:
     """A quantized weight in one of the C kernel's layouts (built once per layer)."""
@@ -134,19 +136,19 @@ def dequantize_kernel_weights(w: KernelWeights) -> torch.Tensor:
 
 def wonly_matmul(x: torch.Tensor, w: KernelWeights, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x · Ŵᵀ + bias`` for fp32 CPU ``x`` (..., in) with the quantized weight ``w``."""
-    lead = x.shape[:-1]
-    flat = x.reshape(-1, w.in_features)
-    if flat.shape[0] > MAX_KERNEL_ROWS:
+    n_rows = x.numel() // w.in_features
+    if n_rows > MAX_KERNEL_ROWS:
         return F.linear(x, dequantize_kernel_weights(w), bias)
-    flat = flat.contiguous()
-    out = torch.empty(flat.shape[0], w.out_features, dtype=torch.float32)
-    if bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()):
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], w.out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
         bias = bias.detach().float().contiguous()
-    rc = w._fn(flat.data_ptr(), *w._ptrs, bias.data_ptr() if bias is not None else None, out.data_ptr(),
-               flat.shape[0], w.in_features, w.out_features, *w._tail, torch.get_num_threads())
+    rc = w._fn(x.data_ptr(), *w._ptrs, None if bias is None else bias.data_ptr(), out.data_ptr(), n_rows,
+               w.in_features, w.out_features, *w._tail, torch.get_num_threads())
     if rc != 0:
         raise MemoryError("the quantized matmul kernel could not allocate its buffers")
-    return out.reshape(*lead, w.out_features)
+    return out
 
 
 def wonly_matmul_reference(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

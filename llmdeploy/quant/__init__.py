@@ -4,6 +4,7 @@ mixed precision through RTN overrides)."""
 from .aqlm import AQLM, beam_search_codes, quantize_layer
 from .aqlm_linear import AQLMLinear
 from .dynamic_int8 import DynamicInt8, DynamicInt8Linear
+from .embedding import EmbeddingRTN, RTNEmbedding, RTNTiedHead
 from .gptq import GPTQ, gptq_quantize, layer_error
 from .packing import pack, unpack
 from .rtn import RTN, RTNLinear, dequantize_groupwise, quantize_groupwise
@@ -15,6 +16,9 @@ __all__ = [
     "AQLMLinear",
     "DynamicInt8",
     "DynamicInt8Linear",
+    "EmbeddingRTN",
+    "RTNEmbedding",
+    "RTNTiedHead",
     "RTNLinear",
     "beam_search_codes",
     "dequantize_groupwise",

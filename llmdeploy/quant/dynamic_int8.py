@@ -83,21 +83,28 @@ class DynamicInt8Linear(CompressedModule):
     def weight(self) -> torch.Tensor:
         return self.qweight.to(torch.float32) * self.wscale.unsqueeze(-1)
 
-    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Contiguous weight, fp32 scales and the weight's row sums, recomputed only when they change."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.wscale))
-        cached = getattr(self, "_kernel_cache", None)
+    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Contiguous weight, fp32 scales and the weight's row sums, recomputed only when they
+        change; None when the weight is not on the CPU."""
+        b = self._buffers  # not the attributes: nn.Module's __getattr__ costs a microsecond each
+        q, s = b["qweight"], b["wscale"]
+        key = (q.data_ptr(), q._version, s.data_ptr(), s._version)
+        cached = self.__dict__.get("_kernel_cache")
         if cached is None or cached[0] != key:
-            w = self.qweight.contiguous()
-            cached = (key, (w, self.wscale.float().contiguous(), int8_kernel.row_sums(w)))
+            if not (q.is_cpu and s.is_cpu):
+                return None
+            w = q.contiguous()
+            cached = (key, (w, s.float().contiguous(), int8_kernel.row_sums(w)))
             self._kernel_cache = cached
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.qweight.device.type == "cpu"
-                and not forced_reference() and not (torch.is_grad_enabled() and x.requires_grad)
-                and int8_kernel.available()):
-            return int8_kernel.w8a8_linear(x, *self._kernel_args(), self.bias)
+        # the decode path is called ~200 times per token: every check here is a cheap one
+        if x.is_cpu and x.dtype is torch.float32 and not forced_reference() and \
+                not (torch.is_grad_enabled() and x.requires_grad) and int8_kernel.available():
+            args = self._kernel_args()
+            if args is not None:
+                return int8_kernel.w8a8_linear(x, *args, self._parameters.get("bias"))
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         xq, xs = quantize_per_row(x2)

@@ -72,8 +72,49 @@ def dequantize_groupwise(
     return w.reshape(out_f, in_f).to(dtype)
 
 
+class GroupCodes:
+    """Storage shared by the modules that hold a matrix as RTN codes (buffers ``qweight``,
+    ``scales``, ``zeros``; attributes ``bits``, ``group_size``, ``in_features``): the matrix
+    (out, in), its unpacked codes, and its C-kernel layout."""
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the module computes with, (out, in)."""
+        zeros = self.zeros if self.zeros is not None else torch.full_like(
+            self.scales, 2 ** (self.bits - 1), dtype=torch.uint8
+        )
+        return dequantize_groupwise(self.codes(), self.scales, zeros, self.group_size, dtype)
+
+    def kernel_weights(self) -> KernelWeights | None:
+        """This layer in the C kernel's layout, repacked on first use and again only when the
+        stored codes, scales or zero points change (the checkpoint layout stays the documented one);
+        None when they are not on the CPU."""
+        b = self._buffers  # not the attributes: nn.Module's __getattr__ costs a microsecond each
+        q, s, z = b["qweight"], b["scales"], b.get("zeros")
+        key = (q.data_ptr(), q._version, s.data_ptr(), s._version,
+               None if z is None else (z.data_ptr(), z._version))
+        cached = self.__dict__.get("_kernel_cache")
+        if cached is None or cached[0] != key:
+            if not (q.is_cpu and s.is_cpu):
+                return None
+            zeros = z if z is not None else torch.full_like(s, 2 ** (self.bits - 1))
+            cached = (key, to_kernel_layout(self.codes(), s, zeros, self.bits, self.group_size))
+            self._kernel_cache = cached
+        return cached[1]
+
+    def _kernel_ok(self) -> bool:
+        """Whether the C kernel has a layout for this layer's codes (decided once)."""
+        ok = getattr(self, "_kernel_layout_ok", None)
+        if ok is None:
+            ok = quant_kernel.choose_layout(self.bits, self.group_size) is not None and quant_kernel.available()
+            self._kernel_layout_ok = ok
+        return ok
+
+
 @register_module
-class RTNLinear(CompressedModule):
+class RTNLinear(GroupCodes, CompressedModule):
     """A linear whose weight is stored as packed ``bits``-bit codes with fp16 group scales."""
 
     fixed_dtype_buffers = ("qweight", "scales", "zeros")
@@ -113,42 +154,26 @@ class RTNLinear(CompressedModule):
             mod.bias.data.copy_(linear.bias.data)
         return mod.to(linear.weight.device)
 
-    def codes(self) -> torch.Tensor:
-        return unpack(self.qweight, self.bits, self.in_features)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight the module computes with, (out, in)."""
-        zeros = self.zeros if self.zeros is not None else torch.full_like(
-            self.scales, 2 ** (self.bits - 1), dtype=torch.uint8
-        )
-        return dequantize_groupwise(self.codes(), self.scales, zeros, self.group_size, dtype)
-
     @property
     def weight(self) -> torch.Tensor:
         """Dequantized weight, for code that reads ``.weight`` (shape and dtype of the original)."""
         dtype = self.bias.dtype if self.bias is not None else torch.float32
         return self.dequantize(dtype)
 
-    def kernel_weights(self) -> KernelWeights:
-        """This layer in the C kernel's layout, repacked on first use and again only when the
-        stored codes, scales or zero points change (the checkpoint layout stays the documented one)."""
-        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.scales, self.zeros) if t is not None)
-        cached = getattr(self, "_kernel_cache", None)
-        if cached is None or cached[0] != key:
-            zeros = self.zeros if self.zeros is not None else torch.full_like(self.scales, 2 ** (self.bits - 1))
-            cached = (key, to_kernel_layout(self.codes(), self.scales, zeros, self.bits, self.group_size))
-            self._kernel_cache = cached
-        return cached[1]
-
     def _needs_autograd(self, x: torch.Tensor) -> bool:
         """Whether this call must be differentiable (the kernels have no backward)."""
-        return torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad or (
-            self.bias is not None and self.bias.requires_grad))
+        if not torch.is_grad_enabled():
+            return False
+        bias = self._parameters.get("bias")
+        return x.requires_grad or self._buffers["scales"].requires_grad or (bias is not None and bias.requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and not self.qweight.is_cuda and self._kernel_ok()
-                and not kernels_forced_reference() and not self._needs_autograd(x)):
-            return quant_kernel.wonly_matmul(x, self.kernel_weights(), self.bias)
+        # the decode path is called ~200 times per token: every check here is a cheap one
+        if x.is_cpu and x.dtype is torch.float32 and self._kernel_ok() and not kernels_forced_reference() \
+                and not self._needs_autograd(x):
+            w = self.kernel_weights()
+            if w is not None:
+                return quant_kernel.wonly_matmul(x, w, self._parameters.get("bias"))
         if x.is_cuda and quant_triton.supports(self.bits) and not kernels_forced_reference() and \
                 not self._needs_autograd(x):
             flat = x.reshape(-1, self.in_features)
@@ -160,14 +185,6 @@ class RTNLinear(CompressedModule):
                                               self.in_features)
             return F.linear(x, w.to(x.dtype), self.bias)
         return F.linear(x, self.dequantize(x.dtype), self.bias)
-
-    def _kernel_ok(self) -> bool:
-        """Whether the C kernel has a layout for this layer's codes (decided once)."""
-        ok = getattr(self, "_kernel_layout_ok", None)
-        if ok is None:
-            ok = quant_kernel.choose_layout(self.bits, self.group_size) is not None and quant_kernel.available()
-            self._kernel_layout_ok = ok
-        return ok
 
     def init_kwargs(self) -> dict[str, Any]:
         return dict(in_features=self.in_features, out_features=self.out_features, bits=self.bits,
