@@ -50,6 +50,17 @@ def bandwidth(rounds: int) -> float:
     return statistics.median(a.numel() * 4 / _median_time(a.sum, 3) / 1e9 for _ in range(rounds))
 
 
+def _pruned(lin: torch.nn.Linear, sparsity: float = 0.0, n: int = 0, m: int = 0) -> torch.nn.Module:
+    """``lin`` magnitude-pruned (unstructured ``sparsity`` or N:M), stored as a SparseLinear."""
+    from llmdeploy.prune import SparseLinear
+    from llmdeploy.prune.masks import SparsityPattern, select_mask
+
+    pattern = SparsityPattern(sparsity=n / m if m else sparsity, n=n, m=m)
+    pruned = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
+    pruned.weight.data = lin.weight.data.masked_fill(select_mask(lin.weight.data.abs(), pattern), 0)
+    return SparseLinear.from_linear(pruned, n=n, m=m)
+
+
 def layer_formats() -> dict[str, Callable[[torch.nn.Linear], torch.nn.Module]]:
     from llmdeploy.quant import RTNLinear
     from llmdeploy.quant.dynamic_int8 import DynamicInt8Linear
@@ -60,6 +71,9 @@ def layer_formats() -> dict[str, Callable[[torch.nn.Linear], torch.nn.Module]]:
         "rtn int8 g64": lambda lin: RTNLinear.from_linear(lin, 8, 64, False),
         "rtn int2 g64": lambda lin: RTNLinear.from_linear(lin, 2, 64, False),
         "w8a8 dynamic": DynamicInt8Linear.from_linear,
+        "sparse 50%": lambda lin: _pruned(lin, 0.5),
+        "sparse 70%": lambda lin: _pruned(lin, 0.7),
+        "sparse 2:4": lambda lin: _pruned(lin, n=2, m=4),
     }
 
 
@@ -111,6 +125,7 @@ FLOOR = "floor: decoder linears removed"
 
 
 def model_formats() -> dict[str, Callable]:
+    from llmdeploy.prune import Magnitude
     from llmdeploy.quant import RTN, DynamicInt8, EmbeddingRTN
 
     def emb8(m):  # the optional int8 embedding + tied head (EmbeddingRTN), on top of a format
@@ -125,6 +140,10 @@ def model_formats() -> dict[str, Callable]:
         "rtn int4 g64 + int8 embedding/head": lambda m: emb8(RTN(bits=4, group_size=64)(m, None)),
         "rtn int8 g64 + int8 embedding/head": lambda m: emb8(RTN(bits=8, group_size=64)(m, None)),
         "w8a8 dynamic + int8 embedding/head": lambda m: emb8(DynamicInt8()(m, None)),
+        # magnitude pruning: the same storage and kernels as SparseGPT/Wanda/SparseLLM of that pattern
+        "sparse 50%": lambda m: Magnitude(sparsity=0.5)(m, None),
+        "sparse 70%": lambda m: Magnitude(sparsity=0.7)(m, None),
+        "sparse 2:4": lambda m: Magnitude(pattern="2:4")(m, None),
     }
 
 
@@ -156,7 +175,16 @@ def model(rounds: int, new_tokens: int, only: list[str] | None) -> dict:
     p = {k: statistics.median(v) for k, v in pre.items()}
     return {k: {"decode_tok_s": 1 / d[k], "decode_x_dense": d["dense fp32"] / d[k],
                 "prefill_512_s": p[k], "prefill_x_dense": p["dense fp32"] / p[k],
-                "bytes": stored_bytes(models[k])} for k in models}
+                "bytes": stored_bytes(models[k]), **kernel_choices(models[k])} for k in models}
+
+
+def kernel_choices(model) -> dict:
+    """How many pruned layers measured the sparse kernel faster than the dense matvec (and kept it)."""
+    from llmdeploy.prune import SparseLinear
+    picks = [getattr(m, "kernel_choice_", None) for m in model.modules() if isinstance(m, SparseLinear)]
+    if not picks:
+        return {}
+    return {"kernel_choice": {c: picks.count(c) for c in ("sparse", "dense")}}
 
 
 def markdown(res: dict) -> str:
@@ -182,6 +210,11 @@ def markdown(res: dict) -> str:
                 continue
             lines.append(f"| {k} | {r['decode_tok_s']:.1f} | {r['decode_x_dense']:.2f}x | {r['prefill_512_s']:.2f} "
                          f"| {r['prefill_x_dense']:.2f}x | {r['bytes'] / 2**20:.1f} |")
+        chosen = {k: r["kernel_choice"] for k, r in res["model"].items() if "kernel_choice" in r}
+        if chosen:
+            lines += ["", "Pruned layers time the sparse kernel against a dense matvec on their first call and keep "
+                      "the faster: " + "; ".join(f"{k}: {c['sparse']} sparse, {c['dense']} dense"
+                                                 for k, c in chosen.items()) + "."]
         if FLOOR in res["model"]:
             f, d = res["model"][FLOOR], res["model"]["dense fp32"]
             lines += ["", f"Without any decoder linear (a stub returning zeros) a decode step still takes "
