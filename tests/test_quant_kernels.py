@@ -153,6 +153,11 @@ def test_readme_quotes_the_speed_benchmark():
                      ("w8a8 dynamic", "W8A8")):
         assert f"{label} {layer[k]['x_dense']:.2f}x" in readme, k
         assert f"{label} {res['model'][k]['decode_x_dense']:.2f}x" in readme, k
+    for k, label in (("sparse 50%", "sparse 50%"), ("sparse 2:4", "2:4")):
+        assert f"{label} {layer[k]['x_dense']:.2f}x" in readme, k
+    for k, label in (("rtn int4 g64 + int8 embedding/head", "int4"), ("w8a8 dynamic + int8 embedding/head", "W8A8"),
+                     ("sparse 50%", "pruned 50%"), ("sparse 70%", "70%"), ("sparse 2:4", "2:4")):
+        assert f"{label} {res['model'][k]['decode_x_dense']:.2f}x" in readme, k
     floor = res["model"]["floor: decoder linears removed"]
     assert f"more than {floor['decode_x_dense']:.2f}x faster" in readme
     assert f"dense {res['model']['dense fp32']['decode_tok_s']:.1f} tok/s" in readme
