@@ -28,3 +28,17 @@ def text_corpus(tmp_path):
 def ids_for(tok, n=2, seq=48, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, len(tok) - 3, (n, seq), generator=g)
+
+
+def assert_logits_same_on_every_path(model, tok, seqs=(1, 5, 40)):
+    """The model's logits with the CPU kernels equal the plain-torch reference's, for decode-sized
+    inputs (the row kernels) and prefill-sized ones (dequantize/rebuild + BLAS)."""
+    from llmdeploy.kernels import use_reference
+
+    for seq in seqs:
+        ids = ids_for(tok, n=1, seq=seq)
+        with torch.no_grad():
+            fast = model(ids).logits
+            with use_reference():
+                ref = model(ids).logits
+        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)

@@ -9,7 +9,7 @@ from llmdeploy.kernels import use_reference
 from llmdeploy.quant import RTN, RTNLinear
 from llmdeploy.quant.rtn import quantize_groupwise
 
-from .conftest import ids_for
+from .conftest import assert_logits_same_on_every_path, ids_for
 
 pytestmark = pytest.mark.skipif(not Q.available(), reason="no C compiler here")
 
@@ -52,13 +52,7 @@ def test_layout_choice_and_refusals():
 def test_rtn_model_logits_same_on_every_path(symmetric):
     model, tok = llmdeploy.load("tiny-llama")
     model = RTN(bits=4, group_size=32, symmetric=symmetric)(model.eval())
-    for seq in (1, 5, 40):  # decode-sized (row kernels) and prefill (dequantize + BLAS) inputs
-        ids = ids_for(tok, n=1, seq=seq)
-        with torch.no_grad():
-            fast = model(ids).logits
-            with use_reference():
-                ref = model(ids).logits
-        torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+    assert_logits_same_on_every_path(model, tok)
 
 
 def test_kernel_layout_follows_the_stored_codes():
