@@ -44,6 +44,18 @@ def forced_reference() -> bool:
     return _FORCE_REFERENCE or _ENV_REFERENCE
 
 
+def row_call_buffers(x: torch.Tensor, bias: torch.Tensor | None, out_features: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What a C row kernel is handed: ``x`` contiguous, a new fp32 output (..., out_features),
+    and the bias as contiguous fp32 (or None)."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
+        bias = bias.detach().float().contiguous()
+    return x, out, bias
+
+
 def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """The fastest available kernel for ``module(x)``, or None for the reference."""
     if forced_reference() or os.environ.get("LLMDEPLOY_AQLM_KERNEL", "auto") == "reference":
@@ -66,4 +78,4 @@ def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Ten
     return None
 
 
-__all__ = ["aqlm_kernel_for", "forced_reference", "importable", "use_reference"]
+__all__ = ["aqlm_kernel_for", "forced_reference", "importable", "row_call_buffers", "use_reference"]

@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from . import row_call_buffers
+
 
 @functools.cache
 def _fn(symbol: str):
@@ -44,11 +46,7 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, ws
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic W8A8 ``x · (q_w·s_w)ᵀ + bias`` for fp32 CPU ``x`` (..., in); ``wsum`` from :func:`row_sums`."""
     k = qweight.shape[1]
-    if not x.is_contiguous():
-        x = x.contiguous()
-    out = torch.empty((*x.shape[:-1], qweight.shape[0]), dtype=torch.float32)
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().float().contiguous()
+    x, out, bias = row_call_buffers(x, bias, qweight.shape[0])
     rc = _fn("w8a8_linear")(x.data_ptr(), qweight.data_ptr(), wscale.data_ptr(), wsum.data_ptr(),
                             None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // k, k,
                             qweight.shape[0], torch.get_num_threads())

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import row_call_buffers
 from .binary import pack_signs
 
 #: decode-sized inputs take the row kernels; above this many rows, dequantize once + BLAS
@@ -139,11 +140,7 @@ def wonly_matmul(x: torch.Tensor, w: KernelWeights, bias: torch.Tensor | None = 
     n_rows = x.numel() // w.in_features
     if n_rows > MAX_KERNEL_ROWS:
         return F.linear(x, dequantize_kernel_weights(w), bias)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    out = torch.empty((*x.shape[:-1], w.out_features), dtype=torch.float32)
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().float().contiguous()
+    x, out, bias = row_call_buffers(x, bias, w.out_features)
     rc = w._fn(x.data_ptr(), *w._ptrs, None if bias is None else bias.data_ptr(), out.data_ptr(), n_rows,
                w.in_features, w.out_features, *w._tail, torch.get_num_threads())
     if rc != 0:

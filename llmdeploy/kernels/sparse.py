@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import row_call_buffers
+
 MAX_KERNEL_ROWS = 16
 
 
@@ -97,11 +99,7 @@ def sparse_matmul(x: torch.Tensor, w: SparseKernelWeights, bias: torch.Tensor | 
     n_rows = x.numel() // w.in_features
     if n_rows > MAX_KERNEL_ROWS:
         return F.linear(x, dense_weight(w), bias)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    out = torch.empty((*x.shape[:-1], w.out_features), dtype=torch.float32)
-    if bias is not None and (bias.dtype is not torch.float32 or not bias.is_contiguous()):
-        bias = bias.detach().float().contiguous()
+    x, out, bias = row_call_buffers(x, bias, w.out_features)
     _fn("sparse_bitmask_matmul")(x.data_ptr(), w.mask.data_ptr(), w.values.data_ptr(), w.row_start.data_ptr(),
                                  None if bias is None else bias.data_ptr(), out.data_ptr(), n_rows,
                                  w.in_features, w.out_features, torch.get_num_threads())
