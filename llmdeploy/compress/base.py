@@ -60,10 +60,11 @@ def get_method(name: str) -> type[Compressor]:
         ) from None
 
 
-def engine_field(default: Any = None) -> Any:
+def engine_field(default: Any = None, repr: bool = True) -> Any:  # noqa: A002 - dataclasses' own name
     """A dataclass field that says *how* to run (device, batch size, checkpoint folder), not what
-    the method does: it is left out of recipes and saved manifests."""
-    return dataclasses.field(default=default, metadata={"engine": True})
+    the method does: it is left out of recipes and saved manifests. ``repr=False`` for fields
+    holding large objects (a teacher model, data)."""
+    return dataclasses.field(default=default, repr=repr, metadata={"engine": True})
 
 
 @dataclasses.dataclass
@@ -124,6 +125,10 @@ class Compressor:
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
         raise NotImplementedError
+
+    def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        """Called by :class:`Compose` on each of its steps before the first one runs, with the model
+        as the recipe received it (PV-Tuning keeps its dense teacher here). Default: nothing."""
 
     def summary(self) -> str:
         """A line on what the last application did (for reports); empty when there is nothing to say."""
@@ -213,6 +218,8 @@ class Compose(Compressor):
     def __call__(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         if any(s.needs_calibration for s in self.steps):
             check_calibration(calib, "this recipe", model)
+        for step in self.steps:
+            step.before_recipe(model, calib)
         for step in self.steps:
             log.info("applying %s", step.to_dict())
             model = step(model, calib)

@@ -39,6 +39,16 @@ class CompressedModule(nn.Module):
 
     #: buffers whose dtype belongs to the storage format and must survive ``.to(dtype)``
     fixed_dtype_buffers: ClassVar[tuple[str, ...]] = ()
+    #: attributes holding caches derived from the storage (kernel layouts, measured plans; some
+    #: hold ctypes pointers): rebuilt on first use, so never copied or pickled
+    derived_caches: ClassVar[tuple[str, ...]] = ("_kernel_cache", "_kernel_layout_ok", "_cpu_plan_cache",
+                                                 "_cpu_codes_t", "_cpu_books_t")
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in self.derived_caches:
+            state.pop(name, None)
+        return state
 
     def init_kwargs(self) -> dict[str, Any]:
         """JSON-serialisable keyword arguments that rebuild this module (with empty storage)."""

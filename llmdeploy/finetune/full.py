@@ -13,20 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..compress.base import Compressor, Report, engine_field, register_method
 from ..compress.modules import compressed_modules
-from ..errors import CheckpointError, ConfigError, TrainingDivergedError
+from ..compress.state import TrainingState
+from ..errors import ConfigError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +113,17 @@ class FullFinetune(Compressor):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_schedule(i, self.steps, warm))
         report = self.report_ = FullFinetuneReport(steps=self.steps, batch_size=self.batch_size)
         order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
-        store = _State(self.checkpoint_dir, self._fingerprint(calib)) if self.checkpoint_dir else None
+        store = TrainingState(self.checkpoint_dir, self._fingerprint(calib), "fine-tuning") \
+            if self.checkpoint_dir else None
+        saved = store.load() if store is not None and self.resume else None
         start = 0
-        if store is not None and self.resume:
-            start = store.restore(model, opt, sched, report)
-            if start:
-                log.info("full_finetune: resuming at step %d from %s", start, self.checkpoint_dir)
+        if saved is not None:
+            start, tensors, extra, progress = saved
+            model.load_state_dict(tensors, strict=False)
+            opt.load_state_dict(extra["opt"])
+            sched.load_state_dict(extra["sched"])
+            report.history, report.lr, report.seconds = progress["history"], progress["lr"], progress["seconds"]
+            log.info("full_finetune: resuming at step %d from %s", start, self.checkpoint_dir)
         report.resumed_at = start
         use_gc = self.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
         if use_gc:
@@ -146,7 +148,8 @@ class FullFinetune(Compressor):
                 if step % 20 == 0 or step == self.steps - 1:
                     log.info("full_finetune step %d/%d: loss %.4f", step + 1, self.steps, loss.item())
                 if store is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
-                    store.save(step + 1, model, opt, sched, report)
+                    store.save(step + 1, model.state_dict(), {"opt": opt.state_dict(), "sched": sched.state_dict()},
+                               {"history": report.history, "lr": report.lr, "seconds": report.seconds})
         finally:
             if use_gc:
                 _checkpointing(model, False)
@@ -168,45 +171,3 @@ def _checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
-
-
-class _State:
-    """``checkpoint_dir``: ``model.safetensors``, ``optimizer.pt`` (tensors and numbers only,
-    loaded with ``weights_only=True``) and ``progress.json``, each replaced atomically."""
-
-    def __init__(self, path: str, fingerprint: str):
-        self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.fingerprint = fingerprint
-
-    def _replace(self, name: str, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}-")
-        os.close(fd)
-        write(tmp)
-        os.replace(tmp, self.path / name)
-
-    def save(self, step: int, model, opt, sched, report: FullFinetuneReport) -> None:
-        tensors = {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
-        self._replace("model.safetensors", lambda f: save_file(tensors, f))
-        self._replace("optimizer.pt", lambda f: torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, f))
-        progress = {"fingerprint": self.fingerprint, "step": step, "history": report.history, "lr": report.lr,
-                    "seconds": report.seconds}
-        self._replace("progress.json", lambda f: Path(f).write_text(json.dumps(progress)))
-
-    def restore(self, model, opt, sched, report: FullFinetuneReport) -> int:
-        f = self.path / "progress.json"
-        if not f.exists():
-            return 0
-        progress = json.loads(f.read_text())
-        if progress.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"{self.path} holds a different fine-tuning run (other settings or data); "
-                                  "delete it or pass resume=False")
-        state = load_file(str(self.path / "model.safetensors"))
-        model.load_state_dict(state, strict=False)
-        extra = torch.load(self.path / "optimizer.pt", weights_only=True)
-        opt.load_state_dict(extra["opt"])
-        sched.load_state_dict(extra["sched"])
-        report.history = progress["history"]
-        report.lr = progress["lr"]
-        report.seconds = progress["seconds"]
-        return int(progress["step"])

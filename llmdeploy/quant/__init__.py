@@ -1,4 +1,4 @@
-"""Quantization methods: additive codebooks (AQLM), GPTQ, and scalar baselines (RTN, dynamic int8,
+"""Quantization methods: additive codebooks (AQLM), GPTQ, PV-Tuning of either, and scalar baselines (RTN, dynamic int8,
 mixed precision through RTN overrides)."""
 
 from .aqlm import AQLM, beam_search_codes, quantize_layer
@@ -7,11 +7,13 @@ from .dynamic_int8 import DynamicInt8, DynamicInt8Linear
 from .embedding import EmbeddingRTN, RTNEmbedding, RTNTiedHead
 from .gptq import GPTQ, gptq_quantize, layer_error
 from .packing import pack, unpack
+from .pv_tuning import PVTuning
 from .rtn import RTN, RTNLinear, dequantize_groupwise, quantize_groupwise
 
 __all__ = [
     "AQLM",
     "GPTQ",
+    "PVTuning",
     "RTN",
     "AQLMLinear",
     "DynamicInt8",

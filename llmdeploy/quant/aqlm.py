@@ -162,6 +162,38 @@ def beam_search_codes(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.
     return beams[torch.arange(n_og), loss.argmin(dim=1)]
 
 
+@torch.no_grad()
+def encode_groups_l2(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, beam_size: int,
+                     chunk: int = 8192) -> torch.Tensor:
+    """Codes (unsigned, (n, C)) of ``n`` weight groups minimising ``‖target − Σ_c codebooks[c, code_c]‖²``
+    for fixed codebooks (no activations: the plain weight-space error PV-Tuning's V step projects
+    with). ``target`` (n, og*ig) is already divided by each group's scale; ``codes`` (n, C) is the
+    start. Codebooks are visited in order; every hypothesis expands to the K codes of the next
+    codebook with its exact error, and the ``beam_size`` best survive. Keeping a code is always a
+    candidate, so no group ends worse than it started."""
+    n, n_c = codes.shape
+    k = codebooks.shape[1]
+    books = codebooks.reshape(n_c, k, -1).float()
+    norms = (books * books).sum(-1)  # (C, K)
+    out = torch.empty_like(codes)
+    for s in range(0, n, chunk):
+        beams = codes[s:s + chunk].unsqueeze(1).clone()  # (m, B, C)
+        m = beams.shape[0]
+        rows = torch.arange(m, device=codes.device).unsqueeze(1)
+        resid = (target[s:s + chunk].float() - books[torch.arange(n_c), beams[:, 0]].sum(1)).unsqueeze(1)
+        err = (resid * resid).sum(-1)  # (m, B)
+        for c in range(n_c):
+            r = resid + books[c][beams[..., c]]  # residual without codebook c, (m, B, d)
+            score = (r * r).sum(-1, keepdim=True) - 2 * (r @ books[c].T) + norms[c]  # (m, B, K)
+            err, idx = torch.topk(score.flatten(1), min(beam_size, score.shape[1] * k), dim=1, largest=False)
+            parent, code = idx // k, idx % k
+            beams = beams[rows, parent].clone()
+            beams[..., c] = code
+            resid = r[rows, parent] - books[c][code]
+        out[s:s + chunk] = beams[torch.arange(m), err.argmin(1)]
+    return out
+
+
 # -- one layer -----------------------------------------------------------------------------
 @dataclass
 class LayerResult:
@@ -540,4 +572,4 @@ class _Progress:
         return n
 
 
-__all__ = ["AQLM", "beam_search_codes", "init_aq", "kmeans", "layer_error", "quantize_layer"]
+__all__ = ["AQLM", "beam_search_codes", "encode_groups_l2", "init_aq", "kmeans", "layer_error", "quantize_layer"]

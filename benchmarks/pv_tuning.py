@@ -1,0 +1,165 @@
+"""PV-Tuning against its baselines at equal steps and data (issue #13).
+
+    python -m benchmarks.pv_tuning --base gptq-w2          # calibration alone, P-only, STE, PV
+    python -m benchmarks.pv_tuning --base aqlm-2x8 gptq-w3 --steps 20 --batch 4
+
+For each base quantization (built as the scoreboard builds it, cached under
+``~/.cache/llmdeploy/bench``): perplexity of the quantized model alone, then one run per mode of
+:class:`llmdeploy.quant.PVTuning` from that same model — same steps, same windows (the protocol's
+128 x 512 calibration windows, shakespeare train, seed 0, in the same seeded order), the dense
+model as teacher (KL on the fly) — each followed by perplexity on the shakespeare test split
+(seq_len 512, ``--windows`` windows). Held-out perplexity is tracked during training on the
+first ``--eval-windows`` test windows. Rows already in ``pv_tuning.json`` are kept (delete it to
+re-run). Writes ``results/pv_tuning/pv_tuning.json``, ``PV_TUNING.md`` and ``pv_tuning.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import llmdeploy
+from llmdeploy.data import calibration
+from llmdeploy.eval import perplexity
+from llmdeploy.eval.perplexity import test_windows
+from llmdeploy.quant import AQLM, GPTQ, PVTuning
+
+RESULTS = Path(__file__).resolve().parent / "results" / "pv_tuning"
+CACHE = Path.home() / ".cache" / "llmdeploy" / "bench"
+MODEL = "smollm2-135m"
+MODES = ("p_only", "ste", "pv")
+BASES = {  # as benchmarks/methods.py registers them (32 calibration windows)
+    "gptq-w2": lambda: GPTQ(bits=2, group_size=64),
+    "gptq-w3": lambda: GPTQ(bits=3, group_size=64),
+    "aqlm-2x8": lambda: AQLM(num_codebooks=2, nbits_per_codebook=8, in_group_size=8, batch_size=2,
+                             finetune_batch_size=2, max_iter=6, steps_per_round=20),
+}
+log = logging.getLogger("benchmarks.pv_tuning")
+
+
+def quantized(base: str, tok) -> tuple[torch.nn.Module, float]:
+    """The base model (from the cache when there), and the seconds it took to make."""
+    path = CACHE / f"{MODEL}-{base}"
+    if (path / "bench.json").exists():
+        model, _ = llmdeploy.load(path)
+        meta = json.loads((path / "bench.json").read_text())
+        return model.eval(), meta["seconds"]
+    model, _ = llmdeploy.load(MODEL)
+    calib = calibration(tok, "shakespeare", n_samples=32, seq_len=512, seed=0)
+    t0 = time.perf_counter()
+    model = BASES[base]()(model, calib)
+    seconds = time.perf_counter() - t0
+    llmdeploy.save(model, tok, path)
+    (path / "bench.json").write_text(json.dumps({"seconds": seconds}))
+    return model.eval(), seconds
+
+
+def markdown(res: dict) -> str:
+    m = res["meta"]
+    dense = res["dense"]
+    lines = [f"# PV-Tuning on `{MODEL}` (`python -m benchmarks.pv_tuning`, {m['date']})", "",
+             f"Perplexity on the shakespeare test split, seq_len 512, {m['windows']} windows (dense: {dense:.3f}). "
+             f"Every fine-tuning row: {m['steps']} steps of {m['batch']} windows of 512 tokens from the protocol's "
+             "calibration windows (same seeded order for every mode), KL to the dense model computed on the fly, "
+             "P step Adam lr 3e-4 (β 0.9/0.95) on codebooks/scales and every non-quantized parameter, V step Adam "
+             "lr 1e-2 (β 0/0.95) on straight-through buffers; PV re-encodes at most 1% of code groups per step "
+             f"(AQLM beam {m['beam']}), STE all of them, P-only none. {m['threads']} CPU threads; "
+             "seconds are wall time of the fine-tuning alone (the base quantization's are in its row).", "",
+             "| model | ppl | x dense | held-out ppl during training (step: ppl) | seconds |", "|---|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        curve = ", ".join(f"{s}: {p:.1f}" for s, p in zip(r.get("eval_steps", []), r.get("eval_ppl", [])))
+        lines.append(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {curve} | {r['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bases = sorted({name.split("+")[0] for name in res["rows"] if "+" in name})
+    if not bases:
+        return
+    fig, axes = plt.subplots(2, len(bases), figsize=(5 * len(bases), 7), squeeze=False)
+    for j, base in enumerate(bases):
+        for mode in MODES:
+            r = res["rows"].get(f"{base}+{mode}")
+            if not r:
+                continue
+            axes[0][j].plot(range(1, len(r["history"]) + 1), r["history"], label=mode)
+            axes[1][j].plot(r["eval_steps"], r["eval_ppl"], marker="o", label=mode)
+        axes[0][j].set(title=base, xlabel="step", ylabel="training loss (KL to dense)")
+        axes[1][j].set(xlabel="step", ylabel="held-out perplexity")
+        axes[1][j].axhline(res["dense"], color="gray", ls="--", label="dense")
+        axes[0][j].legend()
+        axes[1][j].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", nargs="+", default=["gptq-w2"], choices=sorted(BASES))
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--windows", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=5)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "pv_tuning.json"
+    res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
+    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "steps": args.steps,
+                   "batch": args.batch, "beam": args.beam, "threads": torch.get_num_threads()}
+    dense, tok = llmdeploy.load(MODEL)
+    dense.eval()
+    if "dense" not in res:
+        res["dense"] = perplexity(dense, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
+    calib = calibration(tok, "shakespeare", n_samples=128, seq_len=512, seed=0)
+    held_out = test_windows(tok, "shakespeare", 512, args.eval_windows)
+
+    def save() -> None:
+        path.write_text(json.dumps(res, indent=2))
+
+    for base in args.base:
+        model, seconds = quantized(base, tok)
+        if base not in res["rows"]:
+            ppl = perplexity(model, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
+            res["rows"][base] = {"ppl": ppl, "seconds": seconds}
+            log.info("%s: ppl %.3f", base, ppl)
+            save()
+        for mode in args.modes:
+            name = f"{base}+{mode}"
+            if name in res["rows"]:
+                continue
+            student = copy.deepcopy(model)
+            pv = PVTuning(mode=mode, steps=args.steps, batch_size=args.batch, microbatch_size=2, beam_size=args.beam,
+                          teacher_model=dense, eval_windows=held_out, eval_every=args.eval_every)
+            student = pv(student, calib)
+            r = pv.report_
+            ppl = perplexity(student, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
+            res["rows"][name] = {"ppl": ppl, "seconds": r.seconds, "history": r.history, "eval_steps": r.eval_steps,
+                                 "eval_ppl": r.eval_ppl, "code_change": r.code_change}
+            log.info("%s: ppl %.3f (%s)", name, ppl, r.summary())
+            save()
+            del student
+    (RESULTS / "PV_TUNING.md").write_text(markdown(res))
+    plot(res, RESULTS / "pv_tuning.png")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

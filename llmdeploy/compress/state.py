@@ -1,0 +1,70 @@
+"""Resumable training state: tensors, optimizer state and progress, each file replaced atomically.
+
+A training stage (full fine-tuning, PV-Tuning) writes ``tensors.safetensors`` (what it trains),
+``optimizer.pt`` (optimizer and scheduler state: tensors and numbers only, read back with
+``weights_only=True``) and ``progress.json`` (step, fingerprint of the run, histories) every few
+steps. ``progress.json`` is written last, so an interruption while saving leaves the previous
+complete state; a folder holding another run's state (other settings or data) is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import CheckpointError
+
+
+class TrainingState:
+    """The checkpoint folder of one training run (see the module docstring)."""
+
+    def __init__(self, path: str | os.PathLike, fingerprint: str, who: str) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.fingerprint = fingerprint
+        self.who = who
+
+    def _replace(self, name: str, write: Callable[[str], None]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}-")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, self.path / name)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any],
+             progress: dict[str, Any]) -> None:
+        """Write the state after ``step`` steps (tensors are copied to the CPU first)."""
+        cpu = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
+        self._replace("tensors.safetensors", lambda f: save_file(cpu, f))
+        self._replace("optimizer.pt", lambda f: torch.save(optimizer, f))
+        data = {"fingerprint": self.fingerprint, "step": step, **progress}
+        self._replace("progress.json", lambda f: Path(f).write_text(json.dumps(data)))
+
+    def load(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
+        """(step, tensors, optimizer state, progress) of the last save, or None when there is none."""
+        f = self.path / "progress.json"
+        if not f.exists():
+            return None
+        try:
+            progress = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{f} is corrupt ({e}); delete {self.path} to start over") from None
+        if progress.get("fingerprint") != self.fingerprint:
+            raise CheckpointError(f"{self.path} holds a different {self.who} run (other settings, model or data); "
+                                  "delete it or pass resume=False")
+        try:
+            tensors = load_file(str(self.path / "tensors.safetensors"))
+            optimizer = torch.load(self.path / "optimizer.pt", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - safetensors and torch raise several types
+            raise CheckpointError(f"{self.path} cannot be restored ({e}); delete it to start over") from None
+        return int(progress.pop("step")), tensors, optimizer, progress
