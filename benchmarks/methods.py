@@ -18,7 +18,7 @@ from llmdeploy.prune import (
     SparseLLM,
     Wanda,
 )
-from llmdeploy.quant import AQLM, GPTQ, RTN, DynamicInt8
+from llmdeploy.quant import AQLM, GPTQ, RTN, DynamicInt8, PVTuning
 
 
 @dataclass(frozen=True)
@@ -154,3 +154,15 @@ register("aqlm-2x8", lambda s: AQLM(num_codebooks=2, nbits_per_codebook=8, in_gr
                                      finetune_batch_size=2, max_iter=6, steps_per_round=20),
          calib_samples=AQLM_CALIB,
          note=f"AQLM 2x8 g8, <= 6 rounds of 20 Adam steps + beam 1, block fine-tuning 2 epochs, {AQLM_CALIB} windows")
+
+# PV-Tuning (#13) from the aqlm-2x8 and gptq-w2-g64 models of the same run, the dense model as the
+# teacher (the scoreboard's chain dense -> base -> PV is one recipe). The budget that fits this
+# machine: 20 steps of 4 windows of 512 tokens (~10 min each; the paper's recipe is one epoch of
+# batches of 128 sequences). The same budget for the baselines: P-only (codes frozen) and STE (every
+# code re-encoded each step). benchmarks/pv_tuning.py measures the same rows on 128 windows.
+PV = {"steps": 20, "batch_size": 4, "microbatch_size": 2}
+for _mode, _label in (("p_only", "P-only"), ("ste", "STE"), ("pv", "PV")):
+    register(f"aqlm-2x8-{_mode.replace('_', '-')}", lambda s, m=_mode: PVTuning(mode=m, **PV), base="aqlm-2x8",
+             suites=("full",), note=f"aqlm-2x8 + PV-Tuning mode={_mode} ({_label}): 20 steps x 4 windows, KL to dense")
+register("gptq-w2-g64-pv", lambda s: PVTuning(mode="pv", **PV), base="gptq-w2-g64", suites=("full",),
+         note="gptq-w2-g64 + PV-Tuning (PV): 20 steps x 4 windows, KL to dense")

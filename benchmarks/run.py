@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             if compressor.needs_calibration and calib is None:
                 calib = calibration(tok, **CALIB)
             used = calib if calib is None or method.calib_samples is None else calib[: method.calib_samples]
+            if method.base:  # dense -> base -> this method is one recipe: it started from the dense model
+                compressor.before_recipe(dense, used)
             model = compressor(copy.deepcopy(kept[method.base] if method.base else dense), used)
             state[method.name] = compressor
         if method.name in bases:

@@ -80,3 +80,22 @@ def test_compress_aqlm_resumes(tmp_path):
     assert torch.equal(first(ids).logits, again(ids).logits)
     assert llmdeploy.applied_recipe(again)[0]["method"] == "aqlm"
     assert "checkpoint_dir" not in llmdeploy.applied_recipe(again)[0]
+
+
+def test_compress_with_pv_tuning_after_gptq_resumes(tmp_path):
+    """The recipe's PV-Tuning distils from the model the CLI loaded (top-k cache), checkpoints
+    next to the output, and a --resume run finishes with the same model."""
+    out = tmp_path / "pv"
+    rec = tmp_path / "pv.yaml"
+    rec.write_text("- method: gptq\n  bits: 2\n  group_size: 32\n"
+                   "- method: pv_tuning\n  steps: 2\n  batch_size: 2\n  teacher_top_k: 16\n  max_code_change: 0.05\n")
+    base = ["compress", "tiny-llama", "--recipe", str(rec), "-o", str(out), "--n-samples", "4", "--seq-len", "32"]
+    assert main(base) == 0
+    progress = json.loads((tmp_path / "pv.progress" / "step1-pv_tuning" / "progress.json").read_text())
+    assert progress["step"] == 2 and len(progress["history"]) == 2
+    first, _ = llmdeploy.load(out)
+    assert main(base + ["--resume"]) == 0  # every step done: the same model again
+    again, tok = llmdeploy.load(out)
+    ids = ids_for(tok)
+    assert torch.equal(first(ids).logits, again(ids).logits)
+    assert [e["method"] for e in llmdeploy.applied_recipe(again)] == ["gptq", "pv_tuning"]

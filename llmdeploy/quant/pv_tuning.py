@@ -314,6 +314,22 @@ class PVTuning(Compressor):
 
     # -- checks --------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
+        self._check_settings()
+        self._targets(model)
+        if self.loss == "kl" and self.teacher_model is None and self._kept is None:
+            raise ConfigError(
+                "pv_tuning distils from the dense model: run it in a recipe after the quantizer (the recipe keeps "
+                "the model it started from), or pass teacher_model=<the dense model>, or use loss='ce'")
+        teacher = self.teacher_model if self.teacher_model is not None else self._kept
+        if isinstance(teacher, nn.Module):
+            tv = teacher.get_output_embeddings().weight.shape[0]
+            sv = model.get_output_embeddings().weight.shape[0]
+            if tv != sv:
+                raise ConfigError(f"pv_tuning: the teacher's vocabulary ({tv}) differs from the student's ({sv}); "
+                                  "the teacher must share the tokenizer")
+
+    def _check_settings(self) -> None:
+        """Errors in the settings alone (before any work, even before a recipe's first step)."""
         if self.mode not in MODES:
             raise ConfigError(f"pv_tuning: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.loss not in ("kl", "ce"):
@@ -331,18 +347,6 @@ class PVTuning(Compressor):
             raise ConfigError("pv_tuning: resume=True needs checkpoint_dir")
         if self.eval_every and self.eval_windows is None:
             raise ConfigError("pv_tuning: eval_every needs eval_windows (held-out token windows)")
-        self._targets(model)
-        if self.loss == "kl" and self.teacher_model is None and getattr(self, "_kept", None) is None:
-            raise ConfigError(
-                "pv_tuning distils from the dense model: run it in a recipe after the quantizer (the recipe keeps "
-                "the model it started from), or pass teacher_model=<the dense model>, or use loss='ce'")
-        teacher = self.teacher_model if self.teacher_model is not None else getattr(self, "_kept", None)
-        if isinstance(teacher, nn.Module):
-            tv = teacher.get_output_embeddings().weight.shape[0]
-            sv = model.get_output_embeddings().weight.shape[0]
-            if tv != sv:
-                raise ConfigError(f"pv_tuning: the teacher's vocabulary ({tv}) differs from the student's ({sv}); "
-                                  "the teacher must share the tokenizer")
 
     def _targets(self, model: nn.Module) -> dict[str, Representation]:
         """A representation per quantized linear PV-Tuning can tune; ConfigError when there is none."""
@@ -362,6 +366,7 @@ class PVTuning(Compressor):
     def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
         """In a recipe, before its first step: keep the dense model as the teacher, or reduce it to
         its top-k cache right away so that no second model stays in memory."""
+        self._check_settings()
         if self.loss != "kl" or self.teacher_model is not None or calib is None:
             return
         if self.teacher_top_k is not None:
@@ -476,7 +481,7 @@ class PVTuning(Compressor):
         """(teacher model on the fly, or None; top-k cache, or None)."""
         if self.loss != "kl":
             return None, None
-        kept = getattr(self, "_kept", None)
+        kept = self._kept
         if isinstance(kept, TopKCache):
             return None, kept
         teacher = self.teacher_model if self.teacher_model is not None else kept
