@@ -9,8 +9,9 @@ import torch
 
 import llmdeploy
 from llmdeploy.compress.base import Compose
+from llmdeploy.distill.losses import kl_full, kl_topk
+from llmdeploy.distill.teacher import TopKCache
 from llmdeploy.errors import CheckpointError, ConfigError
-from llmdeploy.finetune.teacher import TopKCache, kl_full, kl_topk
 from llmdeploy.kernels import use_reference
 from llmdeploy.prune import Magnitude
 from llmdeploy.quant import AQLM, RTN, AQLMLinear, PVTuning, RTNLinear

@@ -42,7 +42,7 @@ Deviations from the reference, all documented here:
   the learning rate here is constant, as in the reference).
 * The teacher is the dense model the recipe started from: kept beside the student, or — with
   ``teacher_top_k`` — reduced before the first step to memory-mapped top-k log-probabilities
-  (see :mod:`llmdeploy.finetune.teacher`; the KL is then over the top-k tokens plus one bucket).
+  (see :mod:`llmdeploy.distill.teacher`; the KL is then over the top-k tokens plus one bucket).
 * GPTQ/RTN zero points are integers of the format and stay fixed; codes move on the grid only.
 * The GPTQ/RTN "group" the subspace step counts is one weight (a scalar code).
 
@@ -70,9 +70,10 @@ from tqdm.auto import tqdm
 from ..compress.base import Compressor, Report, engine_field, register_method, require_targets
 from ..compress.modules import compressed_modules
 from ..compress.state import TrainingState
+from ..distill.losses import kl_full, kl_topk
+from ..distill.teacher import TopKCache
 from ..errors import ConfigError, TrainingDivergedError
 from ..finetune.full import _checkpointing, batch_order
-from ..finetune.teacher import TopKCache, kl_full, kl_topk
 from .aqlm import encode_groups_l2
 from .aqlm_linear import AQLMLinear, dequantize, pack_codes, unpack_codes
 from .packing import pack

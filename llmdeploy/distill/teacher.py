@@ -9,11 +9,11 @@ Two ways to give a training stage the teacher's view of each calibration window:
   25 MB, against 12.9 GB for SmolLM2's full 49,152-token distributions), and the teacher can
   be freed.
 
-With the cache the loss is the KL divergence between the two distributions *coarsened* to the
-teacher's top-k tokens plus one bucket holding the rest of the mass (teacher: ``1 − Σ top-k``;
-student: its own mass outside those tokens). It is exact for that coarsening, never larger than
-the full KL (data-processing inequality), and equal to it when k is the vocabulary size; with
-k = 64 it is what a top-k cache can carry without renormalising the teacher.
+With the cache, losses compare the two distributions *coarsened* to the teacher's top-k tokens
+plus one bucket holding the rest of the mass (teacher: ``1 − Σ top-k``; student: its own mass
+outside those tokens; :func:`llmdeploy.distill.losses.coarsen`): exact for that coarsening, never
+above the full KL, equal to it when k is the vocabulary size. The cache is made at one
+temperature (log-probabilities of ``logits / T``), part of its fingerprint.
 """
 
 from __future__ import annotations
@@ -33,30 +33,9 @@ from tqdm.auto import tqdm
 from ..errors import CheckpointError
 
 
-def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher ‖ student) of the next-token distributions."""
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
-
-
-def kl_topk(student_logits: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor) -> torch.Tensor:
-    """Mean over positions of KL(teacher ‖ student) over the teacher's top-k tokens plus one bucket
-    for the rest (see the module docstring). ``top_logp``/``top_ids``: (..., k) teacher
-    log-probabilities and token ids."""
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    s_top = s.gather(-1, top_ids.long())
-    t_top = top_logp.float()
-    kl = (t_top.exp() * (t_top - s_top)).sum(-1)
-    # the rest bucket: log(1 - Σ p_top) for both, clamped away from log 0
-    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1 - 1e-7))
-    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1 - 1e-7))
-    return (kl + t_rest.exp() * (t_rest - s_rest)).mean()
-
-
-def _fingerprint(teacher: nn.Module, windows: torch.Tensor, k: int) -> str:
+def _fingerprint(teacher: nn.Module, windows: torch.Tensor, k: int, temperature: float) -> str:
     h = hashlib.sha256()
-    h.update(f"k={k};{tuple(windows.shape)}".encode())
+    h.update(f"k={k};T={temperature};{tuple(windows.shape)}".encode())
     h.update(windows.cpu().contiguous().numpy().tobytes())
     for name, p in sorted(teacher.state_dict().items()):
         h.update(name.encode())
@@ -65,20 +44,21 @@ def _fingerprint(teacher: nn.Module, windows: torch.Tensor, k: int) -> str:
 
 
 class TopKCache:
-    """The teacher's top-``k`` log-probabilities and token ids for every position of ``windows``,
-    memory-mapped from ``folder`` (a temporary folder, removed by :meth:`close`, when None).
+    """The teacher's top-``k`` log-probabilities (at ``temperature``) and token ids for every
+    position of ``windows``, memory-mapped from ``folder`` (a temporary folder, removed by :meth:`close`, when None).
     A folder holding the cache of the same teacher, windows and k is reused as it is."""
 
     def __init__(self, teacher: nn.Module, windows: torch.Tensor, k: int, folder: str | os.PathLike | None = None,
-                 batch_size: int = 1) -> None:
+                 batch_size: int = 1, temperature: float = 1.0) -> None:
         vocab = teacher.get_output_embeddings().weight.shape[0]
         self.k = min(k, vocab)
+        self.temperature = temperature
         self._temporary = folder is None
         self.path = Path(tempfile.mkdtemp(prefix="llmdeploy-topk-") if folder is None else folder)
         self.path.mkdir(parents=True, exist_ok=True)
         n, t = windows.shape
         shape = (n, t, self.k)
-        meta = {"fingerprint": _fingerprint(teacher, windows, self.k), "shape": list(shape)}
+        meta = {"fingerprint": _fingerprint(teacher, windows, self.k, temperature), "shape": list(shape)}
         meta_file = self.path / "topk.json"
         if not (meta_file.exists() and json.loads(meta_file.read_text()) == meta):
             self._compute(teacher, windows, shape, batch_size)
@@ -96,7 +76,7 @@ class TopKCache:
             with torch.no_grad():
                 for s in tqdm(range(0, shape[0], batch_size), desc="teacher top-k", leave=False):
                     out = teacher(input_ids=windows[s:s + batch_size].to(device), use_cache=False).logits
-                    v, i = torch.topk(F.log_softmax(out.float(), dim=-1), self.k, dim=-1)
+                    v, i = torch.topk(F.log_softmax(out.float() / self.temperature, dim=-1), self.k, dim=-1)
                     logp[s:s + batch_size] = v.cpu().numpy()
                     ids[s:s + batch_size] = i.to(torch.int32).cpu().numpy()
         finally:
