@@ -11,7 +11,7 @@ import logging
 
 __version__ = "0.1.0"
 
-from . import compress, data, eval, finetune, io, prune, quant, recipe  # noqa: E402
+from . import compress, data, distill, eval, finetune, io, prune, quant, recipe  # noqa: E402
 from .compress import Compose, Compressor, applied_recipe  # noqa: E402
 from .io import ZOO, load, save  # noqa: E402
 from .models import get_adapter  # noqa: E402
@@ -26,6 +26,7 @@ __all__ = [
     "applied_recipe",
     "compress",
     "data",
+    "distill",
     "eval",
     "finetune",
     "get_adapter",

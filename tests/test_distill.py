@@ -75,3 +75,155 @@ def test_mask_and_temperature_and_errors():
     for bad in ({"loss": "l2"}, {"temperature": 0.0}, {"loss": "jsd", "beta": 1.5}, {"loss": "skew_kl", "skew": 1.0}):
         with pytest.raises(ConfigError):
             distill_loss(a, b, **bad)
+
+
+# -- the Distill stage -------------------------------------------------------------------------
+import copy  # noqa: E402
+
+import llmdeploy  # noqa: E402
+from llmdeploy.compress import Compose  # noqa: E402
+from llmdeploy.distill import Distill, combine_teachers, kl_full, student_entropy  # noqa: E402
+from llmdeploy.errors import CheckpointError  # noqa: E402
+from llmdeploy.finetune.lora import LoRALinear, merge_adapters  # noqa: E402
+from llmdeploy.prune import DropLayers  # noqa: E402
+
+from .conftest import ids_for  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    dense, tok = llmdeploy.load("tiny-llama")
+    return dense.eval(), ids_for(tok, n=8, seq=32)
+
+
+def kl_to(model, teacher, ids):
+    with torch.no_grad():
+        return float(kl_full(model(input_ids=ids).logits, teacher(input_ids=ids).logits))
+
+
+@pytest.mark.parametrize("train", ["all", "lora"])
+def test_distillation_after_layer_removal_closes_the_gap_to_the_teacher(tiny, train):
+    dense, calib = tiny
+    dropped = DropLayers(layers=[1])(copy.deepcopy(dense))
+    before = kl_to(dropped, dense, calib)
+    d = Distill(steps=12, batch_size=4, lr=3e-3 if train == "all" else 1e-2, train=train, warmup=0.0)
+    student = Compose([DropLayers(layers=[1]), d])(copy.deepcopy(dense), calib)
+    assert kl_to(student, dense, calib) < 0.8 * before
+    assert d._start is None  # the kept teacher is released
+    if train == "lora":  # merged back: plain linears again, same shapes
+        assert all(type(m) is torch.nn.Linear for n, m in student.named_modules() if n.endswith("q_proj"))
+
+
+def test_lora_merge_is_exact(tiny):
+    dense, calib = tiny
+    model = copy.deepcopy(dense)
+    name = "model.layers.0.mlp.down_proj"
+    w = LoRALinear.wrap(model.get_submodule(name), 4, 8.0, 0.0)
+    torch.nn.init.normal_(w.lora_B)
+    model.set_submodule(name, w)
+    with torch.no_grad():
+        with_adapter = model(input_ids=calib).logits
+        assert merge_adapters(model, {name: w}) == (1, 0)
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+        torch.testing.assert_close(model(input_ids=calib).logits, with_adapter, rtol=1e-5, atol=1e-5)
+
+
+def test_on_policy_windows_are_the_students_own_continuations(tiny):
+    dense, calib = tiny
+    student = DropLayers(layers=[1])(copy.deepcopy(dense))
+    d = Distill(on_policy=0.5, prompt_len=8, sample_temperature=0.0, batch_size=4, teacher_model=dense)
+    order = torch.arange(8)
+    ids, mask = d._batch(student, calib, order, 0, torch.device("cpu"))
+    greedy = student.generate(calib[:2, :8], attention_mask=torch.ones(2, 8, dtype=torch.long), max_new_tokens=24,
+                              min_new_tokens=24, do_sample=False, pad_token_id=0)
+    assert torch.equal(ids[:2], greedy) and not torch.equal(ids[:2], calib[:2])
+    assert torch.equal(ids[2:], calib[2:4])  # the rest stay corpus windows
+    assert not mask[:2, :7].any() and mask[:2, 7:].all() and mask[2:].all()  # loss on generated tokens only
+    sampled = Distill(on_policy=1.0, prompt_len=8, sample_temperature=1.0, batch_size=2, teacher_model=dense)
+    a, _ = sampled._batch(student, calib, order, 3, torch.device("cpu"))
+    b, _ = sampled._batch(student, calib, order, 3, torch.device("cpu"))
+    assert torch.equal(a, b)  # seeded per step: a resumed run samples the same windows
+
+
+def test_multi_teacher_combination_and_uncertainty_weights(tiny):
+    g = torch.Generator().manual_seed(0)
+    t1, t2 = torch.randn(3, 5, 11, generator=g).log_softmax(-1), torch.randn(3, 5, 11, generator=g).log_softmax(-1)
+    w = torch.tensor([0.25, 0.75])
+    for how in ("mean_prob", "mean_logprob"):
+        c = combine_teachers([t1, t2], w, how)
+        torch.testing.assert_close(c.exp().sum(-1), torch.ones(3, 5))  # a distribution per token
+        torch.testing.assert_close(combine_teachers([t1, t1], w, how), t1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(combine_teachers([t1, t2], w, "mean_prob").exp(), 0.25 * t1.exp() + 0.75 * t2.exp())
+    u = student_entropy(torch.randn(3, 5, 11, generator=g))
+    assert ((u >= 0) & (u <= 1)).all()
+    per_window = combine_teachers([t1, t2], torch.stack([1 - u, u]), "mean_prob")
+    torch.testing.assert_close(per_window.exp(), (1 - u)[:, None, None] * t1.exp() + u[:, None, None] * t2.exp())
+    dense, calib = tiny
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    for combine in ("mean_prob", "mean_logprob", "uncertainty"):
+        d = Distill(steps=2, batch_size=4, teacher_model=[dense, other], teacher_combine=combine,
+                    teacher_weights=[1.0, 3.0] if combine != "uncertainty" else None, select_fraction=0.5)
+        d(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+        assert len(d.report_.history) == 2 and d.report_.teachers == 2
+
+
+def test_top_k_cache_matches_the_teacher_on_the_fly(tiny, tmp_path):
+    dense, calib = tiny
+    runs, losses = [], []
+    for top_k in (None, dense.config.vocab_size):
+        d = Distill(steps=3, batch_size=4, lr=1e-3, teacher_model=dense, teacher_top_k=top_k,
+                    teacher_cache=str(tmp_path / "cache") if top_k else None)
+        runs.append(d(DropLayers(layers=[1])(copy.deepcopy(dense)), calib))
+        losses.append(d.report_.history)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # Adam normalises each gradient, so float-rounding differences of the two paths reach ~1e-5
+    for (k, a), b in zip(runs[0].state_dict().items(), runs[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-4, msg=k)
+
+
+def test_distill_resume_equals_uninterrupted_run(tiny, tmp_path):
+    dense, calib = tiny
+    cfg = dict(steps=6, batch_size=2, lr=1e-3, teacher_model=dense, on_policy=0.5, prompt_len=8)
+    ref = Distill(**cfg)(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+    model = DropLayers(layers=[1])(copy.deepcopy(dense))
+    calls = {"n": 0}
+
+    def hook(module, *_):  # training forwards only (generation runs in eval mode): two per step
+        calls["n"] += module.training
+        if calls["n"] == 9:  # in step 5, after the step-4 save
+            raise KeyboardInterrupt
+
+    handle = model.get_input_embeddings().register_forward_hook(hook)
+    with pytest.raises(KeyboardInterrupt):
+        Distill(**cfg, checkpoint_dir=str(tmp_path), save_every=2)(model, calib)
+    handle.remove()
+    d = Distill(**cfg, checkpoint_dir=str(tmp_path), save_every=2, resume=True)
+    fresh = d(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+    assert d.report_.resumed_at == 4 and len(d.report_.history) == 6
+    for (k, a), b in zip(ref.state_dict().items(), fresh.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
+    with pytest.raises(CheckpointError, match="different distillation run"):
+        Distill(**{**cfg, "lr": 5e-4}, checkpoint_dir=str(tmp_path), resume=True)(
+            DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+
+
+def test_named_teachers_and_errors(tiny):
+    dense, calib = tiny
+    d = Distill(steps=1, batch_size=2, teachers=["tiny-llama"])  # loaded by name
+    d(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+    assert d.report_.teachers == 1
+    student = DropLayers(layers=[1])(copy.deepcopy(dense))
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        Distill()(student, calib)
+    bad = [{"loss": "mse"}, {"train": "some"}, {"teacher_combine": "uncertainty"},
+           {"teacher_top_k": 8, "teacher_model": [dense, dense]}, {"on_policy": 0.5, "teacher_top_k": 8},
+           {"teacher_weights": [1.0, 2.0]}, {"select_fraction": 0.0}]
+    for kw in bad:
+        with pytest.raises(ConfigError):
+            Distill(**{"teacher_model": dense, **kw})(student, calib)
+    ce_only = Distill(steps=1, batch_size=2, ce_weight=1.0)  # cross-entropy alone needs no teacher
+    ce_only(student, calib)
+    assert ce_only.report_.teachers == 0

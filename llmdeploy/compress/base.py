@@ -46,6 +46,22 @@ def register_method(name: str):
     return deco
 
 
+_MODEL_LOADER: list = []
+
+
+def set_model_loader(fn) -> None:
+    """Installed by ``llmdeploy.io``: how a stage loads a model it names (a distillation teacher)
+    without importing the layers above it."""
+    _MODEL_LOADER[:] = [fn]
+
+
+def load_model(name: str) -> nn.Module:
+    """The model ``name`` (a zoo name, a directory, a hub id) through ``llmdeploy.load``."""
+    if not _MODEL_LOADER:  # importing llmdeploy installs it; only a partial import lacks it
+        raise ConfigError(f"cannot load {name!r}: no model loader installed (import llmdeploy first)")
+    return _MODEL_LOADER[0](name)
+
+
 def methods() -> list[str]:
     """Names of the registered compression methods."""
     return sorted(METHODS)

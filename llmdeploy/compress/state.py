@@ -9,6 +9,7 @@ complete state; a folder holding another run's state (other settings or data) is
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,6 +21,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+
+
+def run_fingerprint(config: dict[str, Any], model: torch.nn.Module, calib: torch.Tensor) -> str:
+    """A hash of what determines a run's result — its settings, the calibration windows, the
+    model's tensors (names, shapes and their first 64 values) — so a checkpoint folder of another
+    run is refused instead of resumed."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    h.update(calib.cpu().contiguous().numpy().tobytes())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 class TrainingState:

@@ -1,7 +1,9 @@
-"""Knowledge distillation: divergences between teacher and student next-token distributions, and
+"""Knowledge distillation: the ``Distill`` recipe stage (one or several teachers, dynamic teacher
+and data selection, on-policy data, full or LoRA training), divergences between teacher and student next-token distributions, and
 a teacher's distributions on the fly or as a memory-mapped top-k cache."""
 
+from .distill import Distill, DistillReport, combine_teachers, student_entropy
 from .losses import LOSSES, coarsen, distill_loss, divergence, kl_full, kl_topk
 from .teacher import TopKCache
 
-__all__ = ["LOSSES", "TopKCache", "coarsen", "distill_loss", "divergence", "kl_full", "kl_topk"]
+__all__ = ["LOSSES", "Distill", "DistillReport", "TopKCache", "combine_teachers", "student_entropy", "coarsen", "distill_loss", "divergence", "kl_full", "kl_topk"]

@@ -56,6 +56,23 @@ def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def heldout_perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> float:
+    """Perplexity of ``model`` on token ``windows`` (each scored on its own), in eval mode: the
+    held-out curve training stages record every ``eval_every`` steps."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, windows.shape[0], batch_size):
+            ids = windows[s:s + batch_size].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
+            count += ids[:, 1:].numel()
+    model.train(was)
+    return math.exp(nll / max(count, 1))
+
+
 def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     """Window indices for ``steps`` batches of ``batch_size``: seeded permutations of ``range(n)``
     back to back, so step ``i`` always takes ``order[i * batch_size:(i + 1) * batch_size]``."""

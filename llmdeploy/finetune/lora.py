@@ -217,17 +217,7 @@ class LoRAFinetune(Compressor):
             finally:
                 model.eval()
             report.probe_loss.append(self._loss(model, probe))
-        for name, w in wrappers.items():
-            w.lora_A.requires_grad_(False)
-            w.lora_B.requires_grad_(False)
-            if isinstance(w.base, CompressedModule):
-                w.dropout.p = 0.0
-                report.kept += 1
-                continue
-            with torch.no_grad():  # merge into the dense weight: the adapter disappears
-                w.base.weight += w.delta_weight().to(w.base.weight.dtype)
-            model.set_submodule(name, w.base)
-            report.merged += 1
+        report.merged, report.kept = merge_adapters(model, wrappers)
         model.to(home)
         for p in model.parameters():  # restore the flags the model came with
             p.requires_grad_(trainable_before.get(id(p), False))
@@ -241,3 +231,22 @@ class LoRAFinetune(Compressor):
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss.item()
         model.train(was)
         return loss
+
+
+def merge_adapters(model: nn.Module, wrappers: dict[str, LoRALinear]) -> tuple[int, int]:
+    """Freeze trained adapters; merge those on dense linears into the weight (the adapter
+    disappears: same modules as before), keep those on compressed linears beside them (dropout
+    off). Returns (merged, kept)."""
+    merged = kept = 0
+    for name, w in wrappers.items():
+        w.lora_A.requires_grad_(False)
+        w.lora_B.requires_grad_(False)
+        if isinstance(w.base, CompressedModule):
+            w.dropout.p = 0.0
+            kept += 1
+            continue
+        with torch.no_grad():
+            w.base.weight += w.delta_weight().to(w.base.weight.dtype)
+        model.set_submodule(name, w.base)
+        merged += 1
+    return merged, kept

@@ -27,7 +27,6 @@ choice is seeded per block and layer).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,6 +43,7 @@ from torch import nn
 from ..compress.base import Compressor, Report, engine_field, register_method
 from ..compress.engine import BlockContext, run_blockwise, to_device
 from ..compress.modules import CompressedModule, compressed_modules
+from ..compress.state import run_fingerprint
 from ..errors import CheckpointError, ConfigError
 from ..models.adapters import get_adapter
 from .aqlm_linear import AQLMLinear, check_aqlm_shapes, dequantize, pack_codes
@@ -353,7 +353,8 @@ class AQLM(Compressor):
     # -- the walk ------------------------------------------------------------------------
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
         adapter = get_adapter(model)
-        store = _Progress(self.checkpoint_dir, self._fingerprint(model, calib)) if self.checkpoint_dir else None
+        store = _Progress(self.checkpoint_dir, run_fingerprint(self.config_dict(), model, calib)) \
+            if self.checkpoint_dir else None
         done = 0
         if store is not None:
             if self.resume:
@@ -399,16 +400,6 @@ class AQLM(Compressor):
             if lin.bias is not None:
                 m.bias.copy_(lin.bias)
         return m
-
-    def _fingerprint(self, model: nn.Module, calib: torch.Tensor) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps(self.config_dict(), sort_keys=True, default=str).encode())
-        h.update(calib.cpu().contiguous().numpy().tobytes())
-        for name, p in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(str(tuple(p.shape)).encode())
-            h.update(p.detach().float().flatten()[:64].cpu().numpy().tobytes())
-        return h.hexdigest()
 
 
 # -- block fine-tuning ---------------------------------------------------------------------

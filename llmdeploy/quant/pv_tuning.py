@@ -54,8 +54,6 @@ recipe) continues and ends where an uninterrupted run does.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import math
 import time
@@ -69,11 +67,11 @@ from tqdm.auto import tqdm
 
 from ..compress.base import Compressor, Report, engine_field, register_method, require_targets
 from ..compress.modules import compressed_modules
-from ..compress.state import TrainingState
+from ..compress.state import TrainingState, run_fingerprint
 from ..distill.losses import kl_full, kl_topk
 from ..distill.teacher import TopKCache
 from ..errors import ConfigError, TrainingDivergedError
-from ..finetune.full import _checkpointing, batch_order
+from ..finetune.full import _checkpointing, batch_order, heldout_perplexity
 from .aqlm import encode_groups_l2
 from .aqlm_linear import AQLMLinear, dequantize, pack_codes, unpack_codes
 from .packing import pack
@@ -414,7 +412,7 @@ class PVTuning(Compressor):
         ste = {name: rep.dequantize().detach().clone() for name, rep in reps.items()} if v_on else {}
         opt_v = torch.optim.Adam(list(ste.values()), lr=self.code_lr, betas=tuple(self.code_betas)) if ste else None
         order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
-        store = TrainingState(self.checkpoint_dir, self._fingerprint(model, calib), "PV-Tuning") \
+        store = TrainingState(self.checkpoint_dir, run_fingerprint(self.to_dict(), model, calib), "PV-Tuning") \
             if self.checkpoint_dir else None
         start = self._restore(store, reps, model, p_params, ste, opt_p, opt_v, report) if self.resume else 0
         if start:
@@ -557,28 +555,11 @@ class PVTuning(Compressor):
 
     def _evaluate(self, model: nn.Module, device: torch.device, step: int, report: PVReport) -> None:
         """Held-out perplexity of the current (exactly quantized) student."""
-        model.eval()
-        nll, count = 0.0, 0
-        with torch.no_grad():
-            for s in range(0, self.eval_windows.shape[0], max(1, self.microbatch_size)):
-                ids = self.eval_windows[s:s + max(1, self.microbatch_size)].to(device)
-                logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-                nll += float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum"))
-                count += ids[:, 1:].numel()
         report.eval_steps.append(step)
-        report.eval_ppl.append(math.exp(nll / max(count, 1)))
+        report.eval_ppl.append(heldout_perplexity(model, self.eval_windows, self.microbatch_size))
         log.info("pv_tuning step %d: held-out ppl %.3f", step, report.eval_ppl[-1])
 
     # -- checkpoints ---------------------------------------------------------------------
-    def _fingerprint(self, model: nn.Module, calib: torch.Tensor) -> str:
-        h = hashlib.sha256()
-        h.update(json.dumps({k: v for k, v in self.to_dict().items()}, sort_keys=True, default=str).encode())
-        h.update(calib.cpu().contiguous().numpy().tobytes())
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
-        return h.hexdigest()
-
     @staticmethod
     def _named_trainables(model: nn.Module, p_params: list[torch.Tensor], reps) -> dict[str, torch.Tensor]:
         """Non-quantized trained parameters by name (continuous parts of the representations are

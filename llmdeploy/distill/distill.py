@@ -1,0 +1,430 @@
+"""``Distill``: recover a compressed model from one or several teachers (a recipe stage).
+
+The student is the model the recipe has made so far (pruned, sliced, layer-removed, quantized) —
+or a smaller architecture initialised from the teacher by an earlier step (``drop_layers`` of
+every other layer). Each optimizer step takes ``batch_size`` calibration windows and minimises
+
+    (1 − ce_weight) · D(teacher ‖ student) + ce_weight · cross-entropy on the window's tokens,
+
+with D one of :data:`~llmdeploy.distill.losses.LOSSES` at ``temperature`` (times T²).
+
+* **Teachers**: by default the model as the recipe received it (``Compose`` hands it over
+  through ``before_recipe``: kept on the side, or reduced to a memory-mapped top-k cache with
+  ``teacher_top_k``); ``teachers=[...]`` names loadable models sharing the tokenizer (``"start"``
+  is the recipe's starting model); in Python ``teacher_model=`` takes a model or a list.
+* **Several teachers** combine per token: ``teacher_combine="mean_prob"`` (Σ wᵢ pᵢ) or
+  ``"mean_logprob"`` (normalised Π pᵢ^wᵢ) with ``teacher_weights`` (default equal, normalised to
+  sum to one), or ``"uncertainty"`` — the dynamic teacher adoption of Li et al. (2021): per
+  window, the student's normalised predictive entropy u ∈ [0, 1] gives weight u to the *last*
+  teacher and 1 − u to the first (two teachers; uncertain windows learn from the last one).
+* **Dynamic data selection** (Li et al., 2021): ``select_fraction < 1`` keeps, in every batch,
+  that fraction of windows on which the student is most uncertain (highest mean entropy).
+* **On-policy data** (GKD's λ): ``on_policy`` of each batch's windows are replaced by the
+  student's own continuation of their first ``prompt_len`` tokens (sampled at
+  ``sample_temperature``; 0 is greedy), scored by the teacher on the generated positions only.
+* **What trains**: ``train="all"`` — every parameter outside compressed modules (quantized or
+  sparse storage stays frozen; ``tune_compressed=True`` adds their continuous parameters, e.g.
+  AQLM's codebooks and scales); ``train="lora"`` — LoRA adapters on the decoder linears, merged
+  into dense linears afterwards (kept beside compressed ones).
+
+AdamW with linear warm-up and cosine decay, gradient clipping, transformers' gradient
+checkpointing; ``checkpoint_dir`` / ``resume=True`` continue an interrupted run and end where an
+uninterrupted one does (the data order and every sample are seeded per step).
+
+Not implemented yet (issue #16): hidden-state matching through learned projections.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..compress.base import Compressor, Report, engine_field, load_model, register_method
+from ..compress.modules import compressed_modules
+from ..compress.state import TrainingState, run_fingerprint
+from ..errors import ConfigError, TrainingDivergedError
+from ..finetune.full import _checkpointing, batch_order, cosine_schedule, heldout_perplexity
+from ..finetune.lora import LoRALinear, merge_adapters
+from ..models.adapters import get_adapter
+from .losses import LOSSES, distill_loss
+from .teacher import TopKCache
+
+log = logging.getLogger(__name__)
+
+COMBINE = ("mean_prob", "mean_logprob", "uncertainty")
+
+
+@dataclass
+class DistillReport(Report):
+    """Training loss per step, held-out perplexity at ``eval_every`` steps, the teachers, wall time."""
+
+    loss: str = ""
+    teachers: int = 0
+    steps: int = 0
+    windows_per_step: int = 0
+    history: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_ppl: list[float] = field(default_factory=list)
+    trained_params: int = 0
+    seconds: float = 0.0
+    resumed_at: int = 0
+
+    def summary(self) -> str:
+        if not self.history:
+            return ""
+        k = max(1, len(self.history) // 10)
+        first, last = sum(self.history[:k]) / k, sum(self.history[-k:]) / k
+        s = (f"distillation ({self.loss}, {self.teachers} teacher{'s' if self.teachers != 1 else ''}): "
+             f"{len(self.history)} steps of {self.windows_per_step} windows, {self.trained_params:,} parameters "
+             f"trained; loss {first:.4f} -> {last:.4f}")
+        if self.eval_ppl:
+            s += f"; held-out ppl {self.eval_ppl[0]:.2f} -> {self.eval_ppl[-1]:.2f}"
+        return s + f"; {self.seconds:.0f} s"
+
+
+def student_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean predictive entropy per sequence, normalised by log(vocabulary) into [0, 1]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    h = -(logp.exp() * logp).sum(-1).mean(-1)
+    return h / math.log(logits.shape[-1])
+
+
+def combine_teachers(logprobs: list[torch.Tensor], weights: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-token log-probabilities of the combined teacher. ``weights``: (n_teachers,) or
+    (n_teachers, batch) summing to one over teachers."""
+    w = weights.to(logprobs[0].dtype)
+    w = w.view(*w.shape, *([1] * (logprobs[0].dim() - w.dim() + 1)))  # broadcast over positions/vocab
+    stack = torch.stack(logprobs)
+    if how == "mean_logprob":
+        return F.log_softmax((w * stack).sum(0), dim=-1)
+    return torch.logsumexp(stack + torch.log(w.clamp(min=1e-30)), dim=0)
+
+
+@register_method("distill")
+@dataclass(kw_only=True)
+class Distill(Compressor):
+    """Knowledge distillation into the model the recipe has made so far (see the module docstring)."""
+
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    skew: float = 0.1
+    ce_weight: float = 0.0
+    steps: int = 100
+    batch_size: int = 8
+    microbatch_size: int = 1
+    lr: float = 5e-5
+    warmup: float = 0.05
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    train: str = "all"
+    tune_compressed: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    teachers: list[str] | None = None
+    teacher_combine: str = "mean_prob"
+    teacher_weights: list[float] | None = None
+    select_fraction: float = 1.0
+    on_policy: float = 0.0
+    prompt_len: int = 32
+    sample_temperature: float = 1.0
+    teacher_top_k: int | None = None
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    teacher_model: nn.Module | list | None = engine_field(None, repr=False)
+    teacher_cache: str | None = engine_field(None)
+    eval_windows: torch.Tensor | None = engine_field(None, repr=False)
+    eval_every: int = engine_field(0)
+    checkpoint_dir: str | None = engine_field(None)
+    resume: bool = engine_field(False)
+    save_every: int = engine_field(25)
+    device: str | None = engine_field(None)
+    needs_calibration = True
+    supports_resume = True
+    _start = None  # the model the recipe started from (or its top-k cache), kept by before_recipe
+
+    # -- checks --------------------------------------------------------------------------
+    def _check_settings(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"distill: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.train not in ("all", "lora"):
+            raise ConfigError(f"distill: train must be 'all' or 'lora', got {self.train!r}")
+        if self.teacher_combine not in COMBINE:
+            raise ConfigError(f"distill: teacher_combine must be one of {', '.join(COMBINE)}, got "
+                              f"{self.teacher_combine!r}")
+        if self.steps < 1 or self.batch_size < 1 or self.microbatch_size < 1 or self.lr <= 0:
+            raise ConfigError("distill: steps, batch_size and microbatch_size must be >= 1 and lr > 0")
+        if not 0 <= self.ce_weight <= 1 or not 0 <= self.on_policy <= 1 or not 0 < self.select_fraction <= 1:
+            raise ConfigError("distill: ce_weight and on_policy must be in [0, 1], select_fraction in (0, 1]")
+        if self.temperature <= 0 or self.sample_temperature < 0:
+            raise ConfigError("distill: temperature must be > 0 and sample_temperature >= 0")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("distill: resume=True needs checkpoint_dir")
+        if self.on_policy and self.teacher_top_k is not None:
+            raise ConfigError("distill: on-policy windows need the teacher on the fly (a top-k cache holds the corpus "
+                              "windows only); drop teacher_top_k or on_policy")
+        if self.eval_every and self.eval_windows is None:
+            raise ConfigError("distill: eval_every needs eval_windows (held-out token windows)")
+
+    def _n_teachers(self) -> int:
+        if self.teacher_model is not None:
+            return len(self.teacher_model) if isinstance(self.teacher_model, (list, tuple)) else 1
+        return len(self.teachers) if self.teachers else 1
+
+    def validate(self, model: nn.Module) -> None:
+        self._check_settings()
+        n = self._n_teachers()
+        if self.teacher_weights is not None and (len(self.teacher_weights) != n or min(self.teacher_weights) < 0
+                                                 or sum(self.teacher_weights) <= 0):
+            raise ConfigError(f"distill: teacher_weights needs {n} non-negative weights (one per teacher), "
+                              f"got {self.teacher_weights}")
+        if self.teacher_combine == "uncertainty" and n != 2:
+            raise ConfigError(f"distill: teacher_combine='uncertainty' needs two teachers, got {n}")
+        if self.teacher_top_k is not None and n != 1:
+            raise ConfigError("distill: teacher_top_k caches one teacher; with several, compute them on the fly")
+        uses_start = self.teacher_model is None and (not self.teachers or "start" in self.teachers)
+        if uses_start and self._start is None and self.ce_weight < 1:
+            raise ConfigError("distill needs a teacher: run it in a recipe (the model the recipe started from is the "
+                              "default teacher), name loadable teachers in teachers=[...], or pass teacher_model=")
+        if self.train == "all" and not self._trainable(model):
+            raise ConfigError("distill: with train='all' nothing would train (every weight is compressed); use "
+                              "train='lora' or tune_compressed=True")
+
+    def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        """In a recipe, before its first step: keep the model as it is now, the default teacher
+        (as a top-k cache when ``teacher_top_k`` is set, so no second model stays in memory)."""
+        self._check_settings()
+        if self.teacher_model is not None or (self.teachers and "start" not in self.teachers) or calib is None:
+            return
+        if self.teacher_top_k is not None:
+            self._start = TopKCache(model, calib, self.teacher_top_k, self.teacher_cache, self.microbatch_size,
+                                    self.temperature)
+        else:
+            self._start = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # -- the run -------------------------------------------------------------------------
+    def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
+        inside = {id(p) for m in compressed_modules(model).values() for p in m.parameters()}
+        params = [p for p in model.parameters() if p.is_floating_point() and id(p) not in inside]
+        if self.tune_compressed:
+            params += [p for m in compressed_modules(model).values() for p in m.trainable_parameters()]
+        return list({id(p): p for p in params}.values())
+
+    def _resolve_teachers(self, calib: torch.Tensor, device: torch.device) -> tuple[list[nn.Module], TopKCache | None]:
+        if self.ce_weight == 1:
+            return [], None
+        if self.teacher_model is not None:
+            models = list(self.teacher_model) if isinstance(self.teacher_model, (list, tuple)) else [self.teacher_model]
+        else:
+            models = []
+            for name in self.teachers or ["start"]:
+                if name == "start":
+                    if isinstance(self._start, TopKCache):
+                        return [], self._start
+                    models.append(self._start)
+                else:
+                    models.append(load_model(name))
+        for m in models:
+            m.to(device).eval().requires_grad_(False)
+        if self.teacher_top_k is not None:
+            return [], TopKCache(models[0], calib, self.teacher_top_k, self.teacher_cache, self.microbatch_size,
+                                 self.temperature)
+        return models, None
+
+    def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
+        device = torch.device(self.device) if self.device else next(model.parameters()).device
+        home = next(model.parameters()).device
+        model.to(device)
+        teachers, cache = self._resolve_teachers(calib, device)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        for t in teachers:
+            if t.get_output_embeddings().weight.shape[0] != vocab:
+                raise ConfigError("distill: a teacher's vocabulary differs from the student's; teachers must share "
+                                  "the tokenizer")
+        flags = {id(p): p.requires_grad for p in model.parameters()}
+        wrappers: dict[str, LoRALinear] = {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            if self.train == "lora":
+                for name in get_adapter(model).linear_names():
+                    wrappers[name] = LoRALinear.wrap(model.get_submodule(name), self.lora_rank, self.lora_alpha,
+                                                     self.lora_dropout)
+                    model.set_submodule(name, wrappers[name])
+        params = [p for w in wrappers.values() for p in (w.lora_A, w.lora_B)] if wrappers else self._trainable(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        n_teachers = max(1, len(teachers)) if cache is None else 1
+        report = self.report_ = DistillReport(loss=self.loss if self.ce_weight < 1 else "cross-entropy",
+                                              teachers=0 if self.ce_weight == 1 else n_teachers, steps=self.steps,
+                                              windows_per_step=self.batch_size, trained_params=sum(p.numel() for p in params))
+        weights = torch.tensor(self.teacher_weights or [1.0] * n_teachers, dtype=torch.float32, device=device)
+        weights = weights / weights.sum()
+        opt = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
+        warm = max(1, int(self.warmup * self.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_schedule(i, self.steps, warm))
+        order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        store = TrainingState(self.checkpoint_dir, run_fingerprint(self.to_dict(), model, calib), "distillation") \
+            if self.checkpoint_dir else None
+        start = 0
+        saved = store.load() if store is not None and self.resume else None
+        if saved is not None:
+            start, tensors, extra, progress = saved
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(tensors[n])
+            opt.load_state_dict(extra["opt"])
+            sched.load_state_dict(extra["sched"])
+            for k, v in progress.items():
+                setattr(report, k, v)
+            log.info("distill: resuming at step %d from %s", start, self.checkpoint_dir)
+        report.resumed_at = start
+        use_gc = self.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
+        t0 = time.perf_counter()
+        try:
+            if self.eval_every and start == 0:
+                self._evaluate(model, device, 0, report)
+            for step in tqdm(range(start, self.steps), desc=f"distill ({report.loss})", leave=False,
+                             initial=start, total=self.steps):
+                ids, mask = self._batch(model, calib, order, step, device)
+                if use_gc:
+                    _checkpointing(model, True)
+                model.train()
+                loss = self._step_gradients(model, ids, mask, order[step * self.batch_size:(step + 1) * self.batch_size],
+                                            teachers, cache, weights)
+                if use_gc:
+                    _checkpointing(model, False)
+                if not math.isfinite(loss):
+                    raise TrainingDivergedError(f"distill: the loss became {loss} at step {step}; lower lr ({self.lr})")
+                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                report.history.append(loss)
+                if step % 10 == 0 or step == self.steps - 1:
+                    log.info("distill step %d/%d: loss %.4f", step + 1, self.steps, loss)
+                if self.eval_every and ((step + 1) % self.eval_every == 0 or step + 1 == self.steps):
+                    self._evaluate(model, device, step + 1, report)
+                if store is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
+                    report.seconds += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    progress = {k: getattr(report, k) for k in ("history", "eval_steps", "eval_ppl", "seconds")}
+                    store.save(step + 1, named, {"opt": opt.state_dict(), "sched": sched.state_dict()}, progress)
+        except BaseException:
+            for name, w in wrappers.items():  # no half-trained adapters left in the model
+                model.set_submodule(name, w.base)
+            raise
+        finally:
+            report.seconds += time.perf_counter() - t0
+            if use_gc:
+                _checkpointing(model, False)
+            model.eval()
+            if cache is not None and cache is not self._start:
+                cache.close()
+            for p in model.parameters():
+                p.requires_grad_(flags.get(id(p), False))
+        if wrappers:
+            merge_adapters(model, wrappers)
+        if isinstance(self._start, TopKCache):
+            self._start.close()
+        self._start = None
+        return model.to(home)
+
+    # -- pieces of a step ----------------------------------------------------------------
+    def _batch(self, model: nn.Module, calib: torch.Tensor, order: torch.Tensor, step: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's windows, the first ``on_policy`` fraction of them continued by the student
+        from their first ``prompt_len`` tokens, and the mask of positions the loss counts (a
+        generated window counts only the positions predicting generated tokens)."""
+        rows = order[step * self.batch_size:(step + 1) * self.batch_size]
+        ids = calib[rows].to(device).clone()
+        mask = torch.ones(ids.shape[0], ids.shape[1] - 1, dtype=torch.bool, device=device)
+        n_gen = round(self.on_policy * len(rows))
+        if n_gen:
+            p = min(self.prompt_len, ids.shape[1] - 1)
+            ids[:n_gen] = self.generate(model, ids[:n_gen, :p], ids.shape[1] - p, seed=self.seed * 1_000_003 + step)
+            mask[:n_gen, : p - 1] = False
+        return ids, mask
+
+    def generate(self, model: nn.Module, prompts: torch.Tensor, new_tokens: int, seed: int) -> torch.Tensor:
+        """The student's continuations of ``prompts`` (exactly ``new_tokens`` each; sampled at
+        ``sample_temperature`` with a seeded generator, greedy at 0)."""
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                kw = {"do_sample": False} if self.sample_temperature == 0 else \
+                    {"do_sample": True, "temperature": self.sample_temperature, "top_k": 0, "top_p": 1.0}
+                return model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+                                      min_new_tokens=new_tokens, pad_token_id=0, **kw)
+        finally:
+            model.train(was)
+
+    def _step_gradients(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                        teachers: list[nn.Module], cache: TopKCache | None, weights: torch.Tensor) -> float:
+        total = 0.0
+        n = ids.shape[0]
+        for s in range(0, n, self.microbatch_size):
+            sl = slice(s, s + self.microbatch_size)
+            x, m = ids[sl], mask[sl]
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+            if self.select_fraction < 1:  # dynamic data selection: the most uncertain windows
+                m = m & self._selected(logits)[:, None]
+            loss = self._loss(logits, x, m, rows[sl], teachers, cache, weights) * (x.shape[0] / n)
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def _selected(self, logits: torch.Tensor) -> torch.Tensor:
+        """The ``select_fraction`` of windows (rounded up) with the highest student entropy, ranked
+        within the micro-batch (``microbatch_size = batch_size`` ranks the whole batch)."""
+        u = student_entropy(logits.detach())
+        k = max(1, math.ceil(self.select_fraction * len(u)))
+        keep = torch.zeros_like(u, dtype=torch.bool)
+        keep[torch.topk(u, k).indices] = True
+        return keep
+
+    def _loss(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+              teachers: list[nn.Module], cache: TopKCache | None, weights: torch.Tensor) -> torch.Tensor:
+        targets = ids[:, 1:]
+        out = logits.new_zeros(())
+        if self.ce_weight > 0:
+            ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
+            out = out + self.ce_weight * (ce * mask).sum() / mask.sum().clamp(min=1)
+        if self.ce_weight == 1:
+            return out
+        if cache is not None:
+            logp, top = cache[rows]
+            teacher = (logp[:, :-1].to(logits.device), top[:, :-1].to(logits.device))
+        else:
+            with torch.no_grad():
+                tl = [F.log_softmax(t(input_ids=ids, use_cache=False).logits[:, :-1].float() / self.temperature, -1)
+                      for t in teachers]
+            if len(tl) == 1:
+                combined = tl[0]
+            elif self.teacher_combine == "uncertainty":
+                u = student_entropy(logits.detach())  # per window, in [0, 1]
+                combined = combine_teachers(tl, torch.stack([1 - u, u]), "mean_prob")
+            else:
+                combined = combine_teachers(tl, weights, self.teacher_combine)
+            # the combined teacher is already at temperature: pass it as logits at T=1 scaled back
+            teacher = combined * self.temperature
+        kd = distill_loss(logits, teacher, self.loss, temperature=self.temperature, beta=self.beta, skew=self.skew,
+                          mask=mask)
+        return out + (1 - self.ce_weight) * kd
+
+    def _evaluate(self, model: nn.Module, device: torch.device, step: int, report: DistillReport) -> None:
+        report.eval_steps.append(step)
+        report.eval_ppl.append(heldout_perplexity(model, self.eval_windows, self.microbatch_size))
