@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from llmdeploy.compress import Compressor
+from llmdeploy.distill import Distill
 from llmdeploy.finetune import LoRAFinetune
 from llmdeploy.prune import (
     DropLayers,
@@ -166,3 +167,15 @@ for _mode, _label in (("p_only", "P-only"), ("ste", "STE"), ("pv", "PV")):
              suites=("full",), note=f"aqlm-2x8 + PV-Tuning mode={_mode} ({_label}): 20 steps x 4 windows, KL to dense")
 register("gptq-w2-g64-pv", lambda s: PVTuning(mode="pv", **PV), base="gptq-w2-g64", suites=("full",),
          note="gptq-w2-g64 + PV-Tuning (PV): 20 steps x 4 windows, KL to dense")
+
+# Knowledge distillation (#16) against LoRA cross-entropy fine-tuning at equal steps: the same LoRA
+# (r=32, alpha=10, dropout 0.05, lr 1e-3, 32 steps x 4 windows) trained on KL to the dense model
+# (the teacher of the chain dense -> base -> this row) instead of next-token cross-entropy.
+KD = {"train": "lora", "lora_rank": 32, "lora_alpha": 10.0, "lora_dropout": 0.05, "lr": 1e-3, "steps": 32,
+      "batch_size": 4, "microbatch_size": 2, "warmup": 0.1}
+register("shortgpt-8-rft", lambda s: LoRAFinetune(**RFT), base="shortgpt-8", suites=("full",),
+         note="shortgpt-8 + LoRA RFT (cross-entropy; r=32, alpha=10, lr 1e-3, 32 steps x 4 windows)")
+register("shortgpt-8-kd", lambda s: Distill(**KD), base="shortgpt-8", suites=("full",),
+         note="shortgpt-8 + the same LoRA trained by KL to the dense model (Distill, 32 steps x 4 windows)")
+register("slicegpt-25-kd", lambda s: Distill(**KD), base="slicegpt-25", suites=("full",),
+         note="slicegpt-25 + the same LoRA trained by KL to the dense model (Distill, 32 steps x 4 windows)")
