@@ -67,3 +67,20 @@ def test_full_finetune_errors():
         FullFinetune(steps=0)(model, ids_for(tok))
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         FullFinetune(resume=True)(model, ids_for(tok))
+
+
+def test_training_state_survives_an_interrupted_save(tmp_path):
+    """A save cut off before ``progress.json`` names its folder leaves the previous state whole."""
+    from llmdeploy.compress.state import TrainingState
+
+    st = TrainingState(tmp_path, "fp", "fine-tuning")
+    st.save(2, {"w": torch.ones(3)}, {"opt": {"lr": 1.0}}, {"history": [1.0, 0.5]})
+    (tmp_path / "step-4").mkdir()  # the next save died while writing its tensors
+    (tmp_path / "step-4" / "tensors.safetensors").write_bytes(b"half a file")
+    step, tensors, opt, progress = st.load()
+    assert step == 2 and torch.equal(tensors["w"], torch.ones(3)) and opt == {"opt": {"lr": 1.0}}
+    assert progress["history"] == [1.0, 0.5]
+    st.save(4, {"w": torch.zeros(3)}, {}, {"history": []})
+    assert st.load()[0] == 4 and sorted(p.name for p in tmp_path.glob("step-*")) == ["step-4"]
+    with pytest.raises(CheckpointError, match="different fine-tuning run"):
+        TrainingState(tmp_path, "other", "fine-tuning").load()

@@ -1,10 +1,12 @@
 """Resumable training state: tensors, optimizer state and progress, each file replaced atomically.
 
-A training stage (full fine-tuning, PV-Tuning) writes ``tensors.safetensors`` (what it trains),
-``optimizer.pt`` (optimizer and scheduler state: tensors and numbers only, read back with
-``weights_only=True``) and ``progress.json`` (step, fingerprint of the run, histories) every few
-steps. ``progress.json`` is written last, so an interruption while saving leaves the previous
-complete state; a folder holding another run's state (other settings or data) is refused.
+A training stage (full fine-tuning, PV-Tuning, distillation) writes, every few steps, a folder
+``step-N`` with ``tensors.safetensors`` (what it trains) and ``optimizer.pt`` (optimizer and
+scheduler state: tensors and numbers only, read back with ``weights_only=True``), then
+``progress.json`` (step, that folder, fingerprint of the run, histories), replaced atomically:
+``progress.json`` always names a complete state, so an interruption while saving loses at most
+the steps since the previous save. A folder holding another run's state (other settings, model
+or data) is refused.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -46,24 +49,32 @@ class TrainingState:
         self.fingerprint = fingerprint
         self.who = who
 
-    def _replace(self, name: str, write: Callable[[str], None]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}-")
+    @staticmethod
+    def _replace(target: Path, write: Callable[[str], None]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
         os.close(fd)
         try:
             write(tmp)
-            os.replace(tmp, self.path / name)
+            os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any],
              progress: dict[str, Any]) -> None:
-        """Write the state after ``step`` steps (tensors are copied to the CPU first)."""
+        """Write the state after ``step`` steps (tensors are copied to the CPU first): tensors and
+        optimizer into a new folder ``step-N``, then ``progress.json`` naming it (atomically), then
+        the older folders are removed — an interruption at any point leaves one complete state."""
         cpu = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
-        self._replace("tensors.safetensors", lambda f: save_file(cpu, f))
-        self._replace("optimizer.pt", lambda f: torch.save(optimizer, f))
-        data = {"fingerprint": self.fingerprint, "step": step, **progress}
-        self._replace("progress.json", lambda f: Path(f).write_text(json.dumps(data)))
+        folder = self.path / f"step-{step}"
+        folder.mkdir(exist_ok=True)
+        self._replace(folder / "tensors.safetensors", lambda f: save_file(cpu, f))
+        self._replace(folder / "optimizer.pt", lambda f: torch.save(optimizer, f))
+        data = {"fingerprint": self.fingerprint, "step": step, "folder": folder.name, **progress}
+        self._replace(self.path / "progress.json", lambda f: Path(f).write_text(json.dumps(data)))
+        for old in self.path.glob("step-*"):
+            if old.name != folder.name and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
 
     def load(self) -> tuple[int, dict[str, torch.Tensor], dict[str, Any], dict[str, Any]] | None:
         """(step, tensors, optimizer state, progress) of the last save, or None when there is none."""
@@ -77,9 +88,10 @@ class TrainingState:
         if progress.get("fingerprint") != self.fingerprint:
             raise CheckpointError(f"{self.path} holds a different {self.who} run (other settings, model or data); "
                                   "delete it or pass resume=False")
+        folder = self.path / str(progress.pop("folder", ""))
         try:
-            tensors = load_file(str(self.path / "tensors.safetensors"))
-            optimizer = torch.load(self.path / "optimizer.pt", weights_only=True)
+            tensors = load_file(str(folder / "tensors.safetensors"))
+            optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
         except Exception as e:  # noqa: BLE001 - safetensors and torch raise several types
             raise CheckpointError(f"{self.path} cannot be restored ({e}); delete it to start over") from None
         return int(progress.pop("step")), tensors, optimizer, progress
