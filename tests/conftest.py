@@ -42,3 +42,16 @@ def assert_logits_same_on_every_path(model, tok, seqs=(1, 5, 40)):
             with use_reference():
                 ref = model(ids).logits
         torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+def interrupt_at(model, n_calls, training_only=False):
+    """A hook that raises KeyboardInterrupt at the ``n_calls``-th forward of ``model``'s input
+    embedding (only forwards in training mode with ``training_only``): a run cut off mid-way."""
+    calls = {"n": 0}
+
+    def hook(module, *_):
+        calls["n"] += module.training or not training_only
+        if calls["n"] == n_calls:
+            raise KeyboardInterrupt
+
+    return model.get_input_embeddings().register_forward_hook(hook)

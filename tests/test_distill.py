@@ -87,7 +87,7 @@ from llmdeploy.errors import CheckpointError  # noqa: E402
 from llmdeploy.finetune.lora import LoRALinear, merge_adapters  # noqa: E402
 from llmdeploy.prune import DropLayers  # noqa: E402
 
-from .conftest import ids_for  # noqa: E402
+from .conftest import ids_for, interrupt_at  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +189,7 @@ def test_distill_resume_equals_uninterrupted_run(tiny, tmp_path):
     cfg = dict(steps=6, batch_size=2, lr=1e-3, teacher_model=dense, on_policy=0.5, prompt_len=8)
     ref = Distill(**cfg)(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
     model = DropLayers(layers=[1])(copy.deepcopy(dense))
-    calls = {"n": 0}
-
-    def hook(module, *_):  # training forwards only (generation runs in eval mode): two per step
-        calls["n"] += module.training
-        if calls["n"] == 9:  # in step 5, after the step-4 save
-            raise KeyboardInterrupt
-
-    handle = model.get_input_embeddings().register_forward_hook(hook)
+    handle = interrupt_at(model, 9, training_only=True)  # two training forwards a step: in step 5
     with pytest.raises(KeyboardInterrupt):
         Distill(**cfg, checkpoint_dir=str(tmp_path), save_every=2)(model, calib)
     handle.remove()

@@ -8,7 +8,7 @@ from llmdeploy.errors import CheckpointError, ConfigError
 from llmdeploy.finetune import FullFinetune
 from llmdeploy.finetune.full import cosine_schedule
 
-from .conftest import ids_for
+from .conftest import ids_for, interrupt_at
 
 
 def test_cosine_schedule_shape():
@@ -30,24 +30,13 @@ def test_full_finetune_lowers_loss_and_changes_every_matrix():
     assert not model.training
 
 
-def _interrupt_at(model, n_calls):
-    calls = {"n": 0}
-
-    def hook(*_):
-        calls["n"] += 1
-        if calls["n"] == n_calls:
-            raise KeyboardInterrupt
-
-    return model.get_input_embeddings().register_forward_hook(hook)
-
-
 def test_resume_equals_uninterrupted_run(tmp_path):
     calib = ids_for(llmdeploy.load("tiny-qwen2")[1], n=8, seq=32)
     ref, _ = llmdeploy.load("tiny-qwen2")
     FullFinetune(steps=6, lr=1e-3, batch_size=2)(ref, calib)
     model, _ = llmdeploy.load("tiny-qwen2")
     cfg = dict(steps=6, lr=1e-3, batch_size=2, checkpoint_dir=str(tmp_path), save_every=2)
-    handle = _interrupt_at(model, 5)  # dies in step 5, after the step-4 checkpoint
+    handle = interrupt_at(model, 5)  # dies in step 5, after the step-4 checkpoint
     with pytest.raises(KeyboardInterrupt):
         FullFinetune(**cfg)(model, calib)
     handle.remove()

@@ -18,7 +18,7 @@ from llmdeploy.quant import AQLM, RTN, AQLMLinear, PVTuning, RTNLinear
 from llmdeploy.quant.aqlm import encode_groups_l2
 from llmdeploy.quant.aqlm_linear import unpack_codes
 
-from .conftest import ids_for
+from .conftest import ids_for, interrupt_at
 
 QUANTIZERS = {
     "rtn": lambda: RTN(bits=2, group_size=32),
@@ -178,24 +178,13 @@ def test_pv_after_aqlm_saves_and_loads(setup, tmp_path):
     assert [s["method"] for s in back.config.llmdeploy_recipe] == ["aqlm", "pv_tuning"]
 
 
-def _interrupt_at(model, n_calls):
-    calls = {"n": 0}
-
-    def hook(*_):
-        calls["n"] += 1
-        if calls["n"] == n_calls:
-            raise KeyboardInterrupt
-
-    return model.get_input_embeddings().register_forward_hook(hook)
-
-
 @pytest.mark.parametrize("kind", ["rtn", "aqlm"])
 def test_resume_equals_uninterrupted_run(setup, tmp_path, kind):
     dense, tok, calib = setup
     cfg = dict(steps=6, batch_size=2, lr=1e-3, max_code_change=0.05, beam_size=2, teacher_model=dense)
     ref = PVTuning(**cfg)(quantized(kind, calib), calib)
     model = quantized(kind, calib)
-    handle = _interrupt_at(model, 9)  # micro-batches of 1, two per step: dies in step 5, after the step-4 save
+    handle = interrupt_at(model, 9)  # micro-batches of 1, two per step: dies in step 5, after the step-4 save
     with pytest.raises(KeyboardInterrupt):
         PVTuning(**cfg, checkpoint_dir=str(tmp_path), save_every=2)(model, calib)
     handle.remove()

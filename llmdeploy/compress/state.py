@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,28 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from .base import Report
+
+
+@dataclass
+class TrainingReport(Report):
+    """What every training stage records: the loss per step, held-out perplexity at chosen steps,
+    wall time, and the step a resumed run started from."""
+
+    history: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_ppl: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_at: int = 0
+
+    def trend(self) -> str:
+        """``loss a -> b (means of the first/last k steps)`` plus the held-out perplexity's ends."""
+        k = max(1, len(self.history) // 10)
+        first, last = sum(self.history[:k]) / k, sum(self.history[-k:]) / k
+        s = f"loss {first:.4f} -> {last:.4f} (means of the first/last {k} steps)"
+        if self.eval_ppl:
+            s += f"; held-out ppl {self.eval_ppl[0]:.2f} -> {self.eval_ppl[-1]:.2f}"
+        return s
 
 
 def run_fingerprint(config: dict[str, Any], model: torch.nn.Module, calib: torch.Tensor) -> str:

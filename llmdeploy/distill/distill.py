@@ -40,16 +40,16 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, Report, engine_field, load_model, register_method
+from ..compress.base import Compressor, engine_field, load_model, register_method
 from ..compress.modules import compressed_modules
-from ..compress.state import TrainingState, run_fingerprint
+from ..compress.state import TrainingReport, TrainingState, run_fingerprint
 from ..errors import ConfigError, TrainingDivergedError
 from ..finetune.full import _checkpointing, batch_order, cosine_schedule, heldout_perplexity
 from ..finetune.lora import LoRALinear, merge_adapters
@@ -63,31 +63,21 @@ COMBINE = ("mean_prob", "mean_logprob", "uncertainty")
 
 
 @dataclass
-class DistillReport(Report):
+class DistillReport(TrainingReport):
     """Training loss per step, held-out perplexity at ``eval_every`` steps, the teachers, wall time."""
 
     loss: str = ""
     teachers: int = 0
     steps: int = 0
     windows_per_step: int = 0
-    history: list[float] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_ppl: list[float] = field(default_factory=list)
     trained_params: int = 0
-    seconds: float = 0.0
-    resumed_at: int = 0
 
     def summary(self) -> str:
         if not self.history:
             return ""
-        k = max(1, len(self.history) // 10)
-        first, last = sum(self.history[:k]) / k, sum(self.history[-k:]) / k
-        s = (f"distillation ({self.loss}, {self.teachers} teacher{'s' if self.teachers != 1 else ''}): "
-             f"{len(self.history)} steps of {self.windows_per_step} windows, {self.trained_params:,} parameters "
-             f"trained; loss {first:.4f} -> {last:.4f}")
-        if self.eval_ppl:
-            s += f"; held-out ppl {self.eval_ppl[0]:.2f} -> {self.eval_ppl[-1]:.2f}"
-        return s + f"; {self.seconds:.0f} s"
+        return (f"distillation ({self.loss}, {self.teachers} teacher{'s' if self.teachers != 1 else ''}): "
+                f"{len(self.history)} steps of {self.windows_per_step} windows, {self.trained_params:,} parameters "
+                f"trained; {self.trend()}; {self.seconds:.0f} s")
 
 
 def student_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -233,8 +223,8 @@ class Distill(Compressor):
                     models.append(self._start)
                 else:
                     models.append(load_model(name))
-        for m in models:
-            m.to(device).eval().requires_grad_(False)
+        for m in models:  # forwards run under no_grad: the teachers' own flags are left as they are
+            m.to(device).eval()
         if self.teacher_top_k is not None:
             return [], TopKCache(models[0], calib, self.teacher_top_k, self.teacher_cache, self.microbatch_size,
                                  self.temperature)
@@ -301,8 +291,10 @@ class Distill(Compressor):
                 if use_gc:
                     _checkpointing(model, True)
                 model.train()
-                loss = self._step_gradients(model, ids, mask, order[step * self.batch_size:(step + 1) * self.batch_size],
-                                            teachers, cache, weights)
+                with torch.random.fork_rng(devices=[]):  # dropout masks seeded per step: resumable
+                    torch.manual_seed(self.seed * 7919 + step)
+                    loss = self._step_gradients(model, ids, mask, order[step * self.batch_size:(step + 1) * self.batch_size],
+                                                teachers, cache, weights)
                 if use_gc:
                     _checkpointing(model, False)
                 if not math.isfinite(loss):

@@ -20,32 +20,27 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, Report, engine_field, register_method
+from ..compress.base import Compressor, engine_field, register_method
 from ..compress.modules import compressed_modules
-from ..compress.state import TrainingState
+from ..compress.state import TrainingReport, TrainingState
 from ..errors import ConfigError, TrainingDivergedError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class FullFinetuneReport(Report):
-    """Training loss per step and the wall time."""
+class FullFinetuneReport(TrainingReport):
+    """Training loss and learning rate per step, and the wall time."""
 
     steps: int = 0
     batch_size: int = 0
-    history: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    resumed_at: int = 0
 
     def summary(self) -> str:
         if not self.history:
             return ""
-        k = max(1, len(self.history) // 10)
-        first, last = sum(self.history[:k]) / k, sum(self.history[-k:]) / k
-        return (f"full fine-tuning: {self.steps} steps of {self.batch_size} windows, loss {first:.3f} -> {last:.3f} "
-                f"(means of the first/last {k} steps), {self.seconds:.0f} s")
+        return (f"full fine-tuning: {self.steps} steps of {self.batch_size} windows, {self.trend()}, "
+                f"{self.seconds:.0f} s")
 
 
 def cosine_schedule(step: int, steps: int, warmup_steps: int) -> float:

@@ -65,9 +65,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, Report, engine_field, register_method, require_targets
+from ..compress.base import Compressor, engine_field, register_method, require_targets
 from ..compress.modules import compressed_modules
-from ..compress.state import TrainingState, run_fingerprint
+from ..compress.state import TrainingReport, TrainingState, run_fingerprint
 from ..distill.losses import kl_full, kl_topk
 from ..distill.teacher import TopKCache
 from ..errors import ConfigError, TrainingDivergedError
@@ -239,33 +239,24 @@ class ScalarCodes(Representation):
 
 # -- the report ----------------------------------------------------------------------------
 @dataclass
-class PVReport(Report):
+class PVReport(TrainingReport):
     """Per step: the training loss and the fraction of code groups the V step changed; held-out
-    perplexity at ``eval_every`` steps (``eval_steps`` / ``eval_ppl``); the wall time."""
+    perplexity at ``eval_every`` steps; the wall time."""
 
     mode: str = ""
     steps: int = 0
     windows_per_step: int = 0
-    history: list[float] = field(default_factory=list)
     code_change: list[float] = field(default_factory=list)
-    eval_steps: list[int] = field(default_factory=list)
-    eval_ppl: list[float] = field(default_factory=list)
     tuned: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-    resumed_at: int = 0
 
     def summary(self) -> str:
         if not self.history:
             return ""
-        k = max(1, len(self.history) // 10)
-        first, last = sum(self.history[:k]) / k, sum(self.history[-k:]) / k
         s = (f"PV-Tuning ({self.mode}): {len(self.history)} steps of {self.windows_per_step} windows, "
-             f"{len(self.tuned)} quantized linears; loss {first:.4f} -> {last:.4f} (means of the first/last {k})")
+             f"{len(self.tuned)} quantized linears; {self.trend()}")
         if self.code_change:
             s += f"; codes changed per step {sum(self.code_change) / len(self.code_change):.2%} of groups on average"
-        if self.eval_ppl:
-            s += f"; held-out ppl {self.eval_ppl[0]:.2f} -> {self.eval_ppl[-1]:.2f}"
         return s + f"; {self.seconds:.0f} s"
 
 
