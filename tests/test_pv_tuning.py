@@ -138,7 +138,7 @@ def test_recipe_distils_from_the_model_it_started_from(setup):
     model = Compose([RTN(bits=2, group_size=32), pv])(model, calib)
     # step 1's loss is the KL from the dense start to the RTN model, on the step's windows (all four)
     assert pv.report_.history[0] == pytest.approx(kl_on(rtn_alone, dense, calib), rel=1e-4)
-    assert pv._kept is None  # the kept teacher is released after the step
+    assert pv._start is None  # the kept teacher is released after the step
     assert [s["method"] for s in model.config.llmdeploy_recipe] == ["rtn", "pv_tuning"]
 
 

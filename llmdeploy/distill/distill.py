@@ -36,7 +36,6 @@ Not implemented yet (issue #16): hidden-state matching through learned projectio
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -47,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, engine_field, load_model, register_method
+from ..compress.base import load_model, register_method
 from ..compress.modules import compressed_modules
 from ..compress.state import TrainingReport, TrainingState, run_fingerprint
 from ..errors import ConfigError, TrainingDivergedError
@@ -55,7 +54,7 @@ from ..finetune.full import _checkpointing, batch_order, cosine_schedule, heldou
 from ..finetune.lora import LoRALinear, merge_adapters
 from ..models.adapters import get_adapter
 from .losses import LOSSES, distill_loss
-from .teacher import TopKCache
+from .teacher import TeacherStage, TopKCache
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ def combine_teachers(logprobs: list[torch.Tensor], weights: torch.Tensor, how: s
 
 @register_method("distill")
 @dataclass(kw_only=True)
-class Distill(Compressor):
+class Distill(TeacherStage):
     """Knowledge distillation into the model the recipe has made so far (see the module docstring)."""
 
     loss: str = "forward_kl"
@@ -127,23 +126,13 @@ class Distill(Compressor):
     on_policy: float = 0.0
     prompt_len: int = 32
     sample_temperature: float = 1.0
-    teacher_top_k: int | None = None
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    teacher_model: nn.Module | list | None = engine_field(None, repr=False)
-    teacher_cache: str | None = engine_field(None)
-    eval_windows: torch.Tensor | None = engine_field(None, repr=False)
-    eval_every: int = engine_field(0)
-    checkpoint_dir: str | None = engine_field(None)
-    resume: bool = engine_field(False)
-    save_every: int = engine_field(25)
-    device: str | None = engine_field(None)
-    needs_calibration = True
-    supports_resume = True
-    _start = None  # the model the recipe started from (or its top-k cache), kept by before_recipe
 
     # -- checks --------------------------------------------------------------------------
-    def _check_settings(self) -> None:
+    def uses_start(self) -> bool:
+        return self.teacher_model is None and (not self.teachers or "start" in self.teachers) and self.ce_weight < 1
+
+    def check_settings(self) -> None:
+        super().check_settings()
         if self.loss not in LOSSES:
             raise ConfigError(f"distill: loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.train not in ("all", "lora"):
@@ -157,13 +146,9 @@ class Distill(Compressor):
             raise ConfigError("distill: ce_weight and on_policy must be in [0, 1], select_fraction in (0, 1]")
         if self.temperature <= 0 or self.sample_temperature < 0:
             raise ConfigError("distill: temperature must be > 0 and sample_temperature >= 0")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("distill: resume=True needs checkpoint_dir")
         if self.on_policy and self.teacher_top_k is not None:
             raise ConfigError("distill: on-policy windows need the teacher on the fly (a top-k cache holds the corpus "
                               "windows only); drop teacher_top_k or on_policy")
-        if self.eval_every and self.eval_windows is None:
-            raise ConfigError("distill: eval_every needs eval_windows (held-out token windows)")
 
     def _n_teachers(self) -> int:
         if self.teacher_model is not None:
@@ -171,7 +156,7 @@ class Distill(Compressor):
         return len(self.teachers) if self.teachers else 1
 
     def validate(self, model: nn.Module) -> None:
-        self._check_settings()
+        self.check_settings()
         n = self._n_teachers()
         if self.teacher_weights is not None and (len(self.teacher_weights) != n or min(self.teacher_weights) < 0
                                                  or sum(self.teacher_weights) <= 0):
@@ -181,25 +166,12 @@ class Distill(Compressor):
             raise ConfigError(f"distill: teacher_combine='uncertainty' needs two teachers, got {n}")
         if self.teacher_top_k is not None and n != 1:
             raise ConfigError("distill: teacher_top_k caches one teacher; with several, compute them on the fly")
-        uses_start = self.teacher_model is None and (not self.teachers or "start" in self.teachers)
-        if uses_start and self._start is None and self.ce_weight < 1:
+        if self.uses_start() and self._start is None:
             raise ConfigError("distill needs a teacher: run it in a recipe (the model the recipe started from is the "
                               "default teacher), name loadable teachers in teachers=[...], or pass teacher_model=")
         if self.train == "all" and not self._trainable(model):
             raise ConfigError("distill: with train='all' nothing would train (every weight is compressed); use "
                               "train='lora' or tune_compressed=True")
-
-    def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
-        """In a recipe, before its first step: keep the model as it is now, the default teacher
-        (as a top-k cache when ``teacher_top_k`` is set, so no second model stays in memory)."""
-        self._check_settings()
-        if self.teacher_model is not None or (self.teachers and "start" not in self.teachers) or calib is None:
-            return
-        if self.teacher_top_k is not None:
-            self._start = TopKCache(model, calib, self.teacher_top_k, self.teacher_cache, self.microbatch_size,
-                                    self.temperature)
-        else:
-            self._start = copy.deepcopy(model).eval().requires_grad_(False)
 
     # -- the run -------------------------------------------------------------------------
     def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
@@ -235,11 +207,8 @@ class Distill(Compressor):
         home = next(model.parameters()).device
         model.to(device)
         teachers, cache = self._resolve_teachers(calib, device)
-        vocab = model.get_output_embeddings().weight.shape[0]
         for t in teachers:
-            if t.get_output_embeddings().weight.shape[0] != vocab:
-                raise ConfigError("distill: a teacher's vocabulary differs from the student's; teachers must share "
-                                  "the tokenizer")
+            self.check_teacher_vocabulary(t, model)
         flags = {id(p): p.requires_grad for p in model.parameters()}
         wrappers: dict[str, LoRALinear] = {}
         with torch.random.fork_rng(devices=[]):
@@ -322,15 +291,13 @@ class Distill(Compressor):
             if use_gc:
                 _checkpointing(model, False)
             model.eval()
-            if cache is not None and cache is not self._start:
+            if cache is not None and cache is not self._start:  # a cache of its own (not the recipe's)
                 cache.close()
             for p in model.parameters():
                 p.requires_grad_(flags.get(id(p), False))
         if wrappers:
             merge_adapters(model, wrappers)
-        if isinstance(self._start, TopKCache):
-            self._start.close()
-        self._start = None
+        self.release_start()
         return model.to(home)
 
     # -- pieces of a step ----------------------------------------------------------------

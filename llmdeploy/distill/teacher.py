@@ -18,10 +18,12 @@ temperature (log-probabilities of ``logits / T``), part of its fingerprint.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CheckpointError
+from ..compress.base import Compressor, engine_field
+from ..errors import CheckpointError, ConfigError
 
 
 def _fingerprint(teacher: nn.Module, windows: torch.Tensor, k: int, temperature: float) -> str:
@@ -95,9 +98,75 @@ class TopKCache:
             raise CheckpointError(f"the teacher cache in {self.path} cannot be read ({e}); delete it") from None
 
     def close(self) -> None:
-        """Release the maps; a temporary folder is deleted."""
+        """Release the maps; a temporary folder is deleted. Closing twice is harmless."""
         self.logp = self.ids = None
-        if self._temporary:
+        if self._temporary and self.path.exists():
             for f in self.path.iterdir():
                 f.unlink()
             self.path.rmdir()
+
+
+@dataclass(kw_only=True)
+class TeacherStage(Compressor):
+    """Base of the training stages that learn from a teacher (PV-Tuning, Distill): the teacher
+    settings, and the engine options every such stage has (teacher, cache folder, held-out
+    windows, checkpoints, device).
+
+    In a recipe the default teacher is the model as the recipe received it: ``Compose`` calls
+    :meth:`before_recipe` before its first step, and the stage keeps a copy of the model — or,
+    with ``teacher_top_k``, runs it once over the calibration windows and keeps only its top-k
+    log-probabilities (:class:`TopKCache`), so that no second model stays in memory. Subclasses
+    say whether they use it (:meth:`uses_start`) and at which temperature it is cached.
+    """
+
+    teacher_top_k: int | None = None
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    teacher_model: nn.Module | list | None = engine_field(None, repr=False)
+    teacher_cache: str | None = engine_field(None)
+    eval_windows: torch.Tensor | None = engine_field(None, repr=False)
+    eval_every: int = engine_field(0)
+    checkpoint_dir: str | None = engine_field(None)
+    resume: bool = engine_field(False)
+    save_every: int = engine_field(25)
+    device: str | None = engine_field(None)
+    needs_calibration = True
+    supports_resume = True
+    _start = None  # the recipe's starting model, or its top-k cache, kept by before_recipe
+
+    def uses_start(self) -> bool:
+        """Whether this stage learns from the recipe's starting model."""
+        return self.teacher_model is None
+
+    def check_settings(self) -> None:
+        """Errors in the settings alone (before any work, even before a recipe's first step)."""
+        name = self.method
+        if self.teacher_top_k is not None and self.teacher_top_k < 1:
+            raise ConfigError(f"{name}: teacher_top_k must be >= 1 or None (the full distribution on the fly)")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError(f"{name}: resume=True needs checkpoint_dir")
+        if self.eval_every and self.eval_windows is None:
+            raise ConfigError(f"{name}: eval_every needs eval_windows (held-out token windows)")
+
+    def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        self.check_settings()
+        if not self.uses_start() or calib is None:
+            return
+        if self.teacher_top_k is not None:
+            self._start = TopKCache(model, calib, self.teacher_top_k, self.teacher_cache,
+                                    getattr(self, "microbatch_size", 1), getattr(self, "temperature", 1.0))
+        else:
+            self._start = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def check_teacher_vocabulary(self, teacher: nn.Module, model: nn.Module) -> None:
+        tv = teacher.get_output_embeddings().weight.shape[0]
+        sv = model.get_output_embeddings().weight.shape[0]
+        if tv != sv:
+            raise ConfigError(f"{self.method}: the teacher's vocabulary ({tv}) differs from the student's ({sv}); "
+                              "teachers must share the tokenizer")
+
+    def release_start(self, keep: TopKCache | None = None) -> None:
+        """Drop the kept starting model (close its cache), once the stage has run."""
+        if isinstance(self._start, TopKCache) and self._start is not keep:
+            self._start.close()
+        self._start = None

@@ -53,23 +53,21 @@ recipe) continues and ends where an uninterrupted run does.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..compress.base import Compressor, engine_field, register_method, require_targets
+from ..compress.base import register_method, require_targets
 from ..compress.modules import compressed_modules
 from ..compress.state import TrainingReport, TrainingState, run_fingerprint
 from ..distill.losses import kl_full, kl_topk
-from ..distill.teacher import TopKCache
+from ..distill.teacher import TeacherStage, TopKCache
 from ..errors import ConfigError, TrainingDivergedError
 from ..finetune.full import _checkpointing, batch_order, heldout_perplexity
 from .aqlm import encode_groups_l2
@@ -263,7 +261,7 @@ class PVReport(TrainingReport):
 # -- the stage -----------------------------------------------------------------------------
 @register_method("pv_tuning")
 @dataclass(kw_only=True)
-class PVTuning(Compressor):
+class PVTuning(TeacherStage):
     """PV-Tuning of every quantized linear the model holds (see the module docstring).
 
     Runs after AQLM, GPTQ or RTN in a recipe. ``steps`` optimizer steps of ``batch_size``
@@ -285,41 +283,25 @@ class PVTuning(Compressor):
     beam_size: int = 5
     delta_decay: float = 0.0
     loss: str = "kl"
-    teacher_top_k: int | None = None
     train_non_quantized: bool = True
-    gradient_checkpointing: bool = True
-    seed: int = 0
-    teacher_model: nn.Module | None = engine_field(None, repr=False)
-    teacher_cache: str | None = engine_field(None)
-    eval_windows: torch.Tensor | None = engine_field(None, repr=False)
-    eval_every: int = engine_field(0)
-    checkpoint_dir: str | None = engine_field(None)
-    resume: bool = engine_field(False)
-    save_every: int = engine_field(25)
-    device: str | None = engine_field(None)
-    needs_calibration = True
-    supports_resume = True
-    _kept = None  # the teacher a recipe kept for this step (a model or a top-k cache)
-    _skipped: ClassVar[dict[str, str]] = {}
 
     # -- checks --------------------------------------------------------------------------
+    def uses_start(self) -> bool:
+        return self.loss == "kl" and self.teacher_model is None
+
     def validate(self, model: nn.Module) -> None:
-        self._check_settings()
+        self.check_settings()
         self._targets(model)
-        if self.loss == "kl" and self.teacher_model is None and self._kept is None:
+        if self.uses_start() and self._start is None:
             raise ConfigError(
                 "pv_tuning distils from the dense model: run it in a recipe after the quantizer (the recipe keeps "
                 "the model it started from), or pass teacher_model=<the dense model>, or use loss='ce'")
-        teacher = self.teacher_model if self.teacher_model is not None else self._kept
+        teacher = self.teacher_model if self.teacher_model is not None else self._start
         if isinstance(teacher, nn.Module):
-            tv = teacher.get_output_embeddings().weight.shape[0]
-            sv = model.get_output_embeddings().weight.shape[0]
-            if tv != sv:
-                raise ConfigError(f"pv_tuning: the teacher's vocabulary ({tv}) differs from the student's ({sv}); "
-                                  "the teacher must share the tokenizer")
+            self.check_teacher_vocabulary(teacher, model)
 
-    def _check_settings(self) -> None:
-        """Errors in the settings alone (before any work, even before a recipe's first step)."""
+    def check_settings(self) -> None:
+        super().check_settings()
         if self.mode not in MODES:
             raise ConfigError(f"pv_tuning: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.loss not in ("kl", "ce"):
@@ -331,12 +313,6 @@ class PVTuning(Compressor):
                               f"{self.max_code_change}")
         if self.lr < 0 or self.code_lr <= 0 or self.beam_size < 1 or not 0 <= self.delta_decay <= 1:
             raise ConfigError("pv_tuning: lr must be >= 0, code_lr > 0, beam_size >= 1, 0 <= delta_decay <= 1")
-        if self.teacher_top_k is not None and self.teacher_top_k < 1:
-            raise ConfigError("pv_tuning: teacher_top_k must be >= 1 or None (the full distribution on the fly)")
-        if self.resume and not self.checkpoint_dir:
-            raise ConfigError("pv_tuning: resume=True needs checkpoint_dir")
-        if self.eval_every and self.eval_windows is None:
-            raise ConfigError("pv_tuning: eval_every needs eval_windows (held-out token windows)")
 
     def _targets(self, model: nn.Module) -> dict[str, Representation]:
         """A representation per quantized linear PV-Tuning can tune; ConfigError when there is none."""
@@ -352,19 +328,6 @@ class PVTuning(Compressor):
         require_targets("pv_tuning", targets, skipped)
         self._skipped = skipped
         return targets
-
-    def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
-        """In a recipe, before its first step: keep the dense model as the teacher, or reduce it to
-        its top-k cache right away so that no second model stays in memory."""
-        self._check_settings()
-        if self.loss != "kl" or self.teacher_model is not None or calib is None:
-            return
-        if self.teacher_top_k is not None:
-            self._kept = TopKCache(model, calib, self.teacher_top_k, self.teacher_cache, self.microbatch_size)
-        else:
-            self._kept = copy.deepcopy(model).eval()
-            for p in self._kept.parameters():
-                p.requires_grad_(False)
 
     # -- the run -------------------------------------------------------------------------
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
@@ -460,7 +423,7 @@ class PVTuning(Compressor):
                 p.requires_grad_(flags.get(id(p), False))
             if cache is not None:
                 cache.close()
-            self._kept = None
+            self.release_start()
             if dtype != torch.float32:
                 model.to(dtype)
             model.to(home)
@@ -471,7 +434,7 @@ class PVTuning(Compressor):
         """(teacher model on the fly, or None; top-k cache, or None)."""
         if self.loss != "kl":
             return None, None
-        kept = self._kept
+        kept = self._start
         if isinstance(kept, TopKCache):
             return None, kept
         teacher = self.teacher_model if self.teacher_model is not None else kept
