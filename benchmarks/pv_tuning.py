@@ -68,13 +68,14 @@ def markdown(res: dict) -> str:
              f"Every fine-tuning row: {m['steps']} steps of {m['batch']} windows of 512 tokens from the protocol's "
              "calibration windows (same seeded order for every mode), KL to the dense model computed on the fly, "
              "P step Adam lr 3e-4 (β 0.9/0.95) on codebooks/scales and every non-quantized parameter, V step Adam "
-             "lr 1e-2 (β 0/0.95) on straight-through buffers; PV re-encodes at most 1% of code groups per step "
-             f"(AQLM beam {m['beam']}), STE all of them, P-only none. {m['threads']} CPU threads; "
+             "lr 1e-2 (β 0/0.95) on straight-through buffers; PV re-encodes at most 1% of code groups per step, "
+             f"STE all of them (AQLM: beam search of the width in the row), P-only none. {m['threads']} CPU threads; "
              "seconds are wall time of the fine-tuning alone (the base quantization's are in its row).", "",
              "| model | ppl | x dense | held-out ppl during training (step: ppl) | seconds |", "|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         curve = ", ".join(f"{s}: {p:.1f}" for s, p in zip(r.get("eval_steps", []), r.get("eval_ppl", [])))
-        lines.append(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {curve} | {r['seconds']:.0f} |")
+        beam = f" (beam {r['beam']})" if r.get("beam") else ""
+        lines.append(f"| {name}{beam} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {curve} | {r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / "pv_tuning.json"
     res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "steps": args.steps,
-                   "batch": args.batch, "beam": args.beam, "threads": torch.get_num_threads()}
+                   "batch": args.batch, "threads": torch.get_num_threads()}
     dense, tok = llmdeploy.load(MODEL)
     dense.eval()
     if "dense" not in res:
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             r = pv.report_
             ppl = perplexity(student, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
             res["rows"][name] = {"ppl": ppl, "seconds": r.seconds, "history": r.history, "eval_steps": r.eval_steps,
-                                 "eval_ppl": r.eval_ppl, "code_change": r.code_change}
+                                 "eval_ppl": r.eval_ppl, "code_change": r.code_change,
+                                 "beam": args.beam if base.startswith("aqlm") else None}
             log.info("%s: ppl %.3f (%s)", name, ppl, r.summary())
             save()
             del student

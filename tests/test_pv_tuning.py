@@ -214,3 +214,19 @@ def test_pv_tuning_errors(setup):
     other.resize_token_embeddings(300)
     with pytest.raises(ConfigError, match="vocabulary"):
         PVTuning(teacher_model=other)(q, calib)
+
+
+def test_readme_quotes_the_pv_tuning_benchmark():
+    """The README's PV-Tuning perplexities are those of benchmarks/results/pv_tuning/pv_tuning.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/pv_tuning/pv_tuning.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    rows = res["rows"]
+    bases = [b for b in rows if "+" not in b and all(f"{b}+{m}" in rows for m in ("p_only", "ste", "pv"))]
+    assert bases and f"(dense {res['dense']:.2f})" in readme
+    for b in bases:
+        r = [rows[b]["ppl"]] + [rows[f"{b}+{m}"]["ppl"] for m in ("p_only", "ste", "pv")]
+        assert f"{b}: calibration alone {r[0]:.2f}, P-only {r[1]:.2f}, STE {r[2]:.2f}, PV {r[3]:.2f}" in readme
