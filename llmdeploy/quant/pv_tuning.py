@@ -20,8 +20,9 @@ of the AQLM repository, does):
   quantized weight every step) mixes the two.
 
 The **baselines** live in the same class with the same budget: ``mode="ste"`` re-encodes *every*
-group each step (straight-through estimation), ``mode="p_only"`` never changes a code;
-``mode="v_only"`` (codes only) is an ablation.
+group each step (straight-through estimation; with AQLM that search dominates the step — 140–158 s
+per step on SmolLM2's 13.3 M groups at beam 5, measured, against ~30 s for PV), ``mode="p_only"``
+never changes a code; ``mode="v_only"`` (codes only) is an ablation.
 
 Every quantized module is read through a :class:`Representation` (one per storage format:
 :class:`AdditiveCodes` for AQLMLinear, :class:`ScalarCodes` for RTNLinear, which GPTQ writes too),
