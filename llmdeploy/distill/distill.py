@@ -50,7 +50,7 @@ from ..compress.base import load_model, register_method
 from ..compress.modules import compressed_modules
 from ..compress.state import TrainingReport, TrainingState, run_fingerprint
 from ..errors import ConfigError, TrainingDivergedError
-from ..finetune.full import _checkpointing, batch_order, cosine_schedule, heldout_perplexity
+from ..finetune.full import _checkpointing, batch_order, cosine_schedule
 from ..finetune.lora import LoRALinear, merge_adapters
 from ..models.adapters import get_adapter
 from .losses import LOSSES, distill_loss
@@ -250,10 +250,18 @@ class Distill(TeacherStage):
             log.info("distill: resuming at step %d from %s", start, self.checkpoint_dir)
         report.resumed_at = start
         use_gc = self.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), report.seconds
+
+        def seconds() -> float:
+            return before + time.perf_counter() - t0
+
+        def save(done: int) -> None:
+            progress = {k: getattr(report, k) for k in ("history", "eval_steps", "eval_ppl", "seconds")}
+            store.save(done, named, {"opt": opt.state_dict(), "sched": sched.state_dict()}, progress)
+
         try:
             if self.eval_every and start == 0:
-                self._evaluate(model, device, 0, report)
+                self.evaluate(model, 0, report)
             for step in tqdm(range(start, self.steps), desc=f"distill ({report.loss})", leave=False,
                              initial=start, total=self.steps):
                 ids, mask = self._batch(model, calib, order, step, device)
@@ -272,22 +280,13 @@ class Distill(TeacherStage):
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                report.history.append(loss)
-                if step % 10 == 0 or step == self.steps - 1:
-                    log.info("distill step %d/%d: loss %.4f", step + 1, self.steps, loss)
-                if self.eval_every and ((step + 1) % self.eval_every == 0 or step + 1 == self.steps):
-                    self._evaluate(model, device, step + 1, report)
-                if store is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
-                    report.seconds += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    progress = {k: getattr(report, k) for k in ("history", "eval_steps", "eval_ppl", "seconds")}
-                    store.save(step + 1, named, {"opt": opt.state_dict(), "sched": sched.state_dict()}, progress)
+                self.end_of_step(step, loss, model, report, save if store is not None else None, seconds)
         except BaseException:
             for name, w in wrappers.items():  # no half-trained adapters left in the model
                 model.set_submodule(name, w.base)
             raise
         finally:
-            report.seconds += time.perf_counter() - t0
+            report.seconds = seconds()
             if use_gc:
                 _checkpointing(model, False)
             model.eval()
@@ -383,7 +382,3 @@ class Distill(TeacherStage):
         kd = distill_loss(logits, teacher, self.loss, temperature=self.temperature, beta=self.beta, skew=self.skew,
                           mask=mask)
         return out + (1 - self.ce_weight) * kd
-
-    def _evaluate(self, model: nn.Module, device: torch.device, step: int, report: DistillReport) -> None:
-        report.eval_steps.append(step)
-        report.eval_ppl.append(heldout_perplexity(model, self.eval_windows, self.microbatch_size))

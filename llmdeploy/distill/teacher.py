@@ -21,8 +21,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,9 @@ from tqdm.auto import tqdm
 
 from ..compress.base import Compressor, engine_field
 from ..errors import CheckpointError, ConfigError
+from ..finetune.full import heldout_perplexity
+
+log = logging.getLogger(__name__)
 
 
 def _fingerprint(teacher: nn.Module, windows: torch.Tensor, k: int, temperature: float) -> str:
@@ -164,6 +169,27 @@ class TeacherStage(Compressor):
         if tv != sv:
             raise ConfigError(f"{self.method}: the teacher's vocabulary ({tv}) differs from the student's ({sv}); "
                               "teachers must share the tokenizer")
+
+    def evaluate(self, model: nn.Module, step: int, report) -> None:
+        """Held-out perplexity of the current student on ``eval_windows``, into ``report``."""
+        report.eval_steps.append(step)
+        report.eval_ppl.append(heldout_perplexity(model, self.eval_windows, getattr(self, "microbatch_size", 1)))
+        log.info("%s step %d: held-out ppl %.3f", self.method, step, report.eval_ppl[-1])
+
+    def end_of_step(self, step: int, loss: float, model: nn.Module, report, save: Callable[[int], None] | None,
+                    seconds: Callable[[], float]) -> None:
+        """After step ``step`` (0-based) of ``self.steps``: record and log the loss, evaluate every
+        ``eval_every`` steps, and checkpoint (``save(done_steps)``) every ``save_every`` steps and at
+        the end, with ``report.seconds`` brought up to date (``seconds()``) first."""
+        done = step + 1
+        report.history.append(loss)
+        if step % 10 == 0 or done == self.steps:
+            log.info("%s step %d/%d: loss %.4f", self.method, done, self.steps, loss)
+        if self.eval_every and (done % self.eval_every == 0 or done == self.steps):
+            self.evaluate(model, done, report)
+        if save is not None and (done % self.save_every == 0 or done == self.steps):
+            report.seconds = seconds()
+            save(done)
 
     def release_start(self, keep: TopKCache | None = None) -> None:
         """Drop the kept starting model (close its cache), once the stage has run."""

@@ -70,7 +70,7 @@ from ..compress.state import TrainingReport, TrainingState, run_fingerprint
 from ..distill.losses import kl_full, kl_topk
 from ..distill.teacher import TeacherStage, TopKCache
 from ..errors import ConfigError, TrainingDivergedError
-from ..finetune.full import _checkpointing, batch_order, heldout_perplexity
+from ..finetune.full import _checkpointing, batch_order
 from .aqlm import encode_groups_l2
 from .aqlm_linear import AQLMLinear, dequantize, pack_codes, unpack_codes
 from .packing import pack
@@ -377,10 +377,16 @@ class PVTuning(TeacherStage):
         use_gc = self.gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False)
         if use_gc:
             _checkpointing(model, True)
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), report.seconds
+
+        def seconds() -> float:
+            return before + time.perf_counter() - t0
+
+        save = (lambda done: self._save(store, done, reps, model, p_params, ste, opt_p, opt_v, report)) \
+            if store is not None else None
         try:
             if self.eval_every and start == 0:
-                self._evaluate(model, device, 0, report)
+                self.evaluate(model, 0, report)
             for step in tqdm(range(start, self.steps), desc=f"PV-Tuning ({self.mode})", leave=False,
                              initial=start, total=self.steps):
                 model.train()
@@ -389,7 +395,6 @@ class PVTuning(TeacherStage):
                 if not math.isfinite(loss):
                     raise TrainingDivergedError(f"pv_tuning: the loss became {loss} at step {step}; lower lr "
                                                 f"({self.lr}) or code_lr ({self.code_lr})")
-                report.history.append(loss)
                 grads = {name: plain[name].weight.grad for name in reps}
                 if opt_p is not None:  # P: back through each decoding into codebooks / scales
                     with torch.enable_grad():
@@ -404,16 +409,9 @@ class PVTuning(TeacherStage):
                     opt_v.zero_grad(set_to_none=True)
                     report.code_change.append(self._project(reps, ste))
                 self._refresh(reps, plain)
-                if step % 10 == 0 or step == self.steps - 1:
-                    log.info("pv_tuning step %d/%d: loss %.4f", step + 1, self.steps, loss)
-                if self.eval_every and ((step + 1) % self.eval_every == 0 or step + 1 == self.steps):
-                    self._evaluate(model, device, step + 1, report)
-                if store is not None and ((step + 1) % self.save_every == 0 or step + 1 == self.steps):
-                    report.seconds += time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    self._save(store, step + 1, reps, model, p_params, ste, opt_p, opt_v, report)
+                self.end_of_step(step, loss, model, report, save, seconds)
         finally:
-            report.seconds += time.perf_counter() - t0
+            report.seconds = seconds()
             if use_gc:
                 _checkpointing(model, False)
             model.eval()
@@ -507,12 +505,6 @@ class PVTuning(TeacherStage):
                 if self.delta_decay:
                     buf.mul_(1 - self.delta_decay).add_(rep.dequantize(), alpha=self.delta_decay)
         return changed / max(total, 1)
-
-    def _evaluate(self, model: nn.Module, device: torch.device, step: int, report: PVReport) -> None:
-        """Held-out perplexity of the current (exactly quantized) student."""
-        report.eval_steps.append(step)
-        report.eval_ppl.append(heldout_perplexity(model, self.eval_windows, self.microbatch_size))
-        log.info("pv_tuning step %d: held-out ppl %.3f", step, report.eval_ppl[-1])
 
     # -- checkpoints ---------------------------------------------------------------------
     @staticmethod
