@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from llmdeploy.distill import LOSSES, coarsen, distill_loss, divergence
 from llmdeploy.errors import ConfigError
@@ -82,10 +83,17 @@ import copy  # noqa: E402
 
 import llmdeploy  # noqa: E402
 from llmdeploy.compress import Compose  # noqa: E402
-from llmdeploy.distill import Distill, combine_teachers, kl_full, student_entropy  # noqa: E402
+from llmdeploy.distill import (  # noqa: E402
+    Distill,
+    HiddenMatch,
+    combine_teachers,
+    confidence_weights,
+    kl_full,
+    student_entropy,
+)
 from llmdeploy.errors import CheckpointError  # noqa: E402
 from llmdeploy.finetune.lora import LoRALinear, merge_adapters  # noqa: E402
-from llmdeploy.prune import DropLayers  # noqa: E402
+from llmdeploy.prune import DropLayers, SliceGPT  # noqa: E402
 
 from .conftest import ids_for, interrupt_at  # noqa: E402
 
@@ -163,11 +171,32 @@ def test_multi_teacher_combination_and_uncertainty_weights(tiny):
     with torch.no_grad():
         for p in other.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    for combine in ("mean_prob", "mean_logprob", "uncertainty"):
+    for combine in ("mean_prob", "mean_logprob", "uncertainty", "confidence"):
         d = Distill(steps=2, batch_size=4, teacher_model=[dense, other], teacher_combine=combine,
-                    teacher_weights=[1.0, 3.0] if combine != "uncertainty" else None, select_fraction=0.5)
+                    teacher_weights=[1.0, 3.0] if combine in ("mean_prob", "mean_logprob") else None,
+                    select_fraction=0.5)
         d(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
         assert len(d.report_.history) == 2 and d.report_.teachers == 2
+
+
+def test_confidence_weights_follow_ca_mkd_and_pick_the_domain_expert():
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, 11, (4, 6), generator=g)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[0, 3:] = False
+    lps = [torch.randn(4, 6, 11, generator=g).log_softmax(-1) for _ in range(3)]
+    w = confidence_weights(lps, targets, mask)
+    ce = torch.stack([torch.stack([-lp[b, :n].gather(-1, targets[b, :n, None]).mean() for b, n in enumerate([3, 6, 6, 6])])
+                      for lp in lps])  # by hand, row by row
+    torch.testing.assert_close(w, (1 - ce.exp() / ce.exp().sum(0)) / 2)
+    torch.testing.assert_close(w.sum(0), torch.ones(4))
+    # two "experts": each puts its mass on the targets of its own windows (0, 1 | 2, 3)
+    onehot = F.one_hot(targets, 11).float()
+    good, bad = (onehot * 8).log_softmax(-1), torch.zeros(4, 6, 11).log_softmax(-1)
+    expert_a = torch.cat([good[:2], bad[2:]])
+    expert_b = torch.cat([bad[:2], good[2:]])
+    w = confidence_weights([expert_a, expert_b], targets, mask)
+    assert (w[0, :2] > 0.9).all() and (w[1, 2:] > 0.9).all()  # 1 / (1 + e^(CE_good - log 11))
 
 
 def test_top_k_cache_matches_the_teacher_on_the_fly(tiny, tmp_path):
@@ -184,9 +213,10 @@ def test_top_k_cache_matches_the_teacher_on_the_fly(tiny, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-4, msg=k)
 
 
-def test_distill_resume_equals_uninterrupted_run(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"hidden_weight": 0.5}], ids=["logits", "with-hidden-matching"])
+def test_distill_resume_equals_uninterrupted_run(tiny, tmp_path, extra):
     dense, calib = tiny
-    cfg = dict(steps=6, batch_size=2, lr=1e-3, teacher_model=dense, on_policy=0.5, prompt_len=8)
+    cfg = dict(steps=6, batch_size=2, lr=1e-3, teacher_model=dense, on_policy=0.5, prompt_len=8, **extra)
     ref = Distill(**cfg)(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
     model = DropLayers(layers=[1])(copy.deepcopy(dense))
     handle = interrupt_at(model, 9, training_only=True)  # two training forwards a step: in step 5
@@ -203,6 +233,39 @@ def test_distill_resume_equals_uninterrupted_run(tiny, tmp_path):
             DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
 
 
+def test_hidden_matching_projections_fit_and_train_across_widths(tiny):
+    dense, calib = tiny
+    same = HiddenMatch.fit(copy.deepcopy(dense), dense, calib[:4])
+    assert same.pairs == [(i, i) for i in range(1, 4)]  # every block of the 3-layer model, same depth
+    for proj in same.proj:  # the student is the teacher: the least-squares fit is the identity
+        torch.testing.assert_close(proj.weight, torch.eye(64), rtol=0, atol=2e-3)
+    with torch.no_grad():
+        hs = dense(input_ids=calib, output_hidden_states=True).hidden_states
+        assert float(same.loss(hs, hs, torch.ones(8, 31, dtype=torch.bool))) < 1e-5
+    sliced = SliceGPT(sparsity=0.25)(copy.deepcopy(dense), calib)
+    match = HiddenMatch.fit(sliced, dense, calib[:4], pairs=[[0, 0], [1, 1], [3, 3]])
+    # a 48-wide residual stream inside; the last block hands the head a full-width state again
+    assert [tuple(p.weight.shape) for p in match.proj] == [(64, 48), (64, 48), (64, 64)]
+    mask = torch.ones(4, 31, dtype=torch.bool)
+    with torch.no_grad():
+        hs = sliced(input_ids=calib[:4], output_hidden_states=True).hidden_states
+        ht = dense(input_ids=calib[:4], output_hidden_states=True).hidden_states
+        fitted = float(match.loss(hs, ht, mask))
+        for p in match.proj:  # least squares: any other projection does worse on the fitted windows
+            p.weight.add_(1e-2 * torch.randn(p.weight.shape, generator=torch.Generator().manual_seed(0)))
+        assert float(match.loss(hs, ht, mask)) > fitted
+    assert fitted < 0.5  # SliceGPT rotates and slices the stream: a linear map recovers most of it
+    # as a stage: hidden loss + cross-entropy on a sliced student, then the projections are dropped
+    d = Distill(steps=8, batch_size=4, lr=3e-3, warmup=0.0, ce_weight=1.0, hidden_weight=1.0, teacher_model=dense)
+    student = d(copy.deepcopy(sliced), calib)
+    assert d.report_.loss == "cross-entropy + hidden" and d.report_.teachers == 1
+    assert d.report_.history[-1] < d.report_.history[0]
+    assert not any("hidden_match" in n for n, _ in student.named_parameters())
+    for bad in ({"hidden_layers": [[4, 1]]}, {"hidden_layers": [[1]]}):
+        with pytest.raises(ConfigError, match="hidden_layers"):
+            Distill(steps=1, batch_size=2, hidden_weight=1.0, teacher_model=dense, **bad)(copy.deepcopy(sliced), calib)
+
+
 def test_named_teachers_and_errors(tiny):
     dense, calib = tiny
     d = Distill(steps=1, batch_size=2, teachers=["tiny-llama"])  # loaded by name
@@ -211,9 +274,10 @@ def test_named_teachers_and_errors(tiny):
     student = DropLayers(layers=[1])(copy.deepcopy(dense))
     with pytest.raises(ConfigError, match="needs a teacher"):
         Distill()(student, calib)
-    bad = [{"loss": "mse"}, {"train": "some"}, {"teacher_combine": "uncertainty"},
+    bad = [{"loss": "mse"}, {"train": "some"}, {"teacher_combine": "uncertainty"}, {"teacher_combine": "confidence"},
            {"teacher_top_k": 8, "teacher_model": [dense, dense]}, {"on_policy": 0.5, "teacher_top_k": 8},
-           {"teacher_weights": [1.0, 2.0]}, {"select_fraction": 0.0}]
+           {"teacher_weights": [1.0, 2.0]}, {"select_fraction": 0.0}, {"hidden_weight": 1.0, "teacher_top_k": 8},
+           {"hidden_weight": 1.0, "teacher_model": [dense, dense]}, {"hidden_weight": -1.0}]
     for kw in bad:
         with pytest.raises(ConfigError):
             Distill(**{"teacher_model": dense, **kw})(student, calib)

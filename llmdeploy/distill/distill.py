@@ -16,7 +16,11 @@ with D one of :data:`~llmdeploy.distill.losses.LOSSES` at ``temperature`` (times
   ``"mean_logprob"`` (normalised Π pᵢ^wᵢ) with ``teacher_weights`` (default equal, normalised to
   sum to one), or ``"uncertainty"`` — the dynamic teacher adoption of Li et al. (2021): per
   window, the student's normalised predictive entropy u ∈ [0, 1] gives weight u to the *last*
-  teacher and 1 − u to the first (two teachers; uncertain windows learn from the last one).
+  teacher and 1 − u to the first (two teachers; uncertain windows learn from the last one);
+  or ``"confidence"`` — per window, each teacher weighted by how well it predicts the window's
+  own tokens, as CA-MKD (Zhang et al., 2022): wₖ = (1 − softmaxₖ(CE))/(K − 1) with CEₖ
+  teacher k's cross-entropy on the window (:func:`confidence_weights`); teachers that are experts
+  of different domains take the windows of their own domain.
 * **Dynamic data selection** (Li et al., 2021): ``select_fraction < 1`` keeps, in every batch,
   that fraction of windows on which the student is most uncertain (highest mean entropy).
 * **On-policy data** (GKD's λ): ``on_policy`` of each batch's windows are replaced by the
@@ -31,7 +35,16 @@ AdamW with linear warm-up and cosine decay, gradient clipping, transformers' gra
 checkpointing; ``checkpoint_dir`` / ``resume=True`` continue an interrupted run and end where an
 uninterrupted one does (the data order and every sample are seeded per step).
 
-Not implemented yet (issue #16): hidden-state matching through learned projections.
+* **Hidden-state matching** (``hidden_weight > 0``; TinyBERT's intermediate-layer loss): pairs
+  (student layer, teacher layer) of residual-stream states — ``hidden_layers``, indices into
+  transformers' ``hidden_states`` (0 = embeddings, i = after block i), by default every student
+  block mapped to the teacher block at the same relative depth, round(i·Lₜ/Lₛ) — are compared
+  through a learned linear projection per pair (student width → teacher width, so a sliced
+  student of width 432 matches a 576-wide teacher): normalised MSE ‖P hₛ − hₜ‖² / ‖hₜ‖², averaged
+  over pairs and counted positions, added with weight ``hidden_weight``. Projections start at
+  the least-squares fit on the first batch (identity when the student equals the teacher), train
+  with the student at ``lr``, are checkpointed with it, and are dropped afterwards. One teacher,
+  on the fly (a top-k cache holds no hidden states).
 """
 
 from __future__ import annotations
@@ -58,7 +71,7 @@ from .teacher import TeacherStage, TopKCache
 
 log = logging.getLogger(__name__)
 
-COMBINE = ("mean_prob", "mean_logprob", "uncertainty")
+COMBINE = ("mean_prob", "mean_logprob", "uncertainty", "confidence")
 
 
 @dataclass
@@ -84,6 +97,19 @@ def student_entropy(logits: torch.Tensor) -> torch.Tensor:
     logp = F.log_softmax(logits.float(), dim=-1)
     h = -(logp.exp() * logp).sum(-1).mean(-1)
     return h / math.log(logits.shape[-1])
+
+
+def confidence_weights(teacher_logprobs: list[torch.Tensor], targets: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """CA-MKD's per-sample teacher weights (Zhang et al., 2022, eq. 3): with Lₖ the mean
+    cross-entropy of teacher k on the window's tokens (where ``mask`` counts),
+    wₖ = (1 − exp(Lₖ) / Σⱼ exp(Lⱼ)) / (K − 1) — the teacher that predicts the window better
+    weighs more; the weights sum to one over teachers. Returns (n_teachers, batch)."""
+    m = mask.to(teacher_logprobs[0].dtype)
+    ce = torch.stack([-(lp.gather(-1, targets[..., None])[..., 0] * m).sum(-1) / m.sum(-1).clamp(min=1)
+                      for lp in teacher_logprobs])
+    k = ce.shape[0]
+    return (1 - torch.softmax(ce, dim=0)) / (k - 1)
 
 
 def combine_teachers(logprobs: list[torch.Tensor], weights: torch.Tensor, how: str) -> torch.Tensor:
@@ -126,10 +152,13 @@ class Distill(TeacherStage):
     on_policy: float = 0.0
     prompt_len: int = 32
     sample_temperature: float = 1.0
+    hidden_weight: float = 0.0
+    hidden_layers: list[list[int]] | None = None
 
     # -- checks --------------------------------------------------------------------------
     def uses_start(self) -> bool:
-        return self.teacher_model is None and (not self.teachers or "start" in self.teachers) and self.ce_weight < 1
+        return self.teacher_model is None and (not self.teachers or "start" in self.teachers) and \
+            (self.ce_weight < 1 or self.hidden_weight > 0)
 
     def check_settings(self) -> None:
         super().check_settings()
@@ -146,6 +175,11 @@ class Distill(TeacherStage):
             raise ConfigError("distill: ce_weight and on_policy must be in [0, 1], select_fraction in (0, 1]")
         if self.temperature <= 0 or self.sample_temperature < 0:
             raise ConfigError("distill: temperature must be > 0 and sample_temperature >= 0")
+        if self.hidden_weight < 0:
+            raise ConfigError(f"distill: hidden_weight must be >= 0, got {self.hidden_weight}")
+        if self.hidden_weight and self.teacher_top_k is not None:
+            raise ConfigError("distill: hidden-state matching needs the teacher on the fly (a top-k cache holds no "
+                              "hidden states); drop teacher_top_k or hidden_weight")
         if self.on_policy and self.teacher_top_k is not None:
             raise ConfigError("distill: on-policy windows need the teacher on the fly (a top-k cache holds the corpus "
                               "windows only); drop teacher_top_k or on_policy")
@@ -164,6 +198,11 @@ class Distill(TeacherStage):
                               f"got {self.teacher_weights}")
         if self.teacher_combine == "uncertainty" and n != 2:
             raise ConfigError(f"distill: teacher_combine='uncertainty' needs two teachers, got {n}")
+        if self.teacher_combine == "confidence" and n < 2:
+            raise ConfigError(f"distill: teacher_combine='confidence' weighs several teachers, got {n}")
+        if self.hidden_weight and n != 1:
+            raise ConfigError(f"distill: hidden-state matching compares the student with one teacher, got {n}; "
+                              "set hidden_weight=0 with several teachers")
         if self.teacher_top_k is not None and n != 1:
             raise ConfigError("distill: teacher_top_k caches one teacher; with several, compute them on the fly")
         if self.uses_start() and self._start is None:
@@ -182,7 +221,7 @@ class Distill(TeacherStage):
         return list({id(p): p for p in params}.values())
 
     def _resolve_teachers(self, calib: torch.Tensor, device: torch.device) -> tuple[list[nn.Module], TopKCache | None]:
-        if self.ce_weight == 1:
+        if self.ce_weight == 1 and not self.hidden_weight:
             return [], None
         if self.teacher_model is not None:
             models = list(self.teacher_model) if isinstance(self.teacher_model, (list, tuple)) else [self.teacher_model]
@@ -224,16 +263,23 @@ class Distill(TeacherStage):
         for p in params:
             p.requires_grad_(True)
         n_teachers = max(1, len(teachers)) if cache is None else 1
-        report = self.report_ = DistillReport(loss=self.loss if self.ce_weight < 1 else "cross-entropy",
-                                              teachers=0 if self.ce_weight == 1 else n_teachers, steps=self.steps,
+        label = (self.loss if self.ce_weight < 1 else "cross-entropy") + (" + hidden" if self.hidden_weight else "")
+        report = self.report_ = DistillReport(loss=label,
+                                              teachers=len(teachers) or int(cache is not None), steps=self.steps,
                                               windows_per_step=self.batch_size, trained_params=sum(p.numel() for p in params))
         weights = torch.tensor(self.teacher_weights or [1.0] * n_teachers, dtype=torch.float32, device=device)
         weights = weights / weights.sum()
-        opt = torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.95), weight_decay=self.weight_decay)
-        warm = max(1, int(self.warmup * self.steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_schedule(i, self.steps, warm))
         order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        hidden = None
+        if self.hidden_weight:  # projections fitted on the first batch, trained with the student
+            hidden = HiddenMatch.fit(model, teachers[0], calib[order[: self.batch_size]].to(device), self.hidden_layers,
+                                     self.microbatch_size)
+            named.update({f"hidden_match.{n}": p for n, p in hidden.named_parameters()})
+        opt = torch.optim.AdamW(params + (list(hidden.parameters()) if hidden else []), lr=self.lr, betas=(0.9, 0.95),
+                                weight_decay=self.weight_decay)
+        warm = max(1, int(self.warmup * self.steps))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: cosine_schedule(i, self.steps, warm))
         store = TrainingState(self.checkpoint_dir, run_fingerprint(self.to_dict(), model, calib), "distillation") \
             if self.checkpoint_dir else None
         start = 0
@@ -271,12 +317,12 @@ class Distill(TeacherStage):
                 with torch.random.fork_rng(devices=[]):  # dropout masks seeded per step: resumable
                     torch.manual_seed(self.seed * 7919 + step)
                     loss = self._step_gradients(model, ids, mask, order[step * self.batch_size:(step + 1) * self.batch_size],
-                                                teachers, cache, weights)
+                                                teachers, cache, weights, hidden)
                 if use_gc:
                     _checkpointing(model, False)
                 if not math.isfinite(loss):
                     raise TrainingDivergedError(f"distill: the loss became {loss} at step {step}; lower lr ({self.lr})")
-                torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params + (list(hidden.parameters()) if hidden else []), self.grad_clip)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -331,16 +377,19 @@ class Distill(TeacherStage):
             model.train(was)
 
     def _step_gradients(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                        teachers: list[nn.Module], cache: TopKCache | None, weights: torch.Tensor) -> float:
+                        teachers: list[nn.Module], cache: TopKCache | None, weights: torch.Tensor,
+                        hidden: HiddenMatch | None = None) -> float:
         total = 0.0
         n = ids.shape[0]
         for s in range(0, n, self.microbatch_size):
             sl = slice(s, s + self.microbatch_size)
             x, m = ids[sl], mask[sl]
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1]
+            out = model(input_ids=x, use_cache=False, output_hidden_states=hidden is not None)
+            logits = out.logits[:, :-1]
             if self.select_fraction < 1:  # dynamic data selection: the most uncertain windows
                 m = m & self._selected(logits)[:, None]
-            loss = self._loss(logits, x, m, rows[sl], teachers, cache, weights) * (x.shape[0] / n)
+            loss = self._loss(logits, x, m, rows[sl], teachers, cache, weights, hidden, out.hidden_states)
+            loss = loss * (x.shape[0] / n)
             loss.backward()
             total += loss.item()
         return total
@@ -355,30 +404,97 @@ class Distill(TeacherStage):
         return keep
 
     def _loss(self, logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-              teachers: list[nn.Module], cache: TopKCache | None, weights: torch.Tensor) -> torch.Tensor:
+              teachers: list[nn.Module], cache: TopKCache | None, weights: torch.Tensor,
+              hidden: HiddenMatch | None = None, student_hidden: tuple | None = None) -> torch.Tensor:
         targets = ids[:, 1:]
         out = logits.new_zeros(())
         if self.ce_weight > 0:
             ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none").view(targets.shape)
             out = out + self.ce_weight * (ce * mask).sum() / mask.sum().clamp(min=1)
-        if self.ce_weight == 1:
-            return out
         if cache is not None:
             logp, top = cache[rows]
             teacher = (logp[:, :-1].to(logits.device), top[:, :-1].to(logits.device))
-        else:
+        elif teachers:
             with torch.no_grad():
-                tl = [F.log_softmax(t(input_ids=ids, use_cache=False).logits[:, :-1].float() / self.temperature, -1)
-                      for t in teachers]
+                touts = [t(input_ids=ids, use_cache=False, output_hidden_states=hidden is not None and k == 0)
+                         for k, t in enumerate(teachers)]
+                tl = [F.log_softmax(o.logits[:, :-1].float() / self.temperature, -1) for o in touts]
+            if hidden is not None:
+                out = out + self.hidden_weight * hidden.loss(student_hidden, touts[0].hidden_states, mask)
             if len(tl) == 1:
                 combined = tl[0]
             elif self.teacher_combine == "uncertainty":
                 u = student_entropy(logits.detach())  # per window, in [0, 1]
                 combined = combine_teachers(tl, torch.stack([1 - u, u]), "mean_prob")
+            elif self.teacher_combine == "confidence":  # teachers scored on the window's tokens at T = 1
+                scored = tl if self.temperature == 1 else [F.log_softmax(t * self.temperature, -1) for t in tl]
+                combined = combine_teachers(tl, confidence_weights(scored, targets, mask), "mean_prob")
             else:
                 combined = combine_teachers(tl, weights, self.teacher_combine)
             # the combined teacher is already at temperature: pass it as logits at T=1 scaled back
             teacher = combined * self.temperature
+        if self.ce_weight == 1:
+            return out
         kd = distill_loss(logits, teacher, self.loss, temperature=self.temperature, beta=self.beta, skew=self.skew,
                           mask=mask)
         return out + (1 - self.ce_weight) * kd
+
+
+class HiddenMatch(nn.Module):
+    """Learned linear maps from student hidden states to teacher hidden states, one per matched
+    pair of layers (indices into transformers' ``hidden_states``), and the normalised MSE between
+    them — the intermediate-layer loss of TinyBERT, usable when the widths differ."""
+
+    def __init__(self, pairs: list[tuple[int, int]], widths: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.pairs = [tuple(p) for p in pairs]
+        self.proj = nn.ModuleList(nn.Linear(ds, dt, bias=False) for ds, dt in widths)
+
+    @staticmethod
+    def default_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+        """Every student block to the teacher block at the same relative depth."""
+        return [(i, round(i * teacher_layers / student_layers)) for i in range(1, student_layers + 1)]
+
+    @classmethod
+    def fit(cls, student: nn.Module, teacher: nn.Module, windows: torch.Tensor,
+            pairs: list[list[int]] | None = None, batch_size: int = 1, ridge: float = 1e-4) -> HiddenMatch:
+        """Projections initialised by ridge least squares on ``windows`` (min ‖Hₛ W − Hₜ‖²)."""
+        ls, lt = len(get_adapter(student).blocks()), len(get_adapter(teacher).blocks())
+        pairs = [tuple(p) for p in pairs] if pairs is not None else cls.default_pairs(ls, lt)
+        bad = [p for p in pairs if len(p) != 2 or not (0 <= p[0] <= ls and 0 <= p[1] <= lt)]
+        if bad or not pairs:
+            raise ConfigError(f"distill: hidden_layers must be pairs [student, teacher] of hidden-state indices in "
+                              f"0..{ls} and 0..{lt} (0 = embeddings, i = after block i), got {bad or pairs}")
+        gram: dict[int, torch.Tensor] = {}
+        cross: dict[int, torch.Tensor] = {}
+        was = student.training
+        student.eval()
+        with torch.no_grad():
+            for s in range(0, windows.shape[0], batch_size):
+                x = windows[s:s + batch_size]
+                hs = student(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+                ht = teacher(input_ids=x, use_cache=False, output_hidden_states=True).hidden_states
+                for k, (i, j) in enumerate(pairs):
+                    a, b = hs[i].flatten(0, 1).double(), ht[j].flatten(0, 1).double()
+                    gram[k] = gram.get(k, 0) + a.T @ a
+                    cross[k] = cross.get(k, 0) + a.T @ b
+        student.train(was)
+        match = cls(pairs, [(gram[k].shape[0], cross[k].shape[1]) for k in range(len(pairs))])
+        dtype = next(student.parameters()).dtype
+        with torch.no_grad():
+            for k, proj in enumerate(match.proj):
+                g = gram[k]
+                lam = ridge * g.diagonal().mean().clamp(min=1e-12)
+                w = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype, device=g.device), cross[k])
+                proj.weight.copy_(w.T.to(proj.weight.dtype))
+        return match.to(device=windows.device, dtype=dtype)
+
+    def loss(self, student_hidden: tuple, teacher_hidden: tuple, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over pairs of ‖P hₛ − hₜ‖² / ‖hₜ‖² over the positions ``mask`` counts."""
+        m = mask[..., None].float()
+        total = 0.0
+        for (i, j), proj in zip(self.pairs, self.proj):
+            a = proj(student_hidden[i][:, :-1]).float()
+            b = teacher_hidden[j][:, :-1].float()
+            total = total + (((a - b) ** 2) * m).sum() / ((b ** 2) * m).sum().clamp(min=1e-12)
+        return total / len(self.pairs)
