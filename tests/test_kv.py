@@ -23,6 +23,7 @@ from llmdeploy.kv import (
     partial_attention,
 )
 from llmdeploy.kv.distributed import generate_distributed, launch
+from llmdeploy.kv.engine import sample_token
 from llmdeploy.kv.quant import dequantize, quantize
 
 from .conftest import FAMILIES
@@ -231,6 +232,33 @@ def test_engine_cancel_frees_blocks_and_rest_is_unchanged(models):
     assert eng.finished[ids[1]].cancelled and len(out[ids[1]]) == 2
     assert cache.num_free_blocks == 40 and not cache.sequences
     cache.blocks.allocator.check()
+
+
+def test_sampling_is_per_request_and_follows_the_distribution(models):
+    model = models["tiny-llama"]
+    prompts = _prompts(lengths=(6, 11, 20))
+    alone = PagedEngine(model, PagedKVCache(40, 4))
+    rid = alone.add_request(prompts[0], 10, temperature=0.8, top_p=0.9, seed=7)
+    batched = PagedEngine(model, PagedKVCache(40, 4))
+    ids = [batched.add_request(prompts[0], 10, temperature=0.8, top_p=0.9, seed=7),
+           batched.add_request(prompts[1], 10),  # greedy beside it
+           batched.add_request(prompts[2], 10, temperature=1.0, seed=3)]
+    out = batched.run()
+    assert alone.run()[rid] == out[ids[0]]  # a seeded request's tokens do not depend on its batch-mates
+    assert out[ids[1]] == generate(model, [prompts[1]], 10, block_size=4)[0]
+    # the sampler's frequencies follow softmax(logits / T) over the nucleus
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, -3.0])
+    g = torch.Generator().manual_seed(0)
+    n = 20000
+    counts = torch.bincount(torch.tensor([sample_token(logits, 0.7, 1.0, g) for _ in range(n)]), minlength=5)
+    expect = torch.softmax(logits / 0.7, -1)
+    assert (counts / n - expect).abs().max() < 0.015
+    p = torch.softmax(logits, -1)  # 0.61, 0.22, 0.14, ...: top_p 0.8 keeps the first two tokens
+    nucleus = {sample_token(logits, 1.0, 0.8, g) for _ in range(300)}
+    assert nucleus == {0, 1} and p[:1].sum() < 0.8 <= p[:2].sum()
+    assert {sample_token(logits, 1.0, 1e-6, g) for _ in range(50)} == {0}  # a tiny nucleus is greedy
+    with pytest.raises(ConfigError, match="top_p"):
+        alone.add_request(prompts[0], 4, top_p=0.0)
 
 
 def test_engine_errors(models):

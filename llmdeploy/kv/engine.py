@@ -4,7 +4,9 @@
 :meth:`~PagedEngine.step` admits waiting requests whose prompts fit in the free blocks (prefilled
 together in one ragged forward), then decodes one token for every running request in one forward;
 a request that finishes (``max_new_tokens`` or its end-of-sequence token) or is cancelled frees
-its blocks immediately, so the next waiting one can start. Decoding is greedy.
+its blocks immediately, so the next waiting one can start. Each request decodes greedily
+(``temperature=0``, the default) or samples at its own ``temperature`` / ``top_p`` from its own
+seeded generator, so a request's tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ class Request:
     output: list[int] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    generator: torch.Generator | None = None
 
     def context(self) -> list[int]:
         """What a (re)started request prefills: its prompt and what it has produced so far."""
@@ -58,8 +63,14 @@ class PagedEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
-    def add_request(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None) -> int:
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None, *,
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
+        """Queue a request; returns its id. ``temperature=0`` decodes greedily; otherwise tokens are
+        sampled from the softmax at ``temperature`` restricted to the nucleus ``top_p``, with a
+        generator seeded by ``seed`` (random when None)."""
         prompt = [int(t) for t in prompt]
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ConfigError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
         if not prompt:
             raise ConfigError("a request needs at least one prompt token")
         if max_new_tokens < 1:
@@ -69,7 +80,12 @@ class PagedEngine:
         if need > self.cache.blocks.capacity:
             raise KVCacheFullError(f"a request of {len(prompt)} + {max_new_tokens} tokens needs {need} KV blocks, "
                                    f"more than the cache's {self.cache.blocks.capacity}: raise num_blocks")
-        req = Request(next(self._ids), prompt, max_new_tokens, eos_token_id)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator()
+            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        req = Request(next(self._ids), prompt, max_new_tokens, eos_token_id, temperature=temperature, top_p=top_p,
+                      generator=gen)
         self.waiting.append(req)
         return req.id
 
@@ -91,6 +107,8 @@ class PagedEngine:
 
     @torch.no_grad()
     def _forward(self, reqs: list[Request], tokens: list[list[int]]) -> torch.Tensor:
+        """One forward of ``tokens`` appended to each request's cache; the logits of each row's
+        last token, (len(reqs), vocab)."""
         n_new = [len(t) for t in tokens]
         pos, mask = self.cache.prepare([r.id for r in reqs], n_new, device=self.device, dtype=self.dtype,
                                        mask=self.cache.needs_mask)
@@ -107,8 +125,17 @@ class PagedEngine:
                                 use_cache=True, **extra).logits
         self.peak_blocks = max(self.peak_blocks, self.cache.blocks.capacity - self.cache.num_free_blocks)
         if "logits_to_keep" in extra or T == 1:
-            return logits[:, -1].argmax(-1).tolist()
-        return logits[torch.arange(len(reqs), device=logits.device), last.to(logits.device)].argmax(-1).tolist()
+            return logits[:, -1]
+        return logits[torch.arange(len(reqs), device=logits.device), last.to(logits.device)]
+
+    @staticmethod
+    def _pick(reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        """Each request's next token from its row of ``logits``: argmax, or a sample."""
+        out = logits.argmax(-1).tolist()
+        for i, req in enumerate(reqs):
+            if req.temperature > 0:
+                out[i] = sample_token(logits[i], req.temperature, req.top_p, req.generator)
+        return out
 
     def _prefill(self, reqs: list[Request]) -> list[int]:
         """Prefill ``reqs``, grouped by length so that padding stays under a quarter of the
@@ -133,13 +160,13 @@ class PagedEngine:
         when set (bounds the attention's memory on long prompts); returns each first token."""
         contexts = [r.context() for r in reqs]
         chunk = self.prefill_chunk or max(len(c) for c in contexts)
-        first: dict[int, int] = {}
+        last: dict[int, torch.Tensor] = {}
         for at in range(0, max(len(c) for c in contexts), chunk):
             rows = [i for i, c in enumerate(contexts) if len(c) > at]
-            toks = self._forward([reqs[i] for i in rows], [contexts[i][at : at + chunk] for i in rows])
-            for i, t in zip(rows, toks):
-                first[i] = t  # the last chunk of a row gives its next token
-        return [first[i] for i in range(len(reqs))]
+            logits = self._forward([reqs[i] for i in rows], [contexts[i][at : at + chunk] for i in rows])
+            for i, row in zip(rows, logits):
+                last[i] = row  # the last chunk of a row gives its next token
+        return self._pick(reqs, torch.stack([last[i] for i in range(len(reqs))]))
 
     def _emit(self, req: Request, token: int, out: list[tuple[int, int]]) -> None:
         req.output.append(token)
@@ -180,7 +207,7 @@ class PagedEngine:
             while decoding and not self.cache.can_fit([r.id for r in decoding], [1] * len(decoding)):
                 self._preempt(decoding.pop())  # the newest running request gives its blocks back
             if decoding:
-                toks = self._forward(decoding, [[r.output[-1]] for r in decoding])
+                toks = self._pick(decoding, self._forward(decoding, [[r.output[-1]] for r in decoding]))
                 for req, tok in zip(decoding, toks):
                     self._emit(req, tok, out)
         if not out and self.waiting and not self.running:
@@ -200,6 +227,18 @@ class PagedEngine:
         while self.has_unfinished():
             self.step()
         return {rid: r.output for rid, r in sorted(self.finished.items())}
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> int:
+    """A token drawn from softmax(logits / temperature), restricted to the smallest set of most
+    likely tokens whose probability reaches ``top_p`` (nucleus sampling)."""
+    probs = torch.softmax(logits.detach().float().cpu() / temperature, dim=-1)
+    if top_p < 1:
+        p, idx = probs.sort(descending=True)
+        keep = (p.cumsum(-1) - p) < top_p  # a token stays if the mass before it is below top_p
+        probs = torch.zeros_like(probs).scatter_(-1, idx[keep], p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def cache_kwarg(model) -> str:
