@@ -56,3 +56,13 @@ class KVCacheFullError(LLMDeployError, RuntimeError):
 class DistributedKVError(LLMDeployError, RuntimeError):
     """A process of a DistAttention group stopped answering (it died or timed out); the KV blocks it
     held are lost, so the group must be restarted."""
+
+
+class RequestError(LLMDeployError, ValueError):
+    """A serving request that cannot be run as sent (HTTP 400): bad parameters, a prompt longer
+    than the context, an unsupported option."""
+
+
+class ServerOverloadedError(LLMDeployError, RuntimeError):
+    """The server's queue of waiting requests or tokens is full (HTTP 429): retry later, or raise
+    ``--max-waiting`` / ``--max-waiting-tokens``."""

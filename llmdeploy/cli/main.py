@@ -1,4 +1,4 @@
-"""``llmdeploy compress | eval | info | demo``."""
+"""``llmdeploy compress | eval | info | demo | serve``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from llmdeploy.serve import serve
+
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
+          chat_template=template, max_batch=args.max_batch, kv_blocks=args.kv_blocks, block_size=args.block_size,
+          max_model_len=args.max_model_len, max_waiting=args.max_waiting, max_waiting_tokens=args.max_waiting_tokens)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -162,6 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seq-len", type=int, default=512)
     d.add_argument("--windows", type=int, default=16, help="perplexity windows per configuration")
     d.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming, /metrics)")
+    s.add_argument("model", help="a zoo name, a saved llmdeploy model, a Hugging Face folder or GGUF file")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="the name clients send as 'model' (default: MODEL)")
+    s.add_argument("--max-batch", type=int, default=16, help="requests decoded together at most")
+    s.add_argument("--kv-blocks", type=int, default=None,
+                   help="KV-cache blocks (default: max-batch full-context requests, at most 1 GiB)")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    s.add_argument("--max-model-len", type=int, default=None, help="longest prompt + completion (default: the model's)")
+    s.add_argument("--max-waiting", type=int, default=256, help="queued requests before answering 429")
+    s.add_argument("--max-waiting-tokens", type=int, default=None,
+                   help="queued prompt tokens before answering 429 (default: 64 contexts)")
+    s.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)")
+    s.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -32,13 +32,17 @@ class Request:
     id: int
     prompt: list[int]
     max_new_tokens: int
-    eos_token_id: int | None = None
+    eos_token_id: int | Sequence[int] | None = None  # one or several end-of-sequence tokens
     output: list[int] = field(default_factory=list)
     done: bool = False
     cancelled: bool = False
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator | None = None
+
+    def stop_ids(self) -> tuple[int, ...]:
+        e = self.eos_token_id
+        return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
     def context(self) -> list[int]:
         """What a (re)started request prefills: its prompt and what it has produced so far."""
@@ -63,7 +67,7 @@ class PagedEngine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
 
-    def add_request(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | None = None, *,
+    def add_request(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None, *,
                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
         """Queue a request; returns its id. ``temperature=0`` decodes greedily; otherwise tokens are
         sampled from the softmax at ``temperature`` restricted to the nucleus ``top_p``, with a
@@ -171,7 +175,7 @@ class PagedEngine:
     def _emit(self, req: Request, token: int, out: list[tuple[int, int]]) -> None:
         req.output.append(token)
         out.append((req.id, token))
-        if len(req.output) >= req.max_new_tokens or (req.eos_token_id is not None and token == req.eos_token_id):
+        if len(req.output) >= req.max_new_tokens or token in req.stop_ids():
             req.done = True
             del self.running[req.id]
             self.cache.free(req.id)

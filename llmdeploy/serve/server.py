@@ -1,0 +1,60 @@
+"""Running the server: :func:`serve` (what ``llmdeploy serve`` calls) and
+:class:`BackgroundServer` (uvicorn in a thread on a free port, for notebooks and tests)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from ..errors import ConfigError
+from .app import build_app
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+          chat_template: str | None = None, log_level: str = "info", **engine_options) -> None:
+    """Load ``model`` (any name or path :func:`llmdeploy.load` takes: dense or compressed) and
+    serve it until interrupted."""
+    from ..io import load
+
+    m, tok = load(model)
+    app = build_app(m, tok, model_name=served_model_name or model, chat_template=chat_template, **engine_options)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackgroundServer:
+    """``with BackgroundServer(app) as url:`` — the app served by uvicorn in a daemon thread on a
+    free port of ``host``; ``url`` is its base (``http://127.0.0.1:PORT``)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> None:
+        self.app, self.host, self.port, self.timeout = app, host, port or free_port(host), timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, host=self.host, port=self.port, log_level="warning",
+                                                    lifespan="on"))
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> str:
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        t0 = time.monotonic()
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() - t0 > self.timeout:
+                raise ConfigError(f"the server did not start on {self.url} within {self.timeout:.0f} s")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        if self.thread is not None:
+            self.thread.join(self.timeout)
