@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -262,3 +263,21 @@ def test_cli_serve_answers_the_openai_client(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_readme_serve_commands_are_valid():
+    """The README's two commands: the CLI parses the first, the server's schema the second's body."""
+    from pathlib import Path
+
+    from llmdeploy.cli.main import _cmd_serve, build_parser
+    from llmdeploy.serve.app import ChatRequest
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Serve it", 1)[1].split("```")[1]
+    serve_line = next(line for line in section.splitlines() if line.startswith("llmdeploy serve"))
+    args = build_parser().parse_args(shlex.split(serve_line)[1:])
+    assert args.func is _cmd_serve and args.model == "smollm2-135m"
+    curl = shlex.split(section.split("curl", 1)[1].replace("\\\n", " "))
+    assert curl[0] == f"http://127.0.0.1:{args.port}/v1/chat/completions"
+    body = ChatRequest.model_validate_json(curl[curl.index("-d") + 1])
+    assert body.model == args.model and body.messages[0]["role"] == "user"
