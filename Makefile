@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch, unless another torch is asked for (make TORCH="torch==2.5.1" test).
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,triton
+EXTRAS ?= dev,triton,onnx
 
 .PHONY: venv demo test lint bench clean
 

@@ -1,4 +1,4 @@
-"""``llmdeploy compress | eval | info | demo | serve``."""
+"""``llmdeploy compress | eval | info | demo | serve | export``."""
 
 from __future__ import annotations
 
@@ -114,6 +114,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import llmdeploy
+    from llmdeploy.io import export_onnx
+
+    model, tok = llmdeploy.load(args.model, tokenizer=args.tokenizer)
+    report = export_onnx(model, tok, args.output, int4=not args.no_int4, opset=args.opset)
+    print(report.summary())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -188,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queued prompt tokens before answering 429 (default: 64 contexts)")
     s.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)")
     s.set_defaults(func=_cmd_serve)
+
+    x = sub.add_parser("export", help="export a model for another runtime (ONNX: onnxruntime)")
+    x.add_argument("model", help="a zoo name, a saved llmdeploy model, a Hugging Face folder or GGUF file")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("-o", "--output", required=True, help="output folder (model.onnx, tokenizer, onnx_export.json)")
+    x.add_argument("--tokenizer", default=None)
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--no-int4", action="store_true",
+                   help="export 4-bit RTN/GPTQ layers as dense MatMuls instead of onnxruntime's MatMulNBits")
+    x.set_defaults(func=_cmd_export)
     return p
 
 

@@ -5,8 +5,9 @@ from ..compress.base import set_model_loader
 from .checkpoint import load_saved, read_manifest, save
 from .compressed_tensors import save_compressed_tensors
 from .loading import load, load_gguf
+from .onnx_export import OnnxExportReport, export_onnx
 from .zoo import ZOO
 
 set_model_loader(lambda name: load(name)[0])
 
-__all__ = ["ZOO", "load", "load_gguf", "load_saved", "read_manifest", "save", "save_compressed_tensors"]
+__all__ = ["ZOO", "OnnxExportReport", "export_onnx", "load", "load_gguf", "load_saved", "read_manifest", "save", "save_compressed_tensors"]
