@@ -18,7 +18,7 @@ RANK = {
     "compress": 2, "data": 2, "kv": 2,
     "quant": 3, "prune": 3, "finetune": 3, "delta": 3, "distill": 3,
     "eval": 4,
-    "io": 5, "recipe": 5, "report": 5, "serve": 5,
+    "io": 5, "recipe": 5, "report": 5, "serve": 5, "deploy": 5,
     "cli": 6, "__init__": 7, "__main__": 7,
 }
 

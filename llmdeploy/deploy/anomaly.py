@@ -1,0 +1,233 @@
+"""Anomaly detection over serving metrics (ENOVA's performance detection): seeded traces with
+injected anomalies, ENOVA's rule set, a semi-supervised VAE, and their precision/recall.
+
+A trace is a (steps, features) array of the server's metrics sampled every ``interval`` seconds
+— :data:`FEATURES`: request rate, running and waiting requests, KV usage, p95 time to first
+token, generated tokens/s, the quantities ``llmdeploy serve`` exports at ``/metrics`` — with a
+0/1 label per step. :func:`synthetic_trace` draws one from a queueing model of one replica under
+diurnal load with bursts, and injects labelled segments of four kinds: ``interference`` (a
+co-located job: latency ×3, throughput ÷2 at the same load), ``kv_leak`` (KV usage climbing with
+no more requests), ``stall`` (generation stops, requests pile up), ``overload`` (arrivals far
+beyond capacity).
+
+Detectors (``fit(trace, labels)`` then ``predict(trace) -> 0/1 per step``):
+
+* :class:`RuleDetector` — the rules of ENOVA's open code: scale up when waiting requests stay
+  ≥ 50 for 3 minutes; scale down when KV usage ≤ 10 % and running requests ≤ 0.1·max_num_seqs.
+  A step is anomalous when either fires.
+* :class:`VAEDetector` — the paper's semi-supervised VAE (small): an MLP VAE over sliding windows
+  of the normalised metrics, trained on the unlabelled windows by the ELBO while the few windows
+  labelled anomalous are pushed above a reconstruction-error margin (the semi-supervised part);
+  score = negative ELBO of a window at the posterior mean; threshold = the best F1 on the labelled
+  part of the training trace (or a high quantile of training scores when there are no labels).
+  The paper gives no architecture; this one is ours and documented here.
+
+:func:`evaluate_detector` reports point-wise precision and recall, and event-level recall
+(segments with at least one flagged step).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+FEATURES = ("request_rate", "running", "waiting", "kv_usage", "ttft_p95_s", "generation_tokens_per_s")
+KINDS = ("interference", "kv_leak", "stall", "overload")
+
+
+@dataclass
+class Trace:
+    values: np.ndarray  # (steps, len(FEATURES))
+    labels: np.ndarray  # (steps,) 0/1
+    kinds: list[tuple[int, int, str]]  # injected segments [start, end)
+    interval: float = 10.0
+    max_num_seqs: int = 16
+
+
+def synthetic_trace(steps: int = 2000, seed: int = 0, *, anomaly_fraction: float = 0.08, interval: float = 10.0,
+                    max_num_seqs: int = 16, capacity_rps: float = 4.0, output_tokens: float = 64.0,
+                    prefill_s: float = 0.3) -> Trace:
+    """A seeded metrics trace of one replica (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(steps)
+    period = 8640 / interval / 10  # a compressed "day" of 864 s-steps: ten per 2.4 h of steps
+    rate = capacity_rps * (0.45 + 0.25 * np.sin(2 * np.pi * t / period))
+    rate *= np.exp(rng.normal(0, 0.08, steps))
+    for start in rng.choice(steps, size=max(1, steps // 300), replace=False):  # normal short bursts
+        rate[start:start + rng.integers(2, 5)] *= 1.3
+    labels = np.zeros(steps, dtype=np.int64)
+    kinds: list[tuple[int, int, str]] = []
+    budget, guard = int(anomaly_fraction * steps), 0
+    while labels.sum() < budget and guard < 1000:
+        guard += 1
+        length = int(rng.integers(6, 21))
+        start = int(rng.integers(20, steps - length - 1))
+        if labels[max(0, start - 10):start + length + 10].any():
+            continue
+        labels[start:start + length] = 1
+        kinds.append((start, start + length, KINDS[len(kinds) % len(KINDS)]))
+    slow = np.ones(steps)
+    leak = np.zeros(steps)
+    stall = np.zeros(steps, dtype=bool)
+    for s, e, kind in kinds:
+        if kind == "interference":
+            slow[s:e] = 3.0
+        elif kind == "kv_leak":
+            leak[s:e] = np.linspace(0.2, 0.7, e - s)
+        elif kind == "stall":
+            stall[s:e] = True
+        elif kind == "overload":
+            rate[s:e] = capacity_rps * rng.uniform(1.8, 2.5)
+    cap = capacity_rps / slow
+    cap[stall] = 0.05 * capacity_rps
+    rho = rate / cap
+    waiting = np.zeros(steps)
+    q = 0.0
+    for i in range(steps):  # a fluid queue: excess arrivals wait, spare capacity drains them
+        q = max(0.0, q + (rate[i] - cap[i]) * interval)
+        waiting[i] = q + (rho[i] ** 2 / max(1e-3, 1 - min(rho[i], 0.95))) * rng.uniform(0.5, 1.5)
+    # requests in flight: each holds a slot for max_num_seqs / capacity seconds (Little's law)
+    running = (max_num_seqs * np.minimum(rho, 1.0) + rng.normal(0, 0.3, steps)).clip(0, max_num_seqs)
+    running[stall] = max_num_seqs
+    kv = (running / max_num_seqs) * 0.6 + leak + rng.normal(0, 0.02, steps)
+    ttft = slow * prefill_s * (1 + rng.normal(0, 0.05, steps)) + waiting / np.maximum(cap, 1e-3)
+    tokens = np.minimum(rate, cap) * output_tokens * (1 + rng.normal(0, 0.05, steps))
+    values = np.stack([rate, running, waiting, kv.clip(0, 1), ttft, tokens], axis=1).astype(np.float64)
+    return Trace(values, labels, kinds, interval, max_num_seqs)
+
+
+class RuleDetector:
+    """ENOVA's open-code rules (see the module docstring); ``fit`` learns nothing."""
+
+    def __init__(self, waiting: float = 50, sustain_s: float = 180, kv_low: float = 0.1, running_low: float = 0.1,
+                 max_num_seqs: int = 16, interval: float = 10.0) -> None:
+        self.waiting, self.sustain, self.kv_low, self.running_low = waiting, sustain_s, kv_low, running_low
+        self.max_num_seqs, self.interval = max_num_seqs, interval
+
+    def fit(self, trace: Trace, labels: np.ndarray | None = None) -> RuleDetector:
+        self.max_num_seqs, self.interval = trace.max_num_seqs, trace.interval
+        return self
+
+    def predict(self, trace: Trace) -> np.ndarray:
+        v = trace.values
+        high = v[:, FEATURES.index("waiting")] >= self.waiting
+        need = max(1, int(round(self.sustain / self.interval)))
+        run = np.zeros(len(v), dtype=np.int64)
+        for i in range(len(v)):
+            run[i] = run[i - 1] + 1 if high[i] and i else int(high[i])
+        up = run >= need
+        down = (v[:, FEATURES.index("kv_usage")] <= self.kv_low) & \
+            (v[:, FEATURES.index("running")] <= self.running_low * self.max_num_seqs)
+        return (up | down).astype(np.int64)
+
+
+class _VAE(nn.Module):
+    def __init__(self, dim: int, hidden: int, latent: int) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden // 2), nn.Tanh(),
+                                 nn.Linear(hidden // 2, 2 * latent))
+        self.dec = nn.Sequential(nn.Linear(latent, hidden // 2), nn.Tanh(), nn.Linear(hidden // 2, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, dim))
+        self.log_var = nn.Parameter(torch.zeros(dim))
+
+    def neg_elbo(self, x: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(negative ELBO per window, squared reconstruction error per window)."""
+        mu, logv = self.enc(x).chunk(2, -1)
+        z = mu + torch.randn_like(mu) * (0.5 * logv).exp() if sample else mu
+        rec = self.dec(z)
+        err = (x - rec) ** 2
+        nll = 0.5 * (err / self.log_var.exp() + self.log_var + math.log(2 * math.pi)).sum(-1)
+        kl = 0.5 * (mu ** 2 + logv.exp() - logv - 1).sum(-1)
+        return nll + kl, err.sum(-1)
+
+
+class VAEDetector:
+    """The semi-supervised VAE detector (see the module docstring)."""
+
+    def __init__(self, window: int = 6, hidden: int = 64, latent: int = 8, epochs: int = 400, lr: float = 3e-3,
+                 margin: float = 5.0, seed: int = 0) -> None:
+        self.window, self.hidden, self.latent, self.epochs, self.lr = window, hidden, latent, epochs, lr
+        self.margin, self.seed = margin, seed
+
+    def _windows(self, trace: Trace) -> torch.Tensor:
+        v = np.log1p(np.maximum(trace.values, 0))  # rates, queues and latencies are heavy-tailed
+        v = (v - self.mean) / self.std
+        pad = np.concatenate([np.repeat(v[:1], self.window - 1, 0), v])
+        w = np.lib.stride_tricks.sliding_window_view(pad, self.window, axis=0)  # (steps, F, window)
+        return torch.tensor(w.reshape(len(v), -1), dtype=torch.float32)
+
+    def fit(self, trace: Trace, labels: np.ndarray | None = None) -> VAEDetector:
+        """``labels``: 1 anomalous, 0 normal, -1 unknown per step (None: all unknown)."""
+        labels = np.full(len(trace.values), -1) if labels is None else np.asarray(labels)
+        logv = np.log1p(np.maximum(trace.values, 0))
+        ref = logv[labels != 1]
+        self.mean, self.std = ref.mean(0), ref.std(0) + 1e-6
+        x = self._windows(trace)
+        known_bad = torch.tensor(labels == 1)
+        unlabelled = ~known_bad
+        torch.manual_seed(self.seed)
+        self.model = _VAE(x.shape[1], self.hidden, self.latent)
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        for _ in range(self.epochs):
+            loss_u, _ = self.model.neg_elbo(x[unlabelled], sample=True)
+            loss = loss_u.mean()
+            if known_bad.any():  # labelled anomalies: reconstruction error pushed above the margin
+                _, err = self.model.neg_elbo(x[known_bad], sample=False)
+                loss = loss + torch.relu(self.margin * x.shape[1] ** 0.5 - err.sqrt()).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        scores = self.score(trace)
+        known = labels >= 0
+        if known.any() and labels[known].any() and not labels[known].all():
+            cands = np.quantile(scores[known], np.linspace(0.5, 0.999, 200))
+            f1 = [_f1(labels[known], (scores[known] > c).astype(int)) for c in cands]
+            self.threshold = float(cands[int(np.argmax(f1))])
+        else:
+            self.threshold = float(np.quantile(scores, 0.99))
+        return self
+
+    def score(self, trace: Trace) -> np.ndarray:
+        with torch.no_grad():
+            s, _ = self.model.neg_elbo(self._windows(trace), sample=False)
+        return s.numpy()
+
+    def predict(self, trace: Trace) -> np.ndarray:
+        return (self.score(trace) > self.threshold).astype(np.int64)
+
+
+def _f1(y: np.ndarray, p: np.ndarray) -> float:
+    tp = int(((y == 1) & (p == 1)).sum())
+    return 2 * tp / max(1, int(y.sum()) + int(p.sum()))
+
+
+def evaluate_detector(pred: np.ndarray, trace: Trace) -> dict:
+    """Point-wise precision/recall/F1 and event-level recall over the injected segments."""
+    y = trace.labels
+    tp = int(((y == 1) & (pred == 1)).sum())
+    precision = tp / max(1, int(pred.sum()))
+    recall = tp / max(1, int(y.sum()))
+    events = [bool(pred[s:e].any()) for s, e, _ in trace.kinds]
+    by_kind = {k: float(np.mean([hit for (s, e, kk), hit in zip(trace.kinds, events) if kk == k] or [0.0]))
+               for k in KINDS}
+    return {"precision": precision, "recall": recall, "f1": 2 * precision * recall / max(1e-12, precision + recall),
+            "event_recall": float(np.mean(events)) if events else 0.0, "event_recall_by_kind": by_kind,
+            "flagged": int(pred.sum()), "anomalous": int(y.sum())}
+
+
+def semi_supervised_labels(trace: Trace, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    """Labels as an operator would have them: ``fraction`` of the anomalous segments and as many
+    normal stretches marked, everything else unknown (-1)."""
+    rng = np.random.default_rng(seed)
+    labels = np.full(len(trace.labels), -1)
+    for s, e, _ in trace.kinds:
+        if rng.random() < fraction:
+            labels[s:e] = 1
+    normal = np.flatnonzero(trace.labels == 0)
+    keep = rng.choice(normal, size=int(fraction * len(normal)), replace=False)
+    labels[keep] = 0
+    return labels

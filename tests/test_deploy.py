@@ -1,0 +1,107 @@
+"""ENOVA-style deployment decisions (issue #19): the recommender's configurations fit the memory
+they were given and meet their SLOs; the anomaly detectors on seeded traces."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import llmdeploy
+from llmdeploy.deploy import (
+    Profile,
+    RuleDetector,
+    VAEDetector,
+    Workload,
+    evaluate_detector,
+    measure_profile,
+    p95_ttft,
+    recommend,
+    semi_supervised_labels,
+    synthetic_trace,
+)
+from llmdeploy.deploy.recommend import _erlang_c
+from llmdeploy.errors import ConfigError
+from llmdeploy.serve import ServingEngine
+
+
+def test_recommendations_fit_their_memory_and_meet_their_slos():
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(300):
+        prof = Profile(weight_bytes=int(rng.uniform(1e8, 2e10)), kv_bytes_per_token=float(rng.uniform(2e3, 4e5)),
+                       prefill_s_per_token=float(rng.uniform(1e-5, 2e-3)), decode_a=float(rng.uniform(5e-3, 0.08)),
+                       decode_c=float(rng.uniform(0, 5e-3)), max_model_len=8192)
+        load = Workload(request_rate=float(rng.uniform(0.1, 50)), prompt_tokens=float(rng.integers(16, 2048)),
+                        output_tokens=float(rng.integers(16, 1024)), ttft_slo=float(rng.uniform(1, 10)),
+                        tpot_slo=float(rng.uniform(0.05, 0.3)))
+        memory = int(rng.uniform(1, 80) * 2**30)
+        try:
+            r = recommend(prof, load, memory, gpu_memory_bytes=memory)
+        except ConfigError:
+            continue  # nothing fits: said, not guessed
+        checked += 1
+        block_bytes = prof.kv_bytes_per_token * r.block_size
+        assert r.memory_used_bytes <= memory * 0.9 + 1  # weights + KV within the memory (10% reserve)
+        assert prof.weight_bytes + r.kv_blocks * block_bytes <= memory
+        per_request = math.ceil((load.prompt_tokens + load.output_tokens) / r.block_size)
+        assert r.max_batch * per_request <= r.kv_blocks  # a full batch of full requests fits the KV
+        assert prof.decode_step(r.max_batch) <= load.tpot_slo + 1e-12
+        assert r.p95_ttft_s <= load.ttft_slo and r.utilization <= 0.8 + 1e-9
+        assert 0 < r.vllm_args["gpu_memory_utilization"] <= 0.95 and r.vllm_args["max_num_seqs"] == r.max_batch
+    assert checked > 100
+
+
+def test_recommender_says_what_does_not_fit():
+    prof = Profile(weight_bytes=2 * 2**30, kv_bytes_per_token=1e5, prefill_s_per_token=1e-4, decode_a=0.02,
+                   decode_c=1e-3, max_model_len=4096)
+    with pytest.raises(ConfigError, match="compress the model"):
+        recommend(prof, Workload(request_rate=1), memory_bytes=2 * 2**30)
+    with pytest.raises(ConfigError, match="per-token SLO"):
+        recommend(prof, Workload(request_rate=1, tpot_slo=0.01), memory_bytes=16 * 2**30)
+    with pytest.raises(ConfigError, match="context"):
+        recommend(prof, Workload(request_rate=1, prompt_tokens=4000, output_tokens=200), memory_bytes=16 * 2**30)
+
+
+def test_queueing_estimate():
+    assert _erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: an arrival waits with probability rho
+    assert _erlang_c(2, 1.0) == pytest.approx(1 / 3)  # M/M/2 at a = 1 (textbook value)
+    t = [p95_ttft(8.0, c, 1.0, 0.1) for c in (9, 10, 12, 16)]
+    assert t == sorted(t, reverse=True) and t[-1] == pytest.approx(0.1)  # more servers: less waiting
+    assert p95_ttft(8.0, 8, 1.0, 0.1) == math.inf
+
+
+def test_measured_profile_gives_a_configuration_the_server_runs():
+    model, _ = llmdeploy.load("tiny-llama")
+    prof = measure_profile(model.eval(), batch_sizes=(1, 4), prompt_len=16, decode_steps=4, repeats=1)
+    assert prof.decode_step(1) > 0 and prof.kv_bytes_per_token > 0 and prof.weight_bytes > 0
+    r = recommend(prof, Workload(request_rate=2.0, prompt_tokens=32, output_tokens=16, ttft_slo=5.0, tpot_slo=1.0),
+                  memory_bytes=64 * 2**20)
+    engine = ServingEngine(model, max_batch=r.max_batch, kv_blocks=r.kv_blocks, block_size=r.block_size)
+    assert engine.cache.blocks.capacity == r.kv_blocks
+    from llmdeploy.cli.main import build_parser
+
+    args = build_parser().parse_args(r.serve_command("tiny-llama").split()[1:])
+    assert (args.max_batch, args.kv_blocks) == (r.max_batch, r.kv_blocks)
+
+
+def test_traces_are_seeded_and_labelled():
+    a, b = synthetic_trace(600, seed=3), synthetic_trace(600, seed=3)
+    assert np.array_equal(a.values, b.values) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.values, synthetic_trace(600, seed=4).values)
+    assert 0.05 <= a.labels.mean() <= 0.12 and {k for _, _, k in a.kinds} <= {"interference", "kv_leak", "stall",
+                                                                              "overload"}
+    for s, e, _ in a.kinds:
+        assert a.labels[s:e].all()
+
+
+def test_vae_detector_beats_the_rules_on_held_out_traces():
+    torch.set_num_threads(1)  # a tiny MLP: one thread is fastest
+    train, test = synthetic_trace(2000, seed=0), synthetic_trace(2000, seed=1)
+    vae = VAEDetector().fit(train, semi_supervised_labels(train, 0.2, seed=0))
+    r_vae = evaluate_detector(vae.predict(test), test)
+    r_rules = evaluate_detector(RuleDetector().fit(train).predict(test), test)
+    assert r_vae["precision"] >= 0.9  # what it flags is anomalous
+    assert r_vae["f1"] > r_rules["f1"] + 0.3
