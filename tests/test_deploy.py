@@ -104,4 +104,5 @@ def test_vae_detector_beats_the_rules_on_held_out_traces():
     r_vae = evaluate_detector(vae.predict(test), test)
     r_rules = evaluate_detector(RuleDetector().fit(train).predict(test), test)
     assert r_vae["precision"] >= 0.9  # what it flags is anomalous
-    assert r_vae["f1"] > r_rules["f1"] + 0.3
+    assert r_vae["event_recall"] >= 0.9  # and it finds (nearly) every injected segment
+    assert r_vae["f1"] > r_rules["f1"] + 0.5
