@@ -240,6 +240,29 @@ def test_a_client_that_goes_away_frees_its_kv(tiny, stream):
         hook.remove()
 
 
+def test_a_failing_step_fails_its_requests_not_the_server(tiny):
+    model, tok = tiny
+    app = build_app(model, tok, model_name="tiny", kv_blocks=32)
+    broken = {"on": True}
+
+    def fail(*args):
+        if broken["on"]:
+            raise RuntimeError("the device fell over")
+
+    hook = model.register_forward_pre_hook(fail)
+    try:
+        with BackgroundServer(app) as url:
+            c = client(url)
+            with pytest.raises(openai.InternalServerError, match="fell over"):
+                c.completions.create(model="tiny", prompt="a", max_tokens=3)
+            broken["on"] = False
+            assert c.completions.create(model="tiny", prompt="a", max_tokens=3).choices  # still serving
+            assert metrics(url)["llmdeploy:request_errors_total,code=500"] == 1
+            assert app.state.engine.cache.num_free_blocks == 32
+    finally:
+        hook.remove()
+
+
 def test_cli_serve_answers_the_openai_client(tmp_path):
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -168,6 +168,11 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         metrics.error(429)
         return _error(429, str(exc), "rate_limit_error")
 
+    @app.exception_handler(RuntimeError)
+    async def _failed(request: Request, exc: RuntimeError):  # the engine failed this request
+        metrics.error(500)
+        return _error(500, f"generation failed: {exc}", "server_error")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
@@ -271,7 +276,7 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
     def _sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def _stream(events: AsyncIterator, make_chunk, usage_chunk) -> AsyncIterator[str]:
+    async def _stream(events, make_chunk, usage_chunk) -> AsyncIterator[str]:
         total = 0
         counts: dict[int, int] = {}
         try:
@@ -285,6 +290,8 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         except RuntimeError as e:
             metrics.error(500)
             yield _sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+        finally:  # a client that went away: its requests are cancelled now, not at garbage collection
+            await events.aclose()
         yield "data: [DONE]\n\n"
 
     def _usage(n_prompt: int, n_out: int) -> dict:

@@ -276,9 +276,7 @@ class ServingEngine:
         for rid, h in list(self._by_rid.items()):
             self.engine.cancel(rid)
             self.engine.finished.pop(rid, None)
-            self._deliver(h, Finished("error", message))
-            if self.metrics:
-                self.metrics.error(500)
+            self._deliver(h, Finished("error", message))  # the HTTP layer counts the error
         self._by_rid.clear()
         with self._lock:
             self._waiting.clear()
