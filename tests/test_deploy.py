@@ -106,3 +106,48 @@ def test_vae_detector_beats_the_rules_on_held_out_traces():
     assert r_vae["precision"] >= 0.9  # what it flags is anomalous
     assert r_vae["event_recall"] >= 0.9  # and it finds (nearly) every injected segment
     assert r_vae["f1"] > r_rules["f1"] + 0.5
+
+
+# -- autoscaling ----------------------------------------------------------------------------------
+from llmdeploy.deploy.autoscale import ENOVAPolicy, ENOVARules, Static, arrivals, simulate  # noqa: E402
+
+PROFILE = Profile(weight_bytes=540_000_000, kv_bytes_per_token=46080, prefill_s_per_token=6e-4, decode_a=0.04,
+                  decode_c=0.004, max_model_len=8192)
+LOAD = Workload(request_rate=6.0, prompt_tokens=128, output_tokens=64, ttft_slo=2.0, tpot_slo=0.1)
+
+
+def test_arrivals_and_simulation_are_replayable():
+    a = arrivals("bursty", 1200, 3.0, seed=1)
+    assert np.array_equal(a, arrivals("bursty", 1200, 3.0, seed=1)) and np.all(np.diff(a) >= 0)
+    assert abs(len(arrivals("poisson", 2000, 3.0, seed=2)) / 2000 - 3.0) < 0.2
+    r1 = simulate(a, Static(2), PROFILE, LOAD, max_batch=8, initial_replicas=2)
+    r2 = simulate(a, Static(2), PROFILE, LOAD, max_batch=8, initial_replicas=2)
+    assert np.array_equal(r1.ttft, r2.ttft) and r1.replica_seconds == r2.replica_seconds
+    assert len(r1.ttft) == len(a)  # every request served
+    big = simulate(a, Static(50), PROFILE, LOAD, max_batch=8, initial_replicas=50)
+    assert np.allclose(big.ttft, 128 * 6e-4)  # never waits: TTFT is the prefill
+    assert big.replica_seconds == pytest.approx(50 * big.timeline[-1].time, rel=0.02)
+
+
+def test_enova_rules_scale_up_only_after_sustained_waiting():
+    rules = ENOVARules(max_batch=8)
+    obs = dict(time=0.0, replicas=2, serving=2, arrivals_per_s=5.0, running=16, kv_usage=0.9, p95_ttft_s=5.0)
+    from llmdeploy.deploy.autoscale import Observation
+
+    decisions = [rules(Observation(**obs, waiting=60)) for _ in range(18)]
+    assert decisions[:17] == [2] * 17 and decisions[17] == 3  # 18 intervals of 10 s = 3 minutes
+    assert rules(Observation(**{**obs, "running": 1, "kv_usage": 0.05}, waiting=0)) == 1
+
+
+def test_enova_policy_meets_the_slo_with_fewer_replica_seconds_than_static():
+    times = arrivals("diurnal", 3600, LOAD.request_rate, seed=0)
+    rec = recommend(PROFILE, LOAD, 4 * 2**30)
+    static = None
+    for n in range(1, 40):  # the cheapest static allocation that meets the SLO
+        r = simulate(times, Static(n), PROFILE, LOAD, max_batch=rec.max_batch, initial_replicas=n)
+        if r.attainment >= 0.95:
+            static = r
+            break
+    enova = simulate(times, ENOVAPolicy(PROFILE, LOAD, 4 * 2**30), PROFILE, LOAD, max_batch=rec.max_batch)
+    assert static is not None and enova.attainment >= 0.95
+    assert enova.replica_seconds < static.replica_seconds
