@@ -179,3 +179,20 @@ register("shortgpt-8-kd", lambda s: Distill(**KD), base="shortgpt-8", suites=("f
          note="shortgpt-8 + the same LoRA trained by KL to the dense model (Distill, 32 steps x 4 windows)")
 register("slicegpt-25-kd", lambda s: Distill(**KD), base="slicegpt-25", suites=("full",),
          note="slicegpt-25 + the same LoRA trained by KL to the dense model (Distill, 32 steps x 4 windows)")
+
+
+def _domain_teachers() -> list[str]:
+    """The Shakespeare and Python-stdlib fine-tunes of benchmarks.bitdelta (made when absent)."""
+    from . import bitdelta
+
+    for domain in ("shakespeare", "pystdlib"):
+        if not (bitdelta.FINETUNES / domain / "done.json").exists():
+            bitdelta.stage_finetune([domain], steps=150, batch=4, seq_len=128, lr=1e-4)
+    return [str(bitdelta.FINETUNES / d / "model") for d in ("shakespeare", "pystdlib")]
+
+
+register("shortgpt-8-kd-2teachers",
+         lambda s: Distill(teachers=_domain_teachers(), teacher_combine="confidence", **KD), base="shortgpt-8",
+         suites=("full",),
+         note="shortgpt-8 + the same LoRA distilled from two domain fine-tunes (Shakespeare, Python stdlib) weighted "
+              "per window by their confidence (CA-MKD); benchmarks/distill.py measures it on both domains")
