@@ -3,6 +3,7 @@ metrics, limits, cancellation. Every server runs on a free port in a thread of t
 
 from __future__ import annotations
 
+import copy
 import http.client
 import json
 import os
@@ -261,6 +262,46 @@ def test_a_failing_step_fails_its_requests_not_the_server(tiny):
             assert app.state.engine.cache.num_free_blocks == 32
     finally:
         hook.remove()
+
+
+def test_bitdelta_tenants_share_the_batch_and_answer_as_themselves(tiny, tmp_path):
+    from llmdeploy.delta import BitDelta, save_delta
+
+    base, tok = tiny
+    tenants = {}
+    for name, seed in (("poet", 0), ("coder", 1)):
+        ft = copy.deepcopy(base)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, m in ft.named_modules():
+                if isinstance(m, torch.nn.Linear) and "layers" in n:
+                    m.weight += 0.05 * torch.randn(m.weight.shape, generator=g)
+        tenants[name] = BitDelta(base=base).compress(ft)
+    app = build_app(base, tok, model_name="tiny", tenants=tenants, kv_blocks=64, max_batch=8)
+    prompt = "To be, or not to be"
+    ids = tok(prompt).input_ids
+    want = {"tiny": greedy_text(base, tok, ids, 10), **{n: greedy_text(m, tok, ids, 10) for n, m in tenants.items()}}
+    assert len(set(want.values())) == 3  # three different models
+    with BackgroundServer(app) as url:
+        c = client(url)
+        assert sorted(m.id for m in c.models.list().data) == ["coder", "poet", "tiny"]
+        got: dict[str, str] = {}
+
+        def ask(name: str) -> None:
+            got[name] = c.completions.create(model=name, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(n,)) for n in want]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == want  # rows of three models in the same batches, each answered by its own
+    # the CLI's --tenants loads delta files
+    path = save_delta(tenants["poet"], tmp_path / "poet.safetensors", base)
+    from llmdeploy.cli.main import build_parser
+
+    args = build_parser().parse_args(["serve", "tiny-llama", "--tenants", f"poet={path}"])
+    assert args.tenants == f"poet={path}"
 
 
 def test_cli_serve_answers_the_openai_client(tmp_path):

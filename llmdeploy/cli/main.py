@@ -105,11 +105,19 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from llmdeploy.errors import ConfigError
     from llmdeploy.serve import serve
 
     template = Path(args.chat_template).read_text() if args.chat_template else None
+    tenants = {}
+    for item in (args.tenants or "").split(","):
+        if item.strip():
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ConfigError(f"--tenants takes NAME=DELTA_FILE,... (got {item!r})")
+            tenants[name.strip()] = path.strip()
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          chat_template=template, max_batch=args.max_batch, kv_blocks=args.kv_blocks, block_size=args.block_size,
+          chat_template=template, tenants=tenants or None, max_batch=args.max_batch, kv_blocks=args.kv_blocks, block_size=args.block_size,
           max_model_len=args.max_model_len, max_waiting=args.max_waiting, max_waiting_tokens=args.max_waiting_tokens)
     return 0
 
@@ -197,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-tokens", type=int, default=None,
                    help="queued prompt tokens before answering 429 (default: 64 contexts)")
     s.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)")
+    s.add_argument("--tenants", default=None,
+                   help="NAME=DELTA,... BitDelta fine-tunes of MODEL (delta files of delta.save_delta) served beside "
+                        "it; a request's 'model' picks one")
     s.set_defaults(func=_cmd_serve)
 
     x = sub.add_parser("export", help="export a model for another runtime (ONNX: onnxruntime)")

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -182,11 +183,14 @@ class MultiTenantEmbedding(nn.Module):
 class MultiTenant(nn.Module):
     """One base model serving several BitDelta fine-tunes, mixed within a batch."""
 
-    def __init__(self, base: nn.Module, tenants: dict[str, nn.Module]):
+    def __init__(self, base: nn.Module, tenants: dict[str, nn.Module], base_name: str | None = None):
+        """``base_name``: also serve the base itself under that name (a tenant whose delta is zero)."""
         super().__init__()
         if not tenants:
             raise ConfigError("MultiTenant needs at least one tenant")
-        self.names = list(tenants)
+        if base_name is not None and base_name in tenants:
+            raise ConfigError(f"the base's name {base_name!r} is also a tenant's")
+        self.names = list(tenants) + ([base_name] if base_name is not None else [])
         per = {name: delta_modules(m) for name, m in tenants.items()}
         layers = set(next(iter(per.values())))
         for name, mods in per.items():
@@ -204,7 +208,7 @@ class MultiTenant(nn.Module):
         self.model = shallow_clone(base)
         stacked: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}  # a tied head reuses its embedding's
         for path in sorted(layers):
-            mods = [per[n][path] for n in self.names]
+            mods = [per[n][path] for n in tenants]
             kinds = {type(m) for m in mods}
             if len(kinds) > 1 or len({tuple(m.signs.shape) for m in mods}) > 1:
                 raise ConfigError(f"tenants hold different kinds or shapes of delta at {path}")
@@ -214,7 +218,11 @@ class MultiTenant(nn.Module):
                 if any(s.dim() for s in scales):  # one scale per row for some tenant: per row for all
                     rows_n = next(s.numel() for s in scales if s.dim())
                     scales = [s.expand(rows_n) for s in scales]
-                stacked[key] = torch.stack([m.signs for m in mods]), torch.stack(scales)
+                signs = [m.signs for m in mods]
+                if base_name is not None:  # the base: any signs, zero scale
+                    signs.append(torch.zeros_like(signs[0]))
+                    scales.append(torch.zeros_like(scales[0]))
+                stacked[key] = torch.stack(signs), torch.stack(scales)
             signs, scales = stacked[key]
             cls = MultiTenantEmbedding if kinds == {BitDeltaEmbedding} else MultiTenantLinear
             self.model.set_submodule(path, cls(base.get_submodule(path), signs, scales, self._rows))
@@ -224,6 +232,16 @@ class MultiTenant(nn.Module):
         if unknown:
             raise ConfigError(f"unknown tenant(s) {unknown}; this server holds {self.names}")
         return torch.tensor([self.names.index(t) for t in tenants], dtype=torch.long)
+
+    @contextlib.contextmanager
+    def rows(self, tenant_ids: Sequence[int]):
+        """Run ``self.model`` inside this context with row ``i`` belonging to tenant
+        ``self.names[tenant_ids[i]]`` (what a batching engine uses)."""
+        self._rows.tenant = torch.as_tensor(list(tenant_ids), dtype=torch.long)
+        try:
+            yield self.model
+        finally:
+            self._rows.tenant = None
 
     def forward(self, input_ids: torch.Tensor, tenants: Sequence[str], **kwargs):
         if len(tenants) != input_ids.shape[0]:

@@ -11,12 +11,15 @@ seeded generator, so a request's tokens do not depend on what else is in the bat
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -39,6 +42,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     generator: torch.Generator | None = None
+    tag: Any = None  # the caller's (e.g. a tenant), seen by forward_context
 
     def stop_ids(self) -> tuple[int, ...]:
         e = self.eos_token_id
@@ -52,8 +56,12 @@ class Request:
 class PagedEngine:
     """Greedy continuous-batching generation of ``model`` on a :class:`PagedKVCache`."""
 
-    def __init__(self, model, cache: PagedKVCache, *, max_batch: int = 64, prefill_chunk: int | None = None):
+    def __init__(self, model, cache: PagedKVCache, *, max_batch: int = 64, prefill_chunk: int | None = None,
+                 forward_context: Callable[[list[Request]], AbstractContextManager] | None = None):
+        """``forward_context(requests)``: a context every forward runs in, given the requests of
+        its rows in order (e.g. to tell a multi-tenant model which tenant each row is)."""
         self.model, self.cache, self.max_batch = model, cache, max_batch
+        self.forward_context = forward_context
         self.prefill_chunk = prefill_chunk
         self._cache_kw = cache_kwarg(model)
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
@@ -68,7 +76,7 @@ class PagedEngine:
         self.device, self.dtype = p.device, p.dtype
 
     def add_request(self, prompt: Sequence[int], max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None, *,
-                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> int:
+                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, tag: Any = None) -> int:
         """Queue a request; returns its id. ``temperature=0`` decodes greedily; otherwise tokens are
         sampled from the softmax at ``temperature`` restricted to the nucleus ``top_p``, with a
         generator seeded by ``seed`` (random when None)."""
@@ -89,7 +97,7 @@ class PagedEngine:
             gen = torch.Generator()
             gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
         req = Request(next(self._ids), prompt, max_new_tokens, eos_token_id, temperature=temperature, top_p=top_p,
-                      generator=gen)
+                      generator=gen, tag=tag)
         self.waiting.append(req)
         return req.id
 
@@ -124,7 +132,8 @@ class PagedEngine:
         extra = {self._cache_kw: self.cache}
         if self._keep_logits and T > 1:  # the vocabulary projection of each row's last token only
             extra["logits_to_keep"] = last[:, None].to(self.device)
-        with self.cache.attach(self.model):
+        rows = self.forward_context(reqs) if self.forward_context is not None else contextlib.nullcontext()
+        with self.cache.attach(self.model), rows:
             logits = self.model(input_ids=ids.to(self.device), attention_mask=mask, position_ids=pos,
                                 use_cache=True, **extra).logits
         self.peak_blocks = max(self.peak_blocks, self.cache.blocks.capacity - self.cache.num_free_blocks)

@@ -119,16 +119,32 @@ class TextStream:
 
 
 def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None = None,
-              chat_template: str | None = None, **engine_options) -> FastAPI:
+              chat_template: str | None = None, tenants: dict | None = None, **engine_options) -> FastAPI:
     """The server's FastAPI application. ``engine_options`` go to :class:`ServingEngine`
     (``max_batch``, ``kv_blocks``, ``max_waiting``, ``max_model_len``...). The engine thread
-    starts and stops with the application (its lifespan)."""
+    starts and stops with the application (its lifespan).
+
+    ``tenants`` (name → a BitDelta model of ``model``, from ``delta.load_delta``): the server
+    answers for ``model_name`` (the base) and every tenant, the request's ``model`` field picking
+    which; rows of different tenants share every batch (:class:`~llmdeploy.delta.MultiTenant`)."""
+    from ..delta import MultiTenant
+
     metrics = ServerMetrics(model_name)
+    names = [model_name]
+    context = None
+    if tenants:
+        multi = MultiTenant(model, tenants, base_name=model_name)
+        names = multi.names
+        model = multi.model
+
+        def context(reqs):
+            return multi.rows([r.tag for r in reqs])
     if engine is None:
         eos = getattr(tokenizer, "eos_token_id", None)
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         ids = {i for e in (eos, gen_eos) for i in ([e] if isinstance(e, int) else (e or []))}
-        engine = ServingEngine(model, eos_token_ids=sorted(ids), metrics=metrics, **engine_options)
+        engine = ServingEngine(model, eos_token_ids=sorted(ids), metrics=metrics, forward_context=context,
+                               **engine_options)
     else:
         engine.metrics = engine.metrics or metrics
         metrics = engine.metrics
@@ -179,16 +195,18 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "llmdeploy", "max_model_len": engine.max_model_len}]}
+        return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "llmdeploy",
+                                            "root": model_name, "max_model_len": engine.max_model_len}
+                                           for n in names]}
 
     @app.get("/metrics")
     async def prometheus():
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     def _check_common(req: _Common) -> list[str]:
-        if req.model != model_name:
-            raise _NotFound(f"the model {req.model!r} does not exist on this server; it serves {model_name!r}")
+        if req.model not in names:
+            raise _NotFound(f"the model {req.model!r} does not exist on this server; it serves "
+                            f"{', '.join(map(repr, names))}")
         if req.presence_penalty or req.frequency_penalty or req.logit_bias:
             raise RequestError("presence_penalty, frequency_penalty and logit_bias are not supported by this server")
         if not 1 <= req.n <= 16:
@@ -199,14 +217,15 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               seed=None if req.seed is None else req.seed + i, ignore_eos=req.ignore_eos)
 
-    def _events(prompt: list[int], params: list[SamplingParams], stops: list[str]
+    def _events(prompt: list[int], params: list[SamplingParams], stops: list[str], model: str
                 ) -> AsyncIterator[tuple[int, str, str | None, int]]:
         """Submit the n requests now (a 429 or 400 is raised here, before any response starts);
         returns an iterator of (choice index, text delta, finish reason or None, tokens so far)."""
         handles = []
+        tag = names.index(model) if tenants else None
         try:
             for p in params:
-                handles.append(engine.submit(prompt, p))
+                handles.append(engine.submit(prompt, p, tag))
         except Exception:
             for h in handles:
                 engine.cancel(h)
@@ -316,20 +335,20 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         for p in params:
             engine.check(len(ids), p)
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _events(ids, params, stops)
+        events = _events(ids, params, stops, req.model)
         if req.stream:
             def chunk(i, delta, reason):
-                return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
                         "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": reason}]}
 
             usage = None
             if (req.stream_options or {}).get("include_usage"):
                 def usage(total):
-                    return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                    return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
                             "choices": [], "usage": _usage(len(ids), total)}
             return StreamingResponse(_stream(events, chunk, usage), media_type="text/event-stream")
         texts, reasons, total = await _collect(request, events)
-        return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+        return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
                 "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
                             for i, (t, r) in enumerate(zip(texts, reasons))],
                 "usage": _usage(len(ids), total)}
@@ -365,7 +384,7 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         for p in params:
             engine.check(len(ids), p)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _events(ids, params, stops)
+        events = _events(ids, params, stops, req.model)
         if req.stream:
             started: set[int] = set()
 
@@ -374,17 +393,17 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
                 if i not in started:
                     started.add(i)
                     d["role"] = "assistant"
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": req.model,
                         "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": reason}]}
 
             usage = None
             if (req.stream_options or {}).get("include_usage"):
                 def usage(total):
-                    return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
+                    return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": req.model,
                             "choices": [], "usage": _usage(len(ids), total)}
             return StreamingResponse(_stream(events, chunk, usage), media_type="text/event-stream")
         texts, reasons, total = await _collect(request, events)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
+        return {"id": rid, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
                              "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
                 "usage": _usage(len(ids), total)}

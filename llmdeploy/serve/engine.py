@@ -67,6 +67,7 @@ class _Handle:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     arrival: float = field(default_factory=time.monotonic)
+    tag: object = None  # passed to the engine's forward_context (a tenant)
     rid: int | None = None  # the engine's request id, once added
     last_token_at: float | None = None
     n_out: int = 0
@@ -82,7 +83,7 @@ class ServingEngine:
     def __init__(self, model, *, eos_token_ids: Sequence[int] = (), max_batch: int = 16, kv_blocks: int | None = None,
                  block_size: int = 16, kv_memory_gib: float = 1.0, max_model_len: int | None = None,
                  max_waiting: int = 256, max_waiting_tokens: int | None = None, prefill_chunk: int | None = 512,
-                 metrics: ServerMetrics | None = None) -> None:
+                 metrics: ServerMetrics | None = None, forward_context=None) -> None:
         self.model = model.eval()
         context = getattr(model.config, "max_position_embeddings", None)
         self.max_model_len = min(x for x in (max_model_len, context, 1 << 30) if x)
@@ -91,7 +92,8 @@ class ServingEngine:
             want = max_batch * -(-self.max_model_len // block_size)
             kv_blocks = max(1, min(want, int(kv_memory_gib * 2**30 // per_block)))
         self.cache = PagedKVCache(kv_blocks, block_size)
-        self.engine = PagedEngine(model, self.cache, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.engine = PagedEngine(model, self.cache, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                  forward_context=forward_context)
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_waiting_tokens = max_waiting_tokens or 64 * self.max_model_len
@@ -134,7 +136,7 @@ class ServingEngine:
             raise RequestError(f"the request needs {need} KV blocks, more than the server's {self.cache.blocks.capacity}"
                                f": lower max_tokens, or restart the server with more --kv-blocks")
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams) -> _Handle:
+    def submit(self, prompt: Sequence[int], params: SamplingParams, tag: object = None) -> _Handle:
         """Queue a request (call from the event loop); raises on bad or excess requests."""
         prompt = [int(t) for t in prompt]
         self.check(len(prompt), params)
@@ -144,7 +146,7 @@ class ServingEngine:
                 raise ServerOverloadedError(
                     f"the server is overloaded ({len(self._waiting)} requests, {waiting_tokens} prompt tokens "
                     f"waiting; limits {self.max_waiting} and {self.max_waiting_tokens}): retry later")
-            h = _Handle(next(self._ids), prompt, params, asyncio.get_running_loop(), asyncio.Queue())
+            h = _Handle(next(self._ids), prompt, params, asyncio.get_running_loop(), asyncio.Queue(), tag=tag)
             self._waiting[h.id] = h
         self._inbox.put(("add", h))
         self._wake.set()
@@ -200,7 +202,7 @@ class ServingEngine:
                 if h.rid is None and h.id in self._waiting:
                     p = h.params
                     h.rid = self.engine.add_request(h.prompt, p.max_tokens, self._stops(h),
-                                                    temperature=p.temperature, top_p=p.top_p, seed=p.seed)
+                                                    temperature=p.temperature, top_p=p.top_p, seed=p.seed, tag=h.tag)
                     self._by_rid[h.rid] = h
             elif op == "cancel":
                 with self._lock:
