@@ -331,25 +331,32 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         prompt = prompts[0]
         ids = tokenizer(prompt).input_ids if isinstance(prompt, str) else [int(t) for t in prompt]
         max_tokens = req.max_tokens if req.max_tokens is not None else engine.max_model_len - len(ids)
+        return await _respond(req, request, ids, stops, max_tokens, "cmpl", "text_completion", "text_completion",
+                              lambda i, delta: {"text": delta}, lambda text: {"text": text})
+
+    async def _respond(req: _Common, request: Request, ids: list[int], stops: list[str], max_tokens: int,
+                       prefix: str, kind: str, chunk_kind: str, delta_part, final_part):
+        """Run the request's n choices and answer: a whole response, or a stream of chunks
+        (``delta_part(i, text)`` / ``final_part(text)`` shape a choice of each kind of endpoint)."""
         params = [_params(req, max_tokens, i) for i in range(req.n)]
         for p in params:
             engine.check(len(ids), p)
-        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        rid, now = f"{prefix}-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": now, "model": req.model}
         events = _events(ids, params, stops, req.model)
         if req.stream:
             def chunk(i, delta, reason):
-                return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                        "choices": [{"index": i, "text": delta, "logprobs": None, "finish_reason": reason}]}
+                return {**head, "object": chunk_kind,
+                        "choices": [{"index": i, **delta_part(i, delta), "logprobs": None, "finish_reason": reason}]}
 
             usage = None
             if (req.stream_options or {}).get("include_usage"):
                 def usage(total):
-                    return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                            "choices": [], "usage": _usage(len(ids), total)}
+                    return {**head, "object": chunk_kind, "choices": [], "usage": _usage(len(ids), total)}
             return StreamingResponse(_stream(events, chunk, usage), media_type="text/event-stream")
         texts, reasons, total = await _collect(request, events)
-        return {"id": rid, "object": "text_completion", "created": now, "model": req.model,
-                "choices": [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
+        return {**head, "object": kind,
+                "choices": [{"index": i, **final_part(t), "logprobs": None, "finish_reason": r}
                             for i, (t, r) in enumerate(zip(texts, reasons))],
                 "usage": _usage(len(ids), total)}
 
@@ -380,32 +387,17 @@ def build_app(model, tokenizer, *, model_name: str, engine: ServingEngine | None
         ids = _chat_prompt(req.messages)
         limit = req.max_completion_tokens or req.max_tokens
         max_tokens = limit if limit is not None else engine.max_model_len - len(ids)
-        params = [_params(req, max_tokens, i) for i in range(req.n)]
-        for p in params:
-            engine.check(len(ids), p)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        events = _events(ids, params, stops, req.model)
-        if req.stream:
-            started: set[int] = set()
+        started: set[int] = set()
 
-            def chunk(i, delta, reason):
-                d = {"content": delta}
-                if i not in started:
-                    started.add(i)
-                    d["role"] = "assistant"
-                return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": req.model,
-                        "choices": [{"index": i, "delta": d, "logprobs": None, "finish_reason": reason}]}
+        def delta_part(i: int, delta: str) -> dict:
+            d = {"content": delta}
+            if i not in started:  # the first chunk of a choice says who speaks
+                started.add(i)
+                d["role"] = "assistant"
+            return {"delta": d}
 
-            usage = None
-            if (req.stream_options or {}).get("include_usage"):
-                def usage(total):
-                    return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": req.model,
-                            "choices": [], "usage": _usage(len(ids), total)}
-            return StreamingResponse(_stream(events, chunk, usage), media_type="text/event-stream")
-        texts, reasons, total = await _collect(request, events)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": req.model,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-                             "finish_reason": r} for i, (t, r) in enumerate(zip(texts, reasons))],
-                "usage": _usage(len(ids), total)}
+        return await _respond(req, request, ids, stops, max_tokens, "chatcmpl", "chat.completion",
+                              "chat.completion.chunk", delta_part,
+                              lambda text: {"message": {"role": "assistant", "content": text}})
 
     return app
