@@ -284,3 +284,32 @@ def test_named_teachers_and_errors(tiny):
     ce_only = Distill(steps=1, batch_size=2, ce_weight=1.0)  # cross-entropy alone needs no teacher
     ce_only(student, calib)
     assert ce_only.report_.teachers == 0
+
+
+def test_readme_quotes_the_distill_benchmark():
+    """The README's distillation numbers are those of benchmarks/results/distill/distill.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/distill/distill.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    rec, multi = res["recovery"], res["multi"]
+    assert f"windows (dense {rec['dense']['ppl']:.2f}" in readme
+    if "dense + CE" in rec:
+        assert f"the dense model fine-tuned the same way: {rec['dense + CE']['ppl']:.2f}" in readme
+    quoted = 0
+    for start in ("shortgpt-8", "slicegpt-25"):
+        if f"{start} + KD" not in rec or f"{start} + CE" not in rec:
+            continue
+        s, dense = rec[start]["ppl"], rec["dense"]["ppl"]
+        ce, kd = rec[f"{start} + CE"]["ppl"], rec[f"{start} + KD"]["ppl"]
+        assert f"{start}: start {s:.2f}, LoRA cross-entropy {ce:.2f} ({(s - ce) / (s - dense):.1%} of the gap " \
+               f"recovered), KD {kd:.2f} ({(s - kd) / (s - dense):.1%})" in readme
+        quoted += 1
+    assert quoted
+    for name, r in multi.items():
+        if not name.startswith(("fine-tune", "dense", "shortgpt")):
+            p = r["ppl"]
+            nll = (math.log(p["shakespeare"]) + math.log(p["pystdlib"])) / 2
+            assert f"{name}: {p['shakespeare']:.2f} / {p['pystdlib']:.2f} (mean NLL {nll:.4f})" in readme
