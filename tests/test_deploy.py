@@ -151,3 +151,18 @@ def test_enova_policy_meets_the_slo_with_fewer_replica_seconds_than_static():
     enova = simulate(times, ENOVAPolicy(PROFILE, LOAD, 4 * 2**30), PROFILE, LOAD, max_batch=rec.max_batch)
     assert static is not None and enova.attainment >= 0.95
     assert enova.replica_seconds < static.replica_seconds
+
+
+def test_docs_quote_the_anomaly_benchmark():
+    """The detector figures in docs/index.md are those of benchmarks/results/deploy/anomaly.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/deploy/anomaly.json").read_text())
+    doc = " ".join((root / "docs/index.md").read_text().split())
+    vae = next(r for n, r in res["rows"].items() if n.startswith("VAEDetector"))
+    rules = next(r for n, r in res["rows"].items() if n.startswith("RuleDetector"))
+    assert f"precision {vae['precision']:.3f}, recall {vae['recall']:.3f}" in doc
+    assert f"finds all {res['segments']} injected segments" in doc and vae["event_recall"] == 1.0
+    assert f"their {rules['flagged']} flags" in doc and rules["event_recall"] == 0.0

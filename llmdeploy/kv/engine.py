@@ -15,6 +15,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -95,7 +96,7 @@ class PagedEngine:
         gen = None
         if temperature > 0:
             gen = torch.Generator()
-            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            gen.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 2)
         req = Request(next(self._ids), prompt, max_new_tokens, eos_token_id, temperature=temperature, top_p=top_p,
                       generator=gen, tag=tag)
         self.waiting.append(req)
