@@ -16,7 +16,7 @@ RANK = {
     "errors": 0, "fetch": 0,
     "models": 1, "kernels": 1,
     "compress": 2, "data": 2, "kv": 2,
-    "quant": 3, "prune": 3, "finetune": 3, "delta": 3, "distill": 3,
+    "quant": 3, "prune": 3, "finetune": 3, "delta": 3, "distill": 3, "decode": 3,
     "eval": 4,
     "io": 5, "recipe": 5, "report": 5, "serve": 5, "deploy": 5,
     "cli": 6, "__init__": 7, "__main__": 7,

@@ -1,0 +1,129 @@
+"""What every drafter does for the engine, and how trainable drafters are saved and loaded.
+
+A drafter is an ``nn.Module`` holding only its own parameters (the model's LM head and embeddings
+it shares are passed in, never registered, so a saved drafter is small). The engine calls, per
+generation: :meth:`Drafter.begin` once, then per forward :meth:`~Drafter.extend` (add pseudo
+nodes), :meth:`~Drafter.forward_context` (hooks during the model's forward), and after it
+:meth:`~Drafter.observe` (what was accepted); :meth:`~Drafter.propose` builds each step's trees
+and :meth:`~Drafter.select` drops finished rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import CheckpointError, ConfigError
+from .tree import TokenTree, best_tree, static_tree
+
+DRAFTERS: dict[str, type[Drafter]] = {}
+
+
+def register_drafter(cls: type[Drafter]) -> type[Drafter]:
+    DRAFTERS[cls.kind] = cls
+    return cls
+
+
+class Drafter(nn.Module):
+    """Base class (see the module docstring)."""
+
+    kind: ClassVar[str] = ""
+    #: the acceptance rule at ``temperature > 0``: "rejection" (exact, needs sampled drafts) or "typical"
+    acceptance: ClassVar[str] = "typical"
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments, saved next to the weights."""
+        raise NotImplementedError
+
+    # --- engine hooks (defaults: nothing to do) ------------------------------------------------
+    def begin(self, runner, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float,
+              generator: torch.Generator) -> None:
+        self._runner, self._temperature, self._top_p, self._gen = runner, temperature, top_p, generator
+
+    def extend(self, trees: Sequence[TokenTree], anchors: Sequence[Sequence[int]]) -> None:
+        pass
+
+    def forward_context(self, trees: Sequence[TokenTree]) -> contextlib.AbstractContextManager | None:
+        return None
+
+    def observe(self, trees: Sequence[TokenTree], logits: torch.Tensor, hidden: torch.Tensor,
+                paths: Sequence[Sequence[int]], lasts: Sequence[int], *, prefill: bool = False) -> None:
+        """After a forward: ``paths[b]`` the accepted nodes of row ``b``, ``lasts[b]`` the node whose
+        prediction is the next root (``prefill``: the forward was the prompts')."""
+
+    def select(self, rows: Sequence[int]) -> None:
+        pass
+
+    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        raise NotImplementedError
+
+    # --- save / load --------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``drafter.json`` (kind and config) and ``drafter.safetensors`` into ``path``
+        (e.g. the model's own checkpoint folder), each atomically."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = path / ".drafter.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path / "drafter.safetensors")
+        tmp = path / ".drafter.json.tmp"
+        tmp.write_text(json.dumps({"kind": self.kind, "config": self.config()}, indent=1))
+        os.replace(tmp, path / "drafter.json")
+
+
+def load_drafter(path: str | os.PathLike) -> Drafter:
+    """The drafter saved in ``path`` by :meth:`Drafter.save` (weights via safetensors)."""
+    path = Path(path)
+    meta = path / "drafter.json"
+    if not meta.exists():
+        raise CheckpointError(f"{path} holds no drafter (no drafter.json): save one with drafter.save(path)")
+    info = json.loads(meta.read_text())
+    cls = DRAFTERS.get(info.get("kind", ""))
+    if cls is None:
+        raise CheckpointError(f"{meta} names an unknown drafter kind {info.get('kind')!r}; known: {sorted(DRAFTERS)}")
+    drafter = cls(**info["config"])
+    drafter.load_state_dict(load_file(str(path / "drafter.safetensors")))
+    return drafter
+
+
+class RankedTreeMixin:
+    """For drafters that predict a distribution per future position (Medusa, hidden transfer):
+    the tree takes the top-ranked tokens of each position along ``choices``; an int ``tree`` picks
+    the best tree of that many nodes for the measured per-rank accuracy ``self.accuracy``."""
+
+    accuracy: torch.Tensor
+
+    def _init_tree(self, n_future: int, tree: int | Sequence[Sequence[int]], topk: int) -> None:
+        if isinstance(tree, int):
+            if tree < 1:
+                raise ConfigError(f"tree size must be >= 1, got {tree}")
+        else:
+            tree = [list(c) for c in static_tree(tree)]
+        self.tree, self.topk = tree, topk
+        # a prior until measured: rank r of position k right with probability 0.6^(k+1) / (r+1)
+        k = torch.arange(n_future, dtype=torch.float32)[:, None]
+        r = torch.arange(topk, dtype=torch.float32)[None, :]
+        self.register_buffer("accuracy", 0.6 ** (k + 1) / (r + 1))
+
+    def choices(self) -> list[tuple[int, ...]]:
+        if isinstance(self.tree, int):
+            return best_tree(self.accuracy, self.tree)
+        return [tuple(c) for c in self.tree]
+
+    def set_tree(self, tree: int | Sequence[Sequence[int]]) -> None:
+        """Use another tree (a node count, or explicit choices) from now on."""
+        if isinstance(tree, int):
+            if tree < 1:
+                raise ConfigError(f"tree size must be >= 1, got {tree}")
+            self.tree = tree
+        else:
+            self.tree = [list(c) for c in static_tree(tree)]

@@ -1,0 +1,146 @@
+"""Parallel decoding via hidden transfer (Wu et al., 2024).
+
+Trained linear maps ``T_i`` (i = 1..n_future) turn the hidden state of a token at the input of
+block ``layer`` into *pseudo* hidden states of the ``i``-th future position: ``h~_{t+i} = T_i h_t``.
+The pseudo states replace placeholder positions at that layer and then pass through the remaining
+blocks with the real tokens (attending to the context, to the anchor's path and to earlier pseudo
+positions of the same anchor, never seen by real tokens), so the draft for position ``t + i + 1``
+benefits from ``L - layer`` blocks of the model itself; the final norm and LM head give it.
+
+Drafting costs no extra forward: every verification forward hangs a chain of ``n_future`` pseudo
+positions under each candidate node, and the chain under the node that ends up accepted gives the
+next step's drafts, whose top-ranked tokens form the next tree (the same sparse trees as Medusa's).
+There is no public code; choices made here (documented deviations where the paper is silent or
+unclear to us): one map per future position applied to the anchor's own hidden state, ``T_i``
+initialised to the identity, trained with the cross-entropy of the pseudo positions' predictions
+against the model's own greedy continuations, the model frozen; ``layer`` defaults to ``3L/4``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+from ..models import get_adapter
+from .base import Drafter, RankedTreeMixin, register_drafter
+from .tree import TokenTree, tree_from_choices, tree_inputs
+
+
+@register_drafter
+class HiddenTransfer(RankedTreeMixin, Drafter):
+    """Hidden-transfer drafter: ``n_future`` maps at the input of block ``layer``."""
+
+    kind = "hidden_transfer"
+    acceptance = "typical"
+
+    def __init__(self, hidden_size: int, layer: int, n_future: int = 3, *,
+                 tree: int | Sequence[Sequence[int]] = 16, topk: int = 8) -> None:
+        super().__init__()
+        if n_future < 1 or layer < 0:
+            raise ConfigError(f"hidden transfer needs n_future >= 1 and layer >= 0, got {n_future}, {layer}")
+        self.hidden_size, self.layer, self.n_future = hidden_size, layer, n_future
+        self.transfer = nn.Parameter(torch.eye(hidden_size).repeat(n_future, 1, 1))
+        self._init_tree(n_future, tree, topk)
+        self._slots: list[tuple[int, int, int, int]] = []  # (row, node, anchor, i) of the next forward
+        self._next: list[torch.Tensor | None] = []
+
+    @classmethod
+    def for_model(cls, model: nn.Module, layer: int | None = None, n_future: int = 3, **kw) -> HiddenTransfer:
+        n = len(get_adapter(model).blocks())
+        layer = (3 * n) // 4 if layer is None else layer
+        if not 0 <= layer < n:
+            raise ConfigError(f"layer must be in [0, {n}) for this model, got {layer}")
+        return cls(model.get_output_embeddings().in_features, layer, n_future, **kw)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "layer": self.layer, "n_future": self.n_future,
+                "tree": self.tree, "topk": self.topk}
+
+    # --- pseudo positions ------------------------------------------------------------------------
+    def extend(self, trees: Sequence[TokenTree], anchors: Sequence[Sequence[int]]) -> None:
+        self._slots = []
+        for b, (tree, nodes) in enumerate(zip(trees, anchors)):
+            for a in nodes:
+                parent = a
+                for i in range(self.n_future):
+                    parent = tree.add(tree.tokens[a], parent, pseudo=True)
+                    self._slots.append((b, parent, a, i))
+
+    def _hook(self, slots):
+        rows = torch.tensor([s[0] for s in slots])
+        nodes = torch.tensor([s[1] for s in slots])
+        anchors = torch.tensor([s[2] for s in slots])
+        which = torch.tensor([s[3] for s in slots])
+
+        def pre_hook(_module, args, kwargs):
+            key = "hidden_states" if "hidden_states" in kwargs else None
+            h = kwargs[key] if key else args[0]
+            src = h[rows, anchors]  # (S, d), at this block's input
+            maps = self.transfer[which].to(h.dtype)  # (S, d, d)
+            h = h.clone()
+            h[rows, nodes] = torch.bmm(maps, src[:, :, None])[:, :, 0]
+            if key:
+                kwargs = {**kwargs, key: h}
+                return args, kwargs
+            return (h, *args[1:]), kwargs
+
+        return pre_hook
+
+    @contextlib.contextmanager
+    def _replacing(self, model: nn.Module, slots):
+        block = get_adapter(model).blocks()[self.layer]
+        handle = block.register_forward_pre_hook(self._hook(slots), with_kwargs=True) if slots else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def forward_context(self, trees: Sequence[TokenTree]):
+        return self._replacing(self._runner.model, self._slots)
+
+    def observe(self, trees, logits, hidden, paths, lasts, *, prefill: bool = False) -> None:
+        nxt: list[torch.Tensor | None] = []
+        for b, (tree, last) in enumerate(zip(trees, lasts)):
+            chain, node = [], last
+            for _ in range(self.n_future):
+                node = next(j for j in range(node + 1, len(tree)) if tree.parents[j] == node and tree.pseudo[j])
+                chain.append(node)
+            nxt.append(logits[b, chain].topk(self.topk, dim=-1).indices.cpu())
+        self._next = nxt
+
+    def select(self, rows: Sequence[int]) -> None:
+        self._next = [self._next[r] for r in rows]
+
+    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        choices = self.choices()
+        return [tree_from_choices(r, self._next[b], choices) for b, r in enumerate(roots)]
+
+    # --- training -------------------------------------------------------------------------------
+    def future_logits(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]) -> torch.Tensor:
+        """(B, len(anchors), n_future, V): predictions of the pseudo positions hung under each
+        anchor of each row of ``tokens`` (B, S), in one forward without a cache (differentiable
+        in ``transfer``)."""
+        trees = [TokenTree.chain(row) for row in tokens.tolist()]
+        self.extend(trees, [list(anchors)] * len(trees))
+        ids, pos, mask = tree_inputs(trees, torch.zeros(len(trees), dtype=torch.long), next(model.parameters()).dtype)
+        dev = next(model.parameters()).device
+        with self._replacing(model, self._slots):
+            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                           use_cache=False).logits
+        S = tokens.shape[1]
+        pseudo = logits[:, S:].float()  # extend() appended the chains in anchor order
+        return pseudo.reshape(len(trees), len(anchors), self.n_future, -1)
+
+    def training_loss(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]) -> torch.Tensor:
+        """Mean cross-entropy of pseudo position ``i`` under anchor ``a`` against ``tokens[a + 1 + i]``
+        (anchors need ``a + n_future + 1 < S``)."""
+        logits = self.future_logits(model, tokens, anchors)
+        idx = torch.tensor(anchors)[:, None] + 2 + torch.arange(self.n_future)[None, :]
+        targets = tokens[:, idx]  # (B, A, n)
+        return F.cross_entropy(logits.flatten(0, 2), targets.flatten().to(logits.device))

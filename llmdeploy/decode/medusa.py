@@ -1,0 +1,88 @@
+"""Medusa heads (Cai et al., 2024): extra decoding heads on the model's last hidden state.
+
+Head ``k`` (k = 1..K) maps the hidden state ``h`` at the position that predicted the current root
+to the token ``k`` places after the root: ``lm_head(h + SiLU(W_k h + b_k))`` — one residual SiLU
+block per head, the model's own LM head shared (Medusa-1's cheap variant: a head costs ``d^2 + d``
+parameters, 332k on SmolLM2-135M, not a vocabulary-sized matrix). ``W_k`` starts at zero, so an
+untrained head predicts what the model predicts next (as in the reference). Candidates are the
+top-ranked tokens of each head arranged in a sparse tree chosen for the measured per-rank accuracy
+(:func:`~.tree.best_tree`). Trained with the summed cross-entropy of the heads, head ``k`` weighted
+``0.8^(k-1)``, on the model's own continuations (:mod:`.train`), the base frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Drafter, RankedTreeMixin, register_drafter
+from .tree import TokenTree, tree_from_choices
+
+
+class ResBlock(nn.Module):
+    """``x + SiLU(W x + b)``."""
+
+    def __init__(self, dim: int, zero: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+        if zero:
+            nn.init.zeros_(self.linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.silu(self.linear(x))
+
+
+@register_drafter
+class MedusaHeads(RankedTreeMixin, Drafter):
+    """``n_heads`` Medusa heads for a model of width ``hidden_size`` (see the module docstring).
+
+    ``tree``: the number of candidate nodes (the best tree for the measured accuracy) or explicit
+    Medusa choices (tuples of ranks); ``topk``: ranks considered per head."""
+
+    kind = "medusa"
+    acceptance = "typical"
+
+    def __init__(self, hidden_size: int, n_heads: int = 4, *, tree: int | Sequence[Sequence[int]] = 16,
+                 topk: int = 8, n_layers: int = 1) -> None:
+        super().__init__()
+        self.hidden_size, self.n_heads, self.n_layers = hidden_size, n_heads, n_layers
+        self.heads = nn.ModuleList(nn.Sequential(*[ResBlock(hidden_size) for _ in range(n_layers)])
+                                   for _ in range(n_heads))
+        self._init_tree(n_heads, tree, topk)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, n_heads: int = 4, **kw) -> MedusaHeads:
+        return cls(model.get_output_embeddings().in_features, n_heads, **kw)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "n_heads": self.n_heads, "tree": self.tree,
+                "topk": self.topk, "n_layers": self.n_layers}
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d) -> (..., K, d): what each head hands to the LM head."""
+        return torch.stack([head(h) for head in self.heads], dim=-2)
+
+    def head_logits(self, lm_head: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return lm_head(self.features(h.to(self.heads[0][0].linear.weight.dtype)).to(h.dtype)).float()
+
+    @torch.no_grad()
+    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        logits = self.head_logits(self._runner.adapter.head(), hidden)  # (B, K, V)
+        top = logits.topk(self.topk, dim=-1).indices.cpu()
+        choices = self.choices()
+        return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]
+
+    def training_loss(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (N, d) at anchors, ``targets`` (N, K) the tokens 1..K after each anchor's
+        next token: the 0.8^(k-1)-weighted sum of the heads' cross-entropies."""
+        logits = self.head_logits(lm_head, hidden)
+        w = 0.8 ** torch.arange(self.n_heads, dtype=torch.float32)
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).mean(0)
+        return (w * ce).sum()
+
+    def future_logits(self, lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, K, V) predictions for positions 1..K after the next token (for accuracy)."""
+        return self.head_logits(lm_head, hidden)

@@ -1,0 +1,138 @@
+"""Recurrent Drafter (Cheng et al., Apple, 2024): a small RNN over the model's own embeddings.
+
+From the last hidden state ``h`` (at the position that predicted the root) and a recurrent state
+``s_t = SiLU(U s_{t-1} + W e(y_{t-1}))`` (``s_0 = 0``, ``y_0`` the root, ``e`` the model's input
+embedding table, shared), the drafter's distribution for the next token is the model's LM head
+applied to ``P · R2(R1([h ⊕ s_t]))`` — two residual SiLU blocks over the concatenation, then a
+projection back to the model's width. **Deviation**: the reference ends in its own vocabulary
+projection; here the model's LM head is shared through ``P`` (on SmolLM2-135M an own head would
+be 57M parameters, 42% of the model). Candidates come from beam search (``beam_width`` beams of
+``beam_length`` tokens), deduplicated into a prefix tree before one verification forward.
+
+At ``temperature > 0`` the beams are instead ``beam_width`` chains *sampled* from the drafter's
+distribution (the same temperature and nucleus as the model), merged into a prefix tree that
+keeps each token's draw count and the drafter's distribution at every node, so the engine's
+rejection sampling is exact (the reference's beam-search sampling is not, as its README warns).
+Trained by distillation on the model's own greedy continuations (sequence-level KD), the model frozen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Drafter, register_drafter
+from .engine import target_probs
+from .medusa import ResBlock
+from .tree import TokenTree
+
+
+@register_drafter
+class ReDrafter(Drafter):
+    """Recurrent drafter for a model of width ``hidden_size`` with embeddings of ``embed_dim``."""
+
+    kind = "redrafter"
+    acceptance = "rejection"
+
+    def __init__(self, hidden_size: int, embed_dim: int | None = None, *, beam_width: int = 4,
+                 beam_length: int = 4, n_blocks: int = 2) -> None:
+        super().__init__()
+        embed_dim = embed_dim or hidden_size
+        self.hidden_size, self.embed_dim, self.n_blocks = hidden_size, embed_dim, n_blocks
+        self.beam_width, self.beam_length = beam_width, beam_length
+        self.U = nn.Linear(embed_dim, embed_dim, bias=False)
+        self.W = nn.Linear(embed_dim, embed_dim)
+        self.blocks = nn.Sequential(*[ResBlock(hidden_size + embed_dim, zero=False) for _ in range(n_blocks)])
+        self.proj = nn.Linear(hidden_size + embed_dim, hidden_size)
+        with torch.no_grad():  # start as "the model's next-token guess": P [h ⊕ s] = h
+            self.proj.weight.zero_()
+            self.proj.weight[:, :hidden_size] = torch.eye(hidden_size)
+            self.proj.bias.zero_()
+            for blk in self.blocks:
+                blk.linear.weight.mul_(0.1)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kw) -> ReDrafter:
+        return cls(model.get_output_embeddings().in_features, model.get_input_embeddings().embedding_dim, **kw)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "embed_dim": self.embed_dim, "beam_width": self.beam_width,
+                "beam_length": self.beam_length, "n_blocks": self.n_blocks}
+
+    def step(self, s: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.U(s) + self.W(emb))
+
+    def logits(self, lm_head: nn.Module, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.blocks(torch.cat([h, s], dim=-1)))
+        return lm_head(x).float()
+
+    @torch.no_grad()
+    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        lm_head = self._runner.adapter.head()
+        embed = self._runner.model.get_input_embeddings()
+        dtype = self.W.weight.dtype
+        trees = []
+        for b, root in enumerate(roots):
+            h = hidden[b].to(dtype)
+            if self._temperature > 0:
+                trees.append(self._sampled(lm_head, embed, h, root))
+            else:
+                trees.append(self._beams(lm_head, embed, h, root))
+        return trees
+
+    def _beams(self, lm_head, embed, h: torch.Tensor, root: int) -> TokenTree:
+        W, dev = self.beam_width, h.device
+        s = self.step(torch.zeros(1, self.embed_dim, device=dev, dtype=h.dtype),
+                      embed(torch.tensor([root], device=dev)).to(h.dtype))
+        seqs = torch.zeros(1, 0, dtype=torch.long, device=dev)
+        score = torch.zeros(1, device=dev)
+        for _ in range(self.beam_length):
+            logp = torch.log_softmax(self.logits(lm_head, h.expand(len(s), -1), s), dim=-1)  # (n, V)
+            total = (score[:, None] + logp).flatten()
+            score, flat = total.topk(W)
+            parent, tok = flat // logp.shape[1], flat % logp.shape[1]
+            seqs = torch.cat([seqs[parent], tok[:, None]], dim=1)
+            s = self.step(s[parent], embed(tok).to(h.dtype))
+        return TokenTree.from_paths(root, seqs.tolist())
+
+    def _sampled(self, lm_head, embed, h: torch.Tensor, root: int) -> TokenTree:
+        W, dev = self.beam_width, h.device
+        s = self.step(torch.zeros(W, self.embed_dim, device=dev, dtype=h.dtype),
+                      embed(torch.full((W,), root, device=dev)).to(h.dtype))
+        seqs: list[list[int]] = [[] for _ in range(W)]
+        dists: dict[tuple[int, ...], torch.Tensor] = {}
+        for _ in range(self.beam_length):
+            q = target_probs(self.logits(lm_head, h.expand(W, -1), s), self._temperature, self._top_p).cpu()
+            tok = torch.multinomial(q, 1, generator=self._gen)[:, 0]
+            for i in range(W):
+                dists.setdefault(tuple(seqs[i]), q[i])
+                seqs[i].append(int(tok[i]))
+            s = self.step(s, embed(tok.to(dev)).to(h.dtype))
+        tree = TokenTree.from_paths(root, seqs)
+        # the distribution each node's children were drawn from, by the node's path
+        prefix: dict[int, tuple[int, ...]] = {0: ()}
+        for i in range(1, len(tree)):
+            prefix[i] = prefix[tree.parents[i]] + (tree.tokens[i],)
+        tree.q = {i: dists[p] for i, p in prefix.items() if p in dists}
+        return tree
+
+    def training_loss(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
+                      tokens: torch.Tensor) -> torch.Tensor:
+        """``hidden`` (N, d) at anchors; ``tokens`` (N, 1 + n): the anchor's next token then the
+        ``n`` tokens to predict, teacher-forced through the recurrence; mean cross-entropy."""
+        return F.cross_entropy(self.future_logits(lm_head, embed, hidden, tokens[:, :-1]).flatten(0, 1),
+                               tokens[:, 1:].flatten())
+
+    def future_logits(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
+                      inputs: torch.Tensor) -> torch.Tensor:
+        """(N, n, V): the drafter's prediction after each teacher-forced prefix of ``inputs``."""
+        h = hidden.to(self.W.weight.dtype)
+        s = torch.zeros(len(h), self.embed_dim, device=h.device, dtype=h.dtype)
+        out = []
+        for t in range(inputs.shape[1]):
+            s = self.step(s, embed(inputs[:, t]).to(h.dtype))
+            out.append(self.logits(lm_head, h, s))
+        return torch.stack(out, dim=1)
