@@ -9,7 +9,14 @@ acceptance. :mod:`.train` makes self-distillation data and trains the drafters.
 from .base import Drafter, load_drafter
 from .cache import TreeCache
 from .draft_model import DraftModel
-from .engine import DecodeStats, GenerationResult, accept_greedy, accept_rejection, accept_typical, generate
+from .engine import (
+    DecodeStats,
+    GenerationResult,
+    accept_greedy,
+    accept_rejection,
+    accept_typical,
+    generate,
+)
 from .hidden_transfer import HiddenTransfer
 from .medusa import MedusaHeads
 from .redrafter import ReDrafter

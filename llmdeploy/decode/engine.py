@@ -11,7 +11,8 @@ node; the acceptance rule walks the tree:
 - ``acceptance="rejection"`` (draft models, ReDrafter at ``temperature > 0``): multi-candidate
   speculative sampling (Leviathan et al. 2023; SpecInfer's form for trees) — at a node, each drafted
   child ``x`` (as often as it was drawn from the drafter's ``q``) is accepted with probability
-  ``min(1, p(x)/q(x))``, after a rejection ``p <- norm(max(p - q, 0))``; when no child is accepted
+  ``min(1, p(x)/q(x))`` in the order drafts were drawn, after a rejection ``p <- norm(max(p - q, 0))``;
+  when no child is accepted
   the next token is drawn from what is left of ``p``. Every token is distributed exactly as the
   model's ``p`` (softmax at ``temperature``, nucleus ``top_p``).
 - ``acceptance="typical"`` (Medusa, hidden transfer at ``temperature > 0``): Medusa-2's typical
@@ -129,21 +130,15 @@ def accept_rejection(tree: TokenTree, probs: torch.Tensor, generator: torch.Gene
                 raise ConfigError("rejection sampling needs the drafter's distribution of every node with children "
                                   "(tree.q): this drafter proposes without one; use acceptance='typical'")
             q = q.to(p)
-            for c in kids:
+            for c in tree.draws.get(node, kids):  # in draw order, once per draw
                 x = tree.tokens[c]
-                for _ in range(tree.count[c]):
-                    u = torch.rand((), generator=generator)
-                    if q[x] > 0 and u * q[x] <= p[x]:  # accept with probability min(1, p/q)
-                        node, moved = c, True
-                        break
-                    p = (p - q).clamp_min(0)
-                    s = p.sum()
-                    if s <= 0:  # p == q exactly: nothing left; q's draw was p's draw
-                        p = probs[node].clone()
-                    else:
-                        p = p / s
-                if moved:
+                u = torch.rand((), generator=generator)
+                if q[x] > 0 and u * q[x] <= p[x]:  # accept with probability min(1, p/q)
+                    node, moved = c, True
                     break
+                p = (p - q).clamp_min(0)
+                s = p.sum()
+                p = p / s if s > 0 else probs[node].clone()  # s == 0 only when p == q (never rejects)
         if not moved:
             return path, int(torch.multinomial(p, 1, generator=generator))
         path.append(node)

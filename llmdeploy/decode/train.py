@@ -173,7 +173,7 @@ def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillDat
         loss.backward()
         opt.step()
         sched.step()
-        report.history.append(float(loss))
+        report.history.append(loss.item())
         if state is not None and ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             state.save(step + 1, drafter.state_dict(), {"opt": opt.state_dict(), "sched": sched.state_dict()},
                        {"history": report.history})

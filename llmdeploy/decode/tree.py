@@ -28,7 +28,10 @@ class TokenTree:
     ``count[i]`` is how many drafted paths reached node ``i`` (kept by prefix deduplication so
     that rejection sampling can try a token as often as it was drawn); ``q[i]`` is the drafter's
     distribution over node ``i``'s children (set by drafters that sample, for exact rejection
-    sampling); ``pseudo[i]`` marks placeholder nodes that are not candidates.
+    sampling); ``draws[i]`` lists node ``i``'s children in the order they were drawn, a child
+    repeated once per draw (rejection sampling must try drafts in draw order: trying equal tokens
+    together would reorder the draws by their values and bias the result); ``pseudo[i]`` marks
+    placeholder nodes that are not candidates.
     """
 
     tokens: list[int]
@@ -36,6 +39,7 @@ class TokenTree:
     count: list[int] = field(default_factory=list)
     pseudo: list[bool] = field(default_factory=list)
     q: dict[int, torch.Tensor] = field(default_factory=dict)
+    draws: dict[int, list[int]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -101,18 +105,21 @@ class TokenTree:
     @classmethod
     def from_paths(cls, root: int, paths: Sequence[Sequence[int]]) -> TokenTree:
         """The prefix tree of candidate continuations of ``root``: equal prefixes merge into one
-        node (ReDrafter's beam deduplication), ``count`` keeps how many paths passed each node."""
+        node (ReDrafter's beam deduplication), ``count`` keeps how many paths passed each node and
+        ``draws`` the order in which the paths reached each child."""
         tree = cls([int(root)], [-1])
         index: dict[tuple[int, ...], int] = {}
         for path in paths:
             node, key = 0, ()
             for tok in path:
                 key = key + (int(tok),)
+                parent = node
                 if key in index:
                     node = index[key]
                     tree.count[node] += 1
                 else:
                     node = index[key] = tree.add(int(tok), node)
+                tree.draws.setdefault(parent, []).append(node)
         return tree
 
 

@@ -1,0 +1,278 @@
+"""Faster decoding on ``smollm2-135m``: Medusa, ReDrafter, hidden transfer and draft models on one
+verification engine, against plain greedy decoding of the same model in the same run (issue #17).
+
+    python -m benchmarks.decode                       # every stage; finished stages are kept
+    python -m benchmarks.decode --stage timing        # re-time only
+
+Stages (results in ``results/decode/decode.json``; delete a key to redo it):
+
+- ``data``: self-distillation data — 128 prompts of 32 tokens from the Shakespeare *train* split,
+  each continued by 96 greedy tokens of the model (training); 16 more prompts with another seed
+  (validation: per-rank accuracy, from which the trees are built). Cached under
+  ``results/decode/cache`` (not committed).
+- ``train``: Medusa (4 heads), ReDrafter (4 steps ahead) and hidden transfer (4 future positions
+  at block 22 of 30) trained with the model frozen; steps, loss and seconds recorded; weights under
+  ``results/decode/drafters`` (not committed; ``load_drafter`` reads them).
+- ``drafts``: self-speculation drafts — ShortGPT copies of the model with 15 and 20 of 30 blocks
+  removed (Block Influence on 16 calibration windows).
+- ``sweep``: held-out prompts (the first 8 windows of 32 tokens of the Shakespeare *test* split,
+  never trained on), 64 new tokens, greedy, batch 1: mean tokens per verification step (accepted
+  drafts + 1) and candidates verified per step, per method and tree size; every output is checked
+  equal to plain greedy decoding.
+- ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
+  per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
+  engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
+  repeated ``--repeats`` times interleaved; medians, 2 threads.
+
+Writes ``decode.json``, ``DECODE.md`` and ``decode.png`` (accepted length against tree size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import llmdeploy
+from llmdeploy import decode as D
+from llmdeploy.data import calibration
+from llmdeploy.eval.perplexity import test_windows
+from llmdeploy.prune import ShortGPT
+
+RESULTS = Path(__file__).resolve().parent / "results" / "decode"
+MODEL = "smollm2-135m"
+NEW = 64
+log = logging.getLogger("benchmarks.decode")
+
+TRAIN = {  # drafter -> (constructor, training options)
+    "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 400, "batch": 4, "anchors_per_seq": 16}),
+    "redrafter": (lambda m: D.ReDrafter.for_model(m, beam_width=4, beam_length=4),
+                  {"steps": 400, "batch": 4, "anchors_per_seq": 16}),
+    "hidden_transfer": (lambda m: D.HiddenTransfer.for_model(m, layer=22, n_future=4, topk=8),
+                        {"steps": 200, "batch": 1, "anchors_per_seq": 24}),
+}
+SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), beams, draft lengths
+    "medusa": [2, 4, 8, 16, 32],
+    "hidden_transfer": [2, 4, 8, 16, 32],
+    "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4)],
+    "draft shortgpt-15": [1, 2, 3, 4],
+    "draft shortgpt-20": [1, 2, 3, 4],
+}
+
+
+def _drafter(name: str, model, cfg, drafts: dict):
+    if name.startswith("draft "):
+        return D.DraftModel(drafts[name[6:]], n_draft=cfg)
+    d = D.load_drafter(RESULTS / "drafters" / name)
+    if name == "redrafter":
+        d.beam_width, d.beam_length = cfg
+    else:
+        d.set_tree(cfg)
+    return d
+
+
+def stage_data(res, model, tok, save) -> tuple[D.SelfDistillData, D.SelfDistillData]:
+    cache = RESULTS / "cache"
+    t0 = time.perf_counter()
+    train = D.self_distill_data(model, tok, n=128, prompt_len=32, new_tokens=96, seed=0, cache_dir=cache)
+    val = D.self_distill_data(model, tok, n=16, prompt_len=32, new_tokens=96, seed=1, cache_dir=cache)
+    if "data" not in res:
+        res["data"] = {"train": list(train.tokens.shape), "validation": list(val.tokens.shape), "prompt_len": 32,
+                       "corpus": "shakespeare (train split)", "seconds": time.perf_counter() - t0}
+        save()
+    return train, val
+
+
+def stage_train(res, model, train, val, save) -> None:
+    rows = res.setdefault("train", {})
+    for name, (make, opts) in TRAIN.items():
+        folder = RESULTS / "drafters" / name
+        if name in rows and (folder / "drafter.json").exists():
+            continue
+        drafter = make(model)
+        rep = D.train_drafter(drafter, model, train, lr=1e-3, checkpoint_dir=RESULTS / "checkpoints" / name, **opts)
+        row = {**opts, "loss_first": sum(rep.history[:20]) / 20, "loss_last": sum(rep.history[-20:]) / 20,
+               "seconds": rep.seconds, "resumed_at": rep.resumed_at,
+               "parameters": sum(p.numel() for p in drafter.parameters())}
+        if name != "redrafter":
+            acc = D.measure_accuracy(drafter, model, val)
+            row["top1_accuracy"] = acc[:, 0].tolist()
+            row["top8_accuracy"] = acc.sum(1).tolist()
+        drafter.save(folder)
+        rows[name] = row
+        log.info("%s trained: %s", name, row)
+        save()
+
+
+def make_drafts(model, tok) -> dict:
+    calib = calibration(tok, "shakespeare", n_samples=16, seq_len=512, seed=0)
+    return {f"shortgpt-{n}": ShortGPT(n_remove=n, n_samples=16)(copy.deepcopy(model), calib).eval()
+            for n in (15, 20)}
+
+
+def stage_sweep(res, model, prompts, drafts, plain, save) -> None:
+    rows = res.setdefault("sweep", {})
+    for name, cfgs in SIZES.items():
+        for cfg in cfgs:
+            key = f"{name} {cfg}"
+            if key in rows:
+                continue
+            d = _drafter(name, model, cfg, drafts)
+            t0 = time.perf_counter()
+            D.generate(model, None, prompts[:1], 8, drafter=d)  # warm-up
+            tokens, cands, seqs, secs = [], [], [], 0.0
+            for p in prompts:
+                out = D.generate(model, None, [p], NEW, drafter=d)
+                secs += out.stats.seconds
+                tokens += out.stats.tokens_per_step
+                cands += out.stats.candidates_per_step
+                seqs.append(out.sequences[0])
+            rows[key] = {"method": name, "config": cfg, "tokens_per_step": sum(tokens) / len(tokens),
+                         "tree": sum(cands) / len(cands), "identical_to_greedy": seqs == plain,
+                         "seconds": time.perf_counter() - t0, "generate_seconds": secs}
+            log.info("%s: %.3f tokens/step, tree %.1f", key, rows[key]["tokens_per_step"], rows[key]["tree"])
+            save()
+
+
+def _best(res) -> dict[str, str]:
+    """Per method, the swept configuration with the highest tokens per second of the sweep."""
+    best: dict[str, tuple[float, str]] = {}
+    for key, r in res["sweep"].items():
+        rate = NEW * 8 / r["generate_seconds"]
+        if r["method"] not in best or rate > best[r["method"]][0]:
+            best[r["method"]] = (rate, key)
+    return {m: k for m, (_, k) in best.items()}
+
+
+def stage_timing(res, model, prompts, drafts, repeats: int, save) -> None:
+    best = _best(res)
+    runs = {"hf generate": None, "plain": None, **{k: res["sweep"][k] for k in best.values()}}
+    times: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": []} for k in runs}
+
+    def once(key, batch) -> float:
+        groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+        t0 = time.perf_counter()
+        for g in groups:
+            if key == "hf generate":
+                model.generate(torch.tensor(g), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)
+            else:
+                d = None if key == "plain" else _drafter(runs[key]["method"], model, runs[key]["config"], drafts)
+                D.generate(model, None, g, NEW, drafter=d)
+        return len(prompts) * NEW / (time.perf_counter() - t0)
+
+    for key in runs:  # warm-up
+        once(key, 4)
+    for _ in range(repeats):
+        for batch in ("1", "4"):
+            for key in runs:
+                times[key][batch].append(once(key, int(batch)))
+    out = {}
+    for key, t in times.items():
+        out[key] = {f"tok_s_b{b}": statistics.median(v) for b, v in t.items()}
+        out[key].update({f"all_b{b}": v for b, v in t.items()})
+    res["timing"] = {"repeats": repeats, "rows": out}
+    save()
+
+
+def markdown(res: dict) -> str:
+    out = ["# Faster decoding on smollm2-135m (2 CPU threads, fp32, greedy)", "",
+           f"Held-out prompts: 8 windows of 32 tokens of the Shakespeare test split, {NEW} new tokens; drafters "
+           "trained on the model's own continuations of Shakespeare train-split prompts. Tokens/step = accepted "
+           "drafts + 1 per verification forward (plain decoding: 1.0). Generated by `python -m benchmarks.decode`.", ""]
+    if "train" in res:
+        out += ["## Training", "", "| drafter | parameters | steps | loss first → last (means of 20 steps) | "
+                "top-1 accuracy per future position | seconds |", "|---|---|---|---|---|---|"]
+        for name, r in res["train"].items():
+            acc = ", ".join(f"{a:.2f}" for a in r.get("top1_accuracy", [])) or "—"
+            out.append(f"| {name} | {r['parameters']:,} | {r['steps']} | {r['loss_first']:.3f} → "
+                       f"{r['loss_last']:.3f} | {acc} | {r['seconds']:.0f} |")
+        out.append("")
+    if "sweep" in res:
+        out += ["## Accepted length against tree size (batch 1)", "",
+                "| method | configuration | candidates verified / step | tokens / step | output = plain greedy |",
+                "|---|---|---|---|---|"]
+        for r in res["sweep"].values():
+            out.append(f"| {r['method']} | {r['config']} | {r['tree']:.1f} | {r['tokens_per_step']:.3f} | "
+                       f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
+        out.append("")
+    if "timing" in res:
+        rows = res["timing"]["rows"]
+        base = {b: max(rows["hf generate"][f"tok_s_b{b}"], rows["plain"][f"tok_s_b{b}"]) for b in ("1", "4")}
+        out += ["## Wall clock (medians of {} interleaved repeats)".format(res["timing"]["repeats"]), "",
+                "Speed-up against the faster of the two plain decoders in the same run.", "",
+                "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
+        for key, r in rows.items():
+            out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
+                       f"{r['tok_s_b4'] / base['4']:.2f}x |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot(res: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    methods: dict[str, list[tuple[float, float]]] = {}
+    for r in res.get("sweep", {}).values():
+        methods.setdefault(r["method"], []).append((r["tree"], r["tokens_per_step"]))
+    for m, pts in methods.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    ax.set(xlabel="candidates verified per step", ylabel="tokens per verification step", xscale="log",
+           title="smollm2-135m, held-out Shakespeare prompts, greedy")
+    ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", nargs="+", default=["data", "train", "sweep", "timing"],
+                   choices=["data", "train", "sweep", "timing"])
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "decode.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "new_tokens": NEW}
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        tmp.replace(path)
+        (RESULTS / "DECODE.md").write_text(markdown(res))
+
+    model, tok = llmdeploy.load(MODEL)
+    model.eval()
+    train, val = stage_data(res, model, tok, save)
+    if "train" in args.stage:
+        stage_train(res, model, train, val, save)
+    prompts = test_windows(tok, "shakespeare", 32, 8).tolist()
+    drafts = make_drafts(model, tok) if {"sweep", "timing"} & set(args.stage) else {}
+    plain = D.generate(model, None, prompts, NEW).sequences
+    if "sweep" in args.stage:
+        stage_sweep(res, model, prompts, drafts, plain, save)
+    if "timing" in args.stage:
+        stage_timing(res, model, prompts, drafts, args.repeats, save)
+    save()
+    plot(res, RESULTS / "decode.png")
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

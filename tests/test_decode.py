@@ -1,0 +1,344 @@
+"""llmdeploy.decode: tree verification is lossless for every drafter, the tree layout and the
+compacted cache are right, and rejection sampling draws from the model's distribution."""
+
+import copy
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import llmdeploy
+from llmdeploy import decode as D
+from llmdeploy.decode.engine import Runner, target_probs
+from llmdeploy.errors import CheckpointError, ConfigError
+
+PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], [3, 4, 5, 6, 7, 8, 9, 10, 11, 40, 41]]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, tok = llmdeploy.load("tiny-llama")
+    return model.eval(), tok
+
+
+def hf_greedy(model, prompts, n):
+    out = []
+    for p in prompts:
+        g = model.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        out.append(g[0, len(p):].tolist())
+    return out
+
+
+def random_drafters(model):
+    """Untrained drafters with random weights (their guesses are mostly wrong, sometimes right)."""
+    torch.manual_seed(0)
+    medusa = D.MedusaHeads.for_model(model, 3, tree=10, topk=4)
+    hidden = D.HiddenTransfer.for_model(model, n_future=2, tree=6, topk=3)
+    for d in (medusa, hidden):
+        for p in d.parameters():
+            p.data.add_(torch.randn_like(p) * 0.2)
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in draft.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return {
+        "medusa": medusa,
+        "redrafter": D.ReDrafter.for_model(model, beam_width=3, beam_length=3),
+        "hidden_transfer": hidden,
+        "draft_model": D.DraftModel(draft, n_draft=3),
+    }
+
+
+# --- the tree layout ---------------------------------------------------------------------------
+def test_tree_mask_and_positions_match_a_hand_built_tree():
+    #        0 (root)
+    #       / \
+    #      1   2
+    #      |   |
+    #      3   5
+    #      |
+    #      4
+    tree = D.TokenTree([100, 101, 102, 103, 104, 105], [-1, 0, 0, 1, 3, 2])
+    short = D.TokenTree.chain([7, 8])
+    ids, pos, mask = D.tree_inputs([tree, short], torch.tensor([3, 1]))
+    assert ids.tolist() == [[100, 101, 102, 103, 104, 105], [7, 8, 0, 0, 0, 0]]
+    assert pos[0].tolist() == [3, 4, 4, 5, 6, 5]
+    assert pos[1, :2].tolist() == [1, 2]
+    seen = mask[:, 0] == 0  # (B, T, L) with L = 3 + 6
+    assert seen.shape == (2, 6, 9)
+    ancestors = {0: [0], 1: [0, 1], 2: [0, 2], 3: [0, 1, 3], 4: [0, 1, 3, 4], 5: [0, 2, 5]}
+    for i, anc in ancestors.items():
+        expect = [True] * 3 + [j in anc for j in range(6)]
+        assert seen[0, i].tolist() == expect, i
+    # row 1: one cached token, then its chain; padding queries see the context and themselves
+    assert seen[1, 0].tolist() == [True, True] + [False] * 7
+    assert seen[1, 1].tolist() == [True, True, True] + [False] * 6
+    assert seen[1, 4].tolist() == [True] + [False] * 4 + [True] + [False] * 3  # its own slot 1 + 4
+
+
+def test_prefix_tree_merges_beams_and_counts_draws():
+    tree = D.TokenTree.from_paths(9, [[1, 2, 3], [1, 2, 4], [1, 5, 6], [1, 2, 3]])
+    assert tree.tokens == [9, 1, 2, 3, 4, 5, 6]
+    assert tree.parents == [-1, 0, 1, 2, 2, 1, 5]
+    assert tree.count == [1, 4, 3, 2, 1, 1, 1]
+    assert tree.num_candidates == 6
+
+
+def test_best_tree_takes_the_most_likely_paths_first():
+    acc = torch.tensor([[0.5, 0.3], [0.4, 0.1]])
+    assert D.best_tree(acc, 3) == [(0,), (1,), (0, 0)]
+    assert D.best_tree(acc, 5) == [(0,), (1,), (0, 0), (0, 1), (1, 0)]
+    with pytest.raises(ConfigError):
+        D.static_tree([(0, 1)])  # no parent (0,)
+
+
+# --- lossless greedy -----------------------------------------------------------------------------
+@pytest.mark.parametrize("batch", [1, 3])
+def test_greedy_output_equals_plain_greedy_for_every_drafter(tiny, batch):
+    model, _ = tiny
+    prompts = PROMPTS[:batch] if batch > 1 else PROMPTS[2:]
+    ref = hf_greedy(model, prompts, 18)
+    assert D.generate(model, None, prompts, 18).sequences == ref
+    for name, drafter in random_drafters(model).items():
+        out = D.generate(model, None, prompts, 18, drafter=drafter)
+        assert out.sequences == ref, name
+        assert out.stats.mean_tree > 0, name
+
+
+def test_draft_model_equal_to_the_model_accepts_everything(tiny):
+    model, _ = tiny
+    out = D.generate(model, None, PROMPTS, 17, drafter=D.DraftModel(model, n_draft=3))
+    assert out.sequences == hf_greedy(model, PROMPTS, 17)
+    assert out.stats.mean_accepted == pytest.approx(4.0, abs=0.34)  # only a final short step may accept less
+
+
+@pytest.mark.parametrize("family", ["tiny-opt", "tiny-qwen2"])
+def test_greedy_is_lossless_on_other_families(family):
+    model, _ = llmdeploy.load(family)
+    model.eval()
+    ref = hf_greedy(model, PROMPTS, 12)
+    for name, drafter in random_drafters(model).items():
+        assert D.generate(model, None, PROMPTS, 12, drafter=drafter).sequences == ref, (family, name)
+
+
+def test_verifier_may_be_a_compressed_model(tiny):
+    from llmdeploy.data import calibration
+    from llmdeploy.prune import SliceGPT
+    from llmdeploy.quant import RTN
+
+    model, tok = tiny
+    calib = calibration(tok, n_samples=8, seq_len=32)
+    for compressed in (RTN(bits=4, group_size=16)(copy.deepcopy(model)),
+                       SliceGPT(sparsity=0.25)(copy.deepcopy(model), calib)):
+        ref = D.generate(compressed, None, PROMPTS, 12).sequences
+        med = D.MedusaHeads.for_model(compressed, 2, tree=6, topk=3)
+        assert D.generate(compressed, None, PROMPTS, 12, drafter=med).sequences == ref
+        assert D.generate(compressed, None, PROMPTS, 12, drafter=D.DraftModel(model, 2)).sequences == ref
+
+
+def test_eos_ends_each_row_at_its_own_time(tiny):
+    model, _ = tiny
+    full = D.generate(model, None, PROMPTS, 16).sequences
+    eos = full[0][5]
+    out = D.generate(model, None, PROMPTS, 16, drafter=random_drafters(model)["redrafter"], eos_token_id=eos)
+    for seq, ref in zip(out.sequences, full):
+        cut = ref.index(eos) + 1 if eos in ref else len(ref)
+        assert seq == ref[:cut]
+
+
+# --- the cache after compaction --------------------------------------------------------------------
+def test_cache_after_compaction_equals_plain_decoding_of_the_accepted_tokens(tiny):
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    tree_runner, plain = Runner(model, 2), Runner(model, 2)
+    for r in (tree_runner, plain):
+        r.forward([D.TokenTree.chain(p) for p in prompts])
+        r.cache.commit([range(len(p)) for p in prompts])
+    trees = [D.TokenTree([20, 21, 22, 23, 24], [-1, 0, 0, 2, 3]), D.TokenTree([30, 31, 32], [-1, 0, 0])]
+    tree_runner.forward(trees)
+    keep = [[0, 2, 3, 4], [0, 2]]  # row 0 accepts the path 20-22-23-24, row 1 the path 30-32
+    tree_runner.cache.commit(keep)
+    accepted = [[20, 22, 23, 24], [30, 32]]
+    plain.forward([D.TokenTree.chain(a) for a in accepted])
+    plain.cache.commit([range(len(a)) for a in accepted])
+    assert tree_runner.cache.lengths.tolist() == plain.cache.lengths.tolist() == [8, 4]
+    for b in range(2):
+        for layer in range(len(plain.cache.keys)):
+            for got, want in zip(tree_runner.cache.row(b, layer), plain.cache.row(b, layer)):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# --- sampling ------------------------------------------------------------------------------------
+def test_rejection_sampling_on_a_tree_draws_from_the_target():
+    """Synthetic target and drafter over 5 tokens: whatever the drafts, the first emitted token
+    is distributed as p(. | root) and the second, given the first, as p(. | first)."""
+    g = torch.Generator().manual_seed(0)
+    V = 5
+    p_root = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    p_next = torch.softmax(torch.randn(V, V, generator=g), -1)  # p(. | first token)
+    q_root = torch.tensor([0.1, 0.2, 0.5, 0.1, 0.1])
+    q_next = torch.softmax(torch.randn(V, V, generator=g), -1)
+    firsts, seconds = [], []
+    n = 6000
+    for _ in range(n):
+        draws = torch.multinomial(q_root, 3, replacement=True, generator=g).tolist()
+        paths = [[a, int(torch.multinomial(q_next[a], 1, generator=g))] for a in draws]
+        tree = D.TokenTree.from_paths(0, paths)
+        tree.q = {0: q_root, **{i: q_next[tree.tokens[i]] for i in range(1, len(tree)) if tree.parents[i] == 0}}
+        probs = torch.zeros(len(tree), V)
+        probs[0] = p_root
+        for i in range(1, len(tree)):
+            probs[i] = p_next[tree.tokens[i]] if tree.parents[i] == 0 else p_root  # depth 2: any p
+        path, nxt = D.accept_rejection(tree, probs, g)
+        toks = [tree.tokens[i] for i in path[1:]] + [nxt]
+        firsts.append(toks[0])
+        if len(toks) > 1:
+            seconds.append((toks[0], toks[1]))
+    counts = torch.bincount(torch.tensor(firsts), minlength=V).float()
+    assert chisquare(counts.numpy(), (p_root * n).numpy()).pvalue > 0.001
+    for a in range(2):  # the two most common first tokens have enough seconds to test
+        sec = torch.tensor([b for f, b in seconds if f == a])
+        c = torch.bincount(sec, minlength=V).float()
+        assert chisquare(c.numpy(), (p_next[a] * len(sec)).numpy()).pvalue > 0.001
+
+
+@pytest.mark.parametrize("kind", ["draft_model", "redrafter"])
+def test_sampled_generation_matches_the_model_distribution(tiny, kind):
+    """Chi-square test of the second generated token (the first one that goes through rejection
+    sampling) against the model's exact marginal, over 1500 rows of one seeded batch."""
+    model, _ = tiny
+    prompt, n, temp = [5, 6, 7, 8, 9], 1500, 0.7
+    drafter = random_drafters(model)[kind]
+    out = D.generate(model, None, [prompt] * n, 2, drafter=drafter, temperature=temp, seed=1)
+    second = torch.tensor([s[1] for s in out.sequences])
+    with torch.no_grad():
+        p1 = target_probs(model(torch.tensor([prompt])).logits[0, -1], temp)
+        V = len(p1)
+        both = torch.cat([torch.tensor([prompt]).repeat(V, 1), torch.arange(V)[:, None]], 1)
+        p2 = target_probs(model(both).logits[:, -1], temp)
+    marginal = (p1[:, None] * p2).sum(0)
+    expected = marginal * n
+    big = expected >= 5
+    obs = torch.bincount(second, minlength=V).float()
+    o = torch.cat([obs[big], obs[~big].sum()[None]])
+    e = torch.cat([expected[big], expected[~big].sum()[None]])
+    assert big.sum() >= 10
+    assert chisquare(o.numpy(), e.numpy() * o.sum().item() / e.sum().item()).pvalue > 0.001
+
+
+def test_typical_acceptance_takes_the_longest_plausible_path():
+    tree = D.TokenTree([0, 1, 2, 3], [-1, 0, 0, 2])
+    probs = torch.full((4, 4), 0.01)
+    probs[0] = torch.tensor([0.02, 0.48, 0.48, 0.02])  # both children plausible
+    probs[2] = torch.tensor([0.01, 0.01, 0.01, 0.97])  # node 3 confident
+    probs[1] = probs[3] = torch.tensor([0.97, 0.01, 0.01, 0.01])
+    g = torch.Generator().manual_seed(0)
+    path, nxt = D.accept_typical(tree, probs, g)
+    assert path == [0, 2, 3] and nxt == 0
+    probs[2] = torch.tensor([0.9, 0.03, 0.02, 0.05])  # token 3 now below min(0.09, 0.3 exp(-H)) = 0.09
+    path, _ = D.accept_typical(tree, probs, g)
+    assert path == [0, 1]  # depth 1 is the longest; ties go to the first candidate
+
+
+def test_sampling_with_medusa_uses_typical_acceptance_and_refuses_rejection(tiny):
+    model, _ = tiny
+    med = random_drafters(model)["medusa"]
+    out = D.generate(model, None, PROMPTS, 8, drafter=med, temperature=0.8, seed=3)
+    assert [len(s) for s in out.sequences] == [8, 8, 8]
+    again = D.generate(model, None, PROMPTS, 8, drafter=med, temperature=0.8, seed=3)
+    assert again.sequences == out.sequences  # seeded
+    with pytest.raises(ConfigError, match="typical"):
+        D.generate(model, None, PROMPTS, 8, drafter=med, temperature=0.8, acceptance="rejection")
+
+
+# --- training, saving, errors ----------------------------------------------------------------------
+def test_self_distillation_data_is_the_models_own_greedy_continuation_and_cached(tiny, tmp_path):
+    model, tok = tiny
+    data = D.self_distill_data(model, tok, n=4, prompt_len=6, new_tokens=10, cache_dir=tmp_path)
+    assert data.tokens.shape == (4, 16)
+    prompts = data.tokens[:, :6].tolist()
+    assert data.tokens[:, 6:].tolist() == hf_greedy(model, prompts, 10)
+    assert len(list(tmp_path.glob("selfdistill-*.safetensors"))) == 1
+    again = D.self_distill_data(model, tok, n=4, prompt_len=6, new_tokens=10, cache_dir=tmp_path)
+    assert torch.equal(again.tokens, data.tokens)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "redrafter", "hidden_transfer"])
+def test_training_lowers_the_loss_saves_loads_and_resumes(tiny, tmp_path, kind):
+    model, tok = tiny
+    data = D.self_distill_data(model, tok, n=6, prompt_len=6, new_tokens=16)
+    make = {"medusa": lambda: D.MedusaHeads.for_model(model, 2, tree=6, topk=3),
+            "redrafter": lambda: D.ReDrafter.for_model(model, beam_width=2, beam_length=2),
+            "hidden_transfer": lambda: D.HiddenTransfer.for_model(model, n_future=2, tree=6, topk=3)}[kind]
+    opts = {"steps": 24, "lr": 1e-2, "batch": 2, "anchors_per_seq": 4, "progress": False}
+    torch.manual_seed(0)
+    full = make()
+
+    def loss_on_all() -> float:  # every row and anchor, deterministic
+        ahead = D.train._ahead(full)
+        hidden = None if kind == "hidden_transfer" else D.train.final_hidden(model, data.tokens)
+        with torch.no_grad():
+            return D.train._loss(full, model, data.tokens, hidden, torch.tensor(list(data.anchors(ahead)))).item()
+
+    before = loss_on_all()
+    D.train_drafter(full, model, data, **opts)
+    assert loss_on_all() < before - 0.05
+    # interrupted after a checkpoint, resumed: the same result
+    torch.manual_seed(0)
+    cut = make()
+    calls = {"n": 0}
+    real = D.train._loss
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 15:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    D.train._loss = failing
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            D.train_drafter(cut, model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=6, **opts)
+    finally:
+        D.train._loss = real
+    torch.manual_seed(0)
+    resumed = make()
+    rep2 = D.train_drafter(resumed, model, data, checkpoint_dir=tmp_path / "ck", checkpoint_every=6, **opts)
+    assert rep2.resumed_at == 12
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # saved and loaded with the model's folder; the loaded drafter decodes identically
+    full.save(tmp_path / "model")
+    loaded = D.load_drafter(tmp_path / "model")
+    assert type(loaded) is type(full)
+    a = D.generate(model, None, PROMPTS, 10, drafter=full)
+    b = D.generate(model, None, PROMPTS, 10, drafter=loaded)
+    assert a.sequences == b.sequences and a.stats.tokens_per_step == b.stats.tokens_per_step
+
+
+def test_measured_accuracy_builds_the_tree(tiny):
+    model, tok = tiny
+    data = D.self_distill_data(model, tok, n=4, prompt_len=6, new_tokens=16)
+    med = D.MedusaHeads.for_model(model, 2, tree=4, topk=3)
+    acc = D.measure_accuracy(med, model, data)
+    assert acc.shape == (2, 3) and torch.equal(med.accuracy, acc)
+    assert ((acc >= 0) & (acc <= 1)).all() and (acc.sum(1) <= 1 + 1e-6).all()
+    assert med.choices() == D.best_tree(acc, 4)
+
+
+def test_clear_errors(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(ConfigError, match="tokenizer"):
+        D.generate(model, None, ["text"], 4)
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        D.generate(model, tok, ["text"], 0)
+    other, _ = llmdeploy.load("tiny-opt")
+    if other.get_output_embeddings().out_features != model.get_output_embeddings().out_features:
+        with pytest.raises(ConfigError, match="vocabulary"):
+            D.generate(model, None, PROMPTS, 4, drafter=D.DraftModel(other))
+    with pytest.raises(CheckpointError, match="no drafter"):
+        D.load_drafter(tmp_path)
+    with pytest.raises(ConfigError, match="llmdeploy.save"):
+        D.DraftModel(model).save(tmp_path)
+    with pytest.raises(ConfigError):
+        D.TokenTree([1, 2], [-1, 1])  # a node cannot be its own parent
