@@ -342,3 +342,17 @@ def test_clear_errors(tiny, tmp_path):
         D.DraftModel(model).save(tmp_path)
     with pytest.raises(ConfigError):
         D.TokenTree([1, 2], [-1, 1])  # a node cannot be its own parent
+
+
+def test_cli_trains_and_benchmarks_a_drafter(tmp_path, capsys):
+    from llmdeploy.cli.main import main
+
+    out = tmp_path / "medusa"
+    assert main(["drafter", "train", "tiny-llama", "--kind", "medusa", "-o", str(out), "--prompts", "4",
+                 "--prompt-len", "6", "--new-tokens", "16", "--heads", "2", "--steps", "4", "--tree", "4"]) == 0
+    assert (out / "drafter.json").exists() and isinstance(D.load_drafter(out), D.MedusaHeads)
+    assert main(["drafter", "bench", "tiny-llama", "--drafter", str(out), "--prompts", "2", "--prompt-len", "8",
+                 "--new-tokens", "8", "--batch", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "plain:" in text and "output = plain greedy" in text
+    assert main(["drafter", "bench", "tiny-llama", "--drafter", str(tmp_path / "none")]) == 2  # one-line error

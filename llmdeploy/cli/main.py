@@ -1,4 +1,4 @@
-"""``llmdeploy compress | eval | info | demo | serve | export``."""
+"""``llmdeploy compress | eval | info | demo | serve | export | drafter``."""
 
 from __future__ import annotations
 
@@ -132,6 +132,70 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _make_drafter(args: argparse.Namespace, model):
+    from llmdeploy import decode
+
+    if args.kind == "medusa":
+        return decode.MedusaHeads.for_model(model, args.heads, tree=args.tree, topk=args.topk)
+    if args.kind == "redrafter":
+        return decode.ReDrafter.for_model(model, beam_width=args.beam_width, beam_length=args.heads)
+    return decode.HiddenTransfer.for_model(model, layer=args.layer, n_future=args.heads, tree=args.tree, topk=args.topk)
+
+
+def _cmd_drafter_train(args: argparse.Namespace) -> int:
+    import llmdeploy
+    from llmdeploy import decode
+
+    model, tok = llmdeploy.load(args.model)
+    model.eval()
+    out = Path(args.output)
+    data = decode.self_distill_data(model, tok, corpus=args.corpus, n=args.prompts, prompt_len=args.prompt_len,
+                                    new_tokens=args.new_tokens, cache_dir=out / "cache")
+    drafter = _make_drafter(args, model)
+    rep = decode.train_drafter(drafter, model, data, steps=args.steps, lr=args.lr, batch=args.batch,
+                               checkpoint_dir=out / "checkpoints")
+    if args.kind != "redrafter":
+        val = decode.self_distill_data(model, tok, corpus=args.corpus, n=16, prompt_len=args.prompt_len,
+                                       new_tokens=args.new_tokens, seed=1, cache_dir=out / "cache")
+        acc = decode.measure_accuracy(drafter, model, val)
+        print("top-1 accuracy per future position: " + ", ".join(f"{a:.3f}" for a in acc[:, 0].tolist()))
+    drafter.save(out)
+    print(f"{args.kind}: {rep.trend()}; saved to {out}")
+    return 0
+
+
+def _cmd_drafter_bench(args: argparse.Namespace) -> int:
+    import time
+
+    import llmdeploy
+    from llmdeploy import decode
+    from llmdeploy.eval.perplexity import test_windows
+
+    model, tok = llmdeploy.load(args.model)
+    model.eval()
+    drafter = decode.load_drafter(args.drafter) if args.drafter else None
+    if drafter is not None and args.tree is not None and hasattr(drafter, "set_tree"):
+        drafter.set_tree(args.tree)
+    prompts = test_windows(tok, args.corpus, args.prompt_len, args.prompts).tolist()
+    groups = [prompts[i : i + args.batch] for i in range(0, len(prompts), args.batch)]
+    rows = []
+    for name, d in (("plain", None), ("drafter", drafter)):
+        if name == "drafter" and d is None:
+            continue
+        t0, stats, outs = time.perf_counter(), decode.DecodeStats(), []
+        for g in groups:
+            res = decode.generate(model, None, g, args.new_tokens, drafter=d)
+            stats.tokens_per_step += res.stats.tokens_per_step
+            stats.candidates_per_step += res.stats.candidates_per_step
+            outs += res.sequences
+        rows.append((name, len(prompts) * args.new_tokens / (time.perf_counter() - t0), stats, outs))
+    for name, rate, stats, outs in rows:
+        same = "" if name == "plain" else f", output {'=' if outs == rows[0][3] else '!='} plain greedy"
+        print(f"{name}: {rate:.1f} tok/s ({rate / rows[0][1]:.2f}x), {stats.mean_accepted:.3f} tokens/step, "
+              f"{stats.mean_tree:.1f} candidates/step{same}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -219,6 +283,36 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-int4", action="store_true",
                    help="export 4-bit RTN/GPTQ layers as dense MatMuls instead of onnxruntime's MatMulNBits")
     x.set_defaults(func=_cmd_export)
+
+    dr = sub.add_parser("drafter", help="train or benchmark a drafter for faster decoding (llmdeploy.decode)")
+    dsub = dr.add_subparsers(dest="drafter_command", required=True)
+    t = dsub.add_parser("train", help="train Medusa heads, a ReDrafter or hidden transfer on the model's own text")
+    t.add_argument("model", help="a zoo name, a saved llmdeploy model, a Hugging Face folder or GGUF file")
+    t.add_argument("--kind", choices=["medusa", "redrafter", "hidden_transfer"], default="medusa")
+    t.add_argument("-o", "--output", required=True, help="folder for the drafter (and its data cache, checkpoints)")
+    t.add_argument("--corpus", default="shakespeare", help="where the prompts come from (train split)")
+    t.add_argument("--prompts", type=int, default=128, help="prompts continued by the model")
+    t.add_argument("--prompt-len", type=int, default=32)
+    t.add_argument("--new-tokens", type=int, default=96, help="greedy tokens generated per prompt")
+    t.add_argument("--heads", type=int, default=4, help="Medusa heads / ReDrafter steps / hidden-transfer positions")
+    t.add_argument("--beam-width", type=int, default=4, help="ReDrafter beams")
+    t.add_argument("--layer", type=int, default=None, help="hidden transfer's block (default 3/4 of the depth)")
+    t.add_argument("--tree", type=int, default=16, help="candidate nodes per step (Medusa, hidden transfer)")
+    t.add_argument("--topk", type=int, default=8)
+    t.add_argument("--steps", type=int, default=400)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--batch", type=int, default=4, help="sequences per step (16 anchors each)")
+    t.set_defaults(func=_cmd_drafter_train)
+    b = dsub.add_parser("bench", help="tokens/s and tokens per step of a drafter against plain greedy decoding")
+    b.add_argument("model")
+    b.add_argument("--drafter", default=None, help="a folder written by 'drafter train' (none: plain only)")
+    b.add_argument("--tree", type=int, default=None, help="another tree size for Medusa / hidden transfer")
+    b.add_argument("--corpus", default="shakespeare", help="prompts from its test split")
+    b.add_argument("--prompts", type=int, default=8)
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch", type=int, default=1)
+    b.set_defaults(func=_cmd_drafter_bench)
     return p
 
 
