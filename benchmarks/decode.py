@@ -215,6 +215,26 @@ def markdown(res: dict) -> str:
     return "\n".join(out)
 
 
+def readme_paragraph(res: dict) -> str:
+    """The README's sentence on this benchmark, built from ``decode.json`` (tests check the README
+    quotes it)."""
+    sweep, rows = res["sweep"], res["timing"]["rows"]
+    best = _best(res)
+    parts = []
+    for method, key in best.items():
+        r, t = sweep[key], rows[key]
+        parts.append(f"{method} ({r['config']}): {r['tokens_per_step']:.2f} tokens per step with "
+                     f"{r['tree']:.1f} candidates, {t['tok_s_b1']:.1f} / {t['tok_s_b4']:.1f} tok/s")
+    plain = rows["plain"]
+    hf = rows["hf generate"]
+    return ("Faster decoding on `smollm2-135m` (2 threads, greedy, 8 held-out Shakespeare prompts, "
+            f"{res['meta']['new_tokens']} new tokens; tok/s at batch 1 / batch 4, medians of "
+            f"{res['timing']['repeats']} interleaved repeats): plain decoding {plain['tok_s_b1']:.1f} / "
+            f"{plain['tok_s_b4']:.1f} tok/s (transformers' generate {hf['tok_s_b1']:.1f} / {hf['tok_s_b4']:.1f}); "
+            + "; ".join(parts) + ". Every output equals plain greedy decoding "
+            "([benchmarks/results/decode/DECODE.md](benchmarks/results/decode/DECODE.md), `python -m benchmarks.decode`).")
+
+
 def plot(res: dict, out: Path) -> None:
     import matplotlib
 

@@ -27,6 +27,16 @@ from .tree import TokenTree, best_tree, static_tree
 DRAFTERS: dict[str, type[Drafter]] = {}
 
 
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (..., V) against token ids (...) or, for soft
+    distillation, the model's probabilities (..., V) — then it is the KL divergence up to the
+    model's (constant) entropy."""
+    logits = logits.flatten(0, -2)
+    if targets.is_floating_point():
+        return torch.nn.functional.cross_entropy(logits, targets.flatten(0, -2).to(logits))
+    return torch.nn.functional.cross_entropy(logits, targets.flatten().to(logits.device))
+
+
 def register_drafter(cls: type[Drafter]) -> type[Drafter]:
     DRAFTERS[cls.kind] = cls
     return cls
@@ -115,9 +125,13 @@ class RankedTreeMixin:
         self.register_buffer("accuracy", 0.6 ** (k + 1) / (r + 1))
 
     def choices(self) -> list[tuple[int, ...]]:
-        if isinstance(self.tree, int):
-            return best_tree(self.accuracy, self.tree)
-        return [tuple(c) for c in self.tree]
+        """The tree's rank tuples (recomputed only when the tree or the accuracy changes)."""
+        key = (str(self.tree), tuple(self.accuracy.flatten().tolist()))
+        cached = self.__dict__.get("_choices")
+        if cached is None or cached[0] != key:
+            tree = best_tree(self.accuracy, self.tree) if isinstance(self.tree, int) else [tuple(c) for c in self.tree]
+            self.__dict__["_choices"] = cached = (key, tree)
+        return cached[1]
 
     def set_tree(self, tree: int | Sequence[Sequence[int]]) -> None:
         """Use another tree (a node count, or explicit choices) from now on."""

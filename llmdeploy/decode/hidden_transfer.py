@@ -13,7 +13,8 @@ next step's drafts, whose top-ranked tokens form the next tree (the same sparse 
 There is no public code; choices made here (documented deviations where the paper is silent or
 unclear to us): one map per future position applied to the anchor's own hidden state, ``T_i``
 initialised to the identity, trained with the cross-entropy of the pseudo positions' predictions
-against the model's own greedy continuations, the model frozen; ``layer`` defaults to ``3L/4``.
+against the model's own distribution at those positions (or its greedy tokens) on the model's own
+continuations, the model frozen; ``layer`` defaults to ``3L/4``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
 from ..models import get_adapter
-from .base import Drafter, RankedTreeMixin, register_drafter
+from .base import Drafter, RankedTreeMixin, distill_loss, register_drafter
 from .tree import TokenTree, tree_from_choices, tree_inputs
 
 
@@ -122,10 +122,11 @@ class HiddenTransfer(RankedTreeMixin, Drafter):
         return [tree_from_choices(r, self._next[b], choices) for b, r in enumerate(roots)]
 
     # --- training -------------------------------------------------------------------------------
-    def future_logits(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]) -> torch.Tensor:
-        """(B, len(anchors), n_future, V): predictions of the pseudo positions hung under each
-        anchor of each row of ``tokens`` (B, S), in one forward without a cache (differentiable
-        in ``transfer``)."""
+    def forward_train(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward without a cache of each row of ``tokens`` (B, S) with pseudo positions hung
+        under each anchor: the real tokens' logits (B, S, V) and the pseudo positions' (B,
+        len(anchors), n_future, V), differentiable in ``transfer``."""
         trees = [TokenTree.chain(row) for row in tokens.tolist()]
         self.extend(trees, [list(anchors)] * len(trees))
         ids, pos, mask = tree_inputs(trees, torch.zeros(len(trees), dtype=torch.long), next(model.parameters()).dtype)
@@ -135,12 +136,21 @@ class HiddenTransfer(RankedTreeMixin, Drafter):
                            use_cache=False).logits
         S = tokens.shape[1]
         pseudo = logits[:, S:].float()  # extend() appended the chains in anchor order
-        return pseudo.reshape(len(trees), len(anchors), self.n_future, -1)
+        return logits[:, :S].float(), pseudo.reshape(len(trees), len(anchors), self.n_future, -1)
 
-    def training_loss(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]) -> torch.Tensor:
-        """Mean cross-entropy of pseudo position ``i`` under anchor ``a`` against ``tokens[a + 1 + i]``
-        (anchors need ``a + n_future + 1 < S``)."""
-        logits = self.future_logits(model, tokens, anchors)
+    def future_logits(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]) -> torch.Tensor:
+        """(B, len(anchors), n_future, V): the pseudo positions' predictions."""
+        return self.forward_train(model, tokens, anchors)[1]
+
+    def training_loss(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int], soft: bool = True
+                      ) -> torch.Tensor:
+        """Mean cross-entropy of pseudo position ``i`` under anchor ``a`` against the model's
+        distribution for position ``a + 1 + i`` (``soft``; computed in the same forward) or its
+        token ``tokens[a + 1 + i]`` (anchors need ``a + n_future + 1 < S``)."""
+        real, pseudo = self.forward_train(model, tokens, anchors)
         idx = torch.tensor(anchors)[:, None] + 2 + torch.arange(self.n_future)[None, :]
-        targets = tokens[:, idx]  # (B, A, n)
-        return F.cross_entropy(logits.flatten(0, 2), targets.flatten().to(logits.device))
+        if soft:
+            targets = torch.softmax(real[:, idx - 1].detach(), dim=-1)  # (B, A, n, V)
+        else:
+            targets = tokens[:, idx]  # (B, A, n)
+        return distill_loss(pseudo, targets)

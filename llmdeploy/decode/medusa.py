@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Drafter, RankedTreeMixin, register_drafter
+from .base import Drafter, RankedTreeMixin, distill_loss, register_drafter
 from .tree import TokenTree, tree_from_choices
 
 
@@ -76,12 +76,12 @@ class MedusaHeads(RankedTreeMixin, Drafter):
         return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]
 
     def training_loss(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``hidden`` (N, d) at anchors, ``targets`` (N, K) the tokens 1..K after each anchor's
-        next token: the 0.8^(k-1)-weighted sum of the heads' cross-entropies."""
+        """``hidden`` (N, d) at anchors; ``targets`` for positions 1..K after each anchor's next
+        token: ids (N, K), or the model's probabilities there (N, K, V) for soft distillation.
+        The 0.8^(k-1)-weighted sum of the heads' cross-entropies (Medusa's weighting)."""
         logits = self.head_logits(lm_head, hidden)
         w = 0.8 ** torch.arange(self.n_heads, dtype=torch.float32)
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets).mean(0)
-        return (w * ce).sum()
+        return sum(w[k] * distill_loss(logits[:, k], targets[:, k]) for k in range(self.n_heads))
 
     def future_logits(self, lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """(N, K, V) predictions for positions 1..K after the next token (for accuracy)."""

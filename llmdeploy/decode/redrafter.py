@@ -13,7 +13,8 @@ At ``temperature > 0`` the beams are instead ``beam_width`` chains *sampled* fro
 distribution (the same temperature and nucleus as the model), merged into a prefix tree that
 keeps each token's draw count and the drafter's distribution at every node, so the engine's
 rejection sampling is exact (the reference's beam-search sampling is not, as its README warns).
-Trained by distillation on the model's own greedy continuations (sequence-level KD), the model frozen.
+Trained by distillation on the model's own greedy continuations, against the model's full
+distribution at each position (soft KD, default) or its tokens, the model frozen.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Drafter, register_drafter
+from .base import Drafter, distill_loss, register_drafter
 from .engine import target_probs
 from .medusa import ResBlock
 from .tree import TokenTree
@@ -120,11 +121,12 @@ class ReDrafter(Drafter):
         return tree
 
     def training_loss(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
-                      tokens: torch.Tensor) -> torch.Tensor:
+                      tokens: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
         """``hidden`` (N, d) at anchors; ``tokens`` (N, 1 + n): the anchor's next token then the
-        ``n`` tokens to predict, teacher-forced through the recurrence; mean cross-entropy."""
-        return F.cross_entropy(self.future_logits(lm_head, embed, hidden, tokens[:, :-1]).flatten(0, 1),
-                               tokens[:, 1:].flatten())
+        ``n`` tokens to predict, teacher-forced through the recurrence; mean cross-entropy against
+        those tokens, or against the model's probabilities ``soft`` (N, n, V) there."""
+        logits = self.future_logits(lm_head, embed, hidden, tokens[:, :-1])
+        return distill_loss(logits, tokens[:, 1:] if soft is None else soft)
 
     def future_logits(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
                       inputs: torch.Tensor) -> torch.Tensor:

@@ -107,25 +107,37 @@ def _ahead(drafter: Drafter) -> int:
     raise ConfigError(f"{type(drafter).__name__} is not trainable here (Medusa, ReDrafter, HiddenTransfer are)")
 
 
-def _loss(drafter: Drafter, model, tokens: torch.Tensor, hidden: torch.Tensor | None, anchors: torch.Tensor
-          ) -> torch.Tensor:
+def _loss(drafter: Drafter, model, tokens: torch.Tensor, hidden: torch.Tensor | None, anchors: torch.Tensor,
+          soft: bool = True) -> torch.Tensor:
+    """The drafter's loss at ``anchors`` of ``tokens``; ``soft``: against the model's distribution
+    at each predicted position (from its cached last hidden states), else its tokens."""
     lm_head = get_adapter(model).head()
     if isinstance(drafter, HiddenTransfer):
-        return drafter.training_loss(model, tokens, anchors.tolist())
+        return drafter.training_loss(model, tokens, anchors.tolist(), soft=soft)
+
+    def teacher(idx: torch.Tensor) -> torch.Tensor:  # p(token at idx), from the hidden state before it
+        with torch.no_grad():
+            return torch.softmax(lm_head(hidden[:, idx - 1].flatten(0, 1)).float(), dim=-1)
+
     h = hidden[:, anchors].flatten(0, 1)  # (B*A, d)
     if isinstance(drafter, MedusaHeads):
         idx = anchors[:, None] + 2 + torch.arange(drafter.n_heads)[None, :]
-        return drafter.training_loss(lm_head, h, tokens[:, idx].flatten(0, 1).to(h.device))
+        targets = teacher(idx) if soft else tokens[:, idx].flatten(0, 1).to(h.device)
+        return drafter.training_loss(lm_head, h, targets)
     idx = anchors[:, None] + 1 + torch.arange(drafter.beam_length + 1)[None, :]
-    return drafter.training_loss(lm_head, model.get_input_embeddings(), h, tokens[:, idx].flatten(0, 1).to(h.device))
+    probs = teacher(idx[:, 1:]) if soft else None
+    return drafter.training_loss(lm_head, model.get_input_embeddings(), h, tokens[:, idx].flatten(0, 1).to(h.device),
+                                 probs)
 
 
 def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillData, *, steps: int = 200,
                   lr: float = 1e-3, batch: int = 4, anchors_per_seq: int = 16, seed: int = 0,
-                  checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 25,
+                  soft: bool = True, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 25,
                   progress: bool = True) -> TrainingReport:
     """Train ``drafter`` (the model frozen) for ``steps`` AdamW steps (cosine schedule) of
-    ``batch`` sequences × ``anchors_per_seq`` random anchors; resumes from ``checkpoint_dir``."""
+    ``batch`` sequences × ``anchors_per_seq`` random anchors; ``soft``: distil the model's full
+    distribution at each predicted position (Medusa-2's self-distillation), else its tokens;
+    resumes from ``checkpoint_dir``."""
     ahead = _ahead(drafter)
     anchors = data.anchors(ahead)
     if len(anchors) < 1:
@@ -145,7 +157,7 @@ def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillDat
     state = None
     if checkpoint_dir is not None:
         cfg = {"drafter": drafter.kind, **drafter.config(), "steps": steps, "lr": lr, "batch": batch,
-               "anchors": anchors_per_seq, "seed": seed}
+               "anchors": anchors_per_seq, "seed": seed, "soft": soft}
         state = TrainingState(checkpoint_dir, run_fingerprint(cfg, model, data.tokens), f"{drafter.kind} training")
         saved = state.load()
         if saved is not None:
@@ -166,7 +178,7 @@ def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillDat
         rows = torch.randint(len(data.tokens), (batch,), generator=gen)
         pick = torch.randperm(len(anchors), generator=gen)[:anchors_per_seq]
         at = torch.tensor([anchors[i] for i in sorted(pick.tolist())])
-        loss = _loss(drafter, model, data.tokens[rows], None if hidden is None else hidden[rows], at)
+        loss = _loss(drafter, model, data.tokens[rows], None if hidden is None else hidden[rows], at, soft)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"{drafter.kind} training loss became {loss.item()} at step {step}: lower lr")
         opt.zero_grad(set_to_none=True)
