@@ -5,7 +5,8 @@ it shares are passed in, never registered, so a saved drafter is small). The eng
 generation: :meth:`Drafter.begin` once, then per forward :meth:`~Drafter.extend` (add pseudo
 nodes), :meth:`~Drafter.forward_context` (hooks during the model's forward), and after it
 :meth:`~Drafter.observe` (what was accepted); :meth:`~Drafter.propose` builds each step's trees
-and :meth:`~Drafter.select` drops finished rows.
+and :meth:`~Drafter.release` forgets finished sequences. Sequences are named by ``keys`` (row
+indices in :func:`~.engine.generate`, request ids in a serving engine), so rows may come and go.
 """
 
 from __future__ import annotations
@@ -54,8 +55,12 @@ class Drafter(nn.Module):
         raise NotImplementedError
 
     # --- engine hooks (defaults: nothing to do) ------------------------------------------------
-    def begin(self, runner, prompts: Sequence[Sequence[int]], *, temperature: float, top_p: float,
-              generator: torch.Generator) -> None:
+    #: whether the drafter works in a continuous-batching engine (without begin()'s prompts)
+    continuous: ClassVar[bool] = True
+
+    def begin(self, runner, prompts: Sequence[Sequence[int]] | None = None, *, temperature: float = 0.0,
+              top_p: float = 1.0, generator: torch.Generator | None = None) -> None:
+        """``runner``: anything with the verifier's ``model`` and ``adapter``."""
         self._runner, self._temperature, self._top_p, self._gen = runner, temperature, top_p, generator
 
     def extend(self, trees: Sequence[TokenTree], anchors: Sequence[Sequence[int]]) -> None:
@@ -64,15 +69,17 @@ class Drafter(nn.Module):
     def forward_context(self, trees: Sequence[TokenTree]) -> contextlib.AbstractContextManager | None:
         return None
 
-    def observe(self, trees: Sequence[TokenTree], logits: torch.Tensor, hidden: torch.Tensor,
+    def observe(self, keys: Sequence, trees: Sequence[TokenTree], logits: torch.Tensor, hidden: torch.Tensor,
                 paths: Sequence[Sequence[int]], lasts: Sequence[int], *, prefill: bool = False) -> None:
         """After a forward: ``paths[b]`` the accepted nodes of row ``b``, ``lasts[b]`` the node whose
         prediction is the next root (``prefill``: the forward was the prompts')."""
 
-    def select(self, rows: Sequence[int]) -> None:
-        pass
+    def release(self, keys: Sequence) -> None:
+        """Forget the state of finished sequences."""
 
-    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+    def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        """One tree per sequence, rooted at ``roots[b]``; ``hidden[b]`` is the last hidden state
+        at the node that predicted it."""
         raise NotImplementedError
 
     # --- save / load --------------------------------------------------------------------------

@@ -41,7 +41,12 @@ class DraftModel(Drafter):
     def save(self, path) -> None:
         raise ConfigError("a DraftModel is a model: save it with llmdeploy.save(draft, path) and wrap it again")
 
-    def begin(self, runner, prompts, *, temperature, top_p, generator) -> None:
+    continuous = False  # its own cache is prefilled with all prompts in begin()
+
+    def begin(self, runner, prompts=None, *, temperature=0.0, top_p=1.0, generator=None) -> None:
+        if prompts is None:
+            raise ConfigError("a DraftModel needs the prompts up front (decode.generate); "
+                              "continuous-batching engines take Medusa, ReDrafter or HiddenTransfer")
         super().begin(runner, prompts, temperature=temperature, top_p=top_p, generator=generator)
         v_t = runner.model.get_output_embeddings().out_features
         v_d = self.draft.get_output_embeddings().out_features
@@ -53,6 +58,7 @@ class DraftModel(Drafter):
         self.runner.forward(trees)
         self.runner.cache.commit([range(len(p)) for p in prompts])
         self.pending: list[list[int]] = [[] for _ in prompts]
+        self.keys: list = list(range(len(prompts)))  # the sequence of each row of the draft cache
 
     def _pick(self, logits: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         if self._temperature == 0:
@@ -60,7 +66,9 @@ class DraftModel(Drafter):
         q = target_probs(logits, self._temperature, self._top_p).cpu()
         return torch.multinomial(q, 1, generator=self._gen)[:, 0].tolist(), q
 
-    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+    def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        if list(keys) != self.keys:
+            raise ConfigError("a DraftModel drafts for the rows it was begun with, in order")
         cache = self.runner.cache
         self._before = cache.lengths.clone()
         feed = [self.pending[b] + [r] for b, r in enumerate(roots)]
@@ -85,7 +93,7 @@ class DraftModel(Drafter):
             trees.append(tree)
         return trees
 
-    def observe(self, trees, logits, hidden, paths, lasts, *, prefill: bool = False) -> None:
+    def observe(self, keys, trees, logits, hidden, paths, lasts, *, prefill: bool = False) -> None:
         if prefill:  # begin() prefilled the draft model itself
             return
         cache = self.runner.cache
@@ -95,6 +103,9 @@ class DraftModel(Drafter):
             cache.lengths[b] = self._before[b] + fed
             self.pending[b] = [trees[b].tokens[self.n_draft]] if accepted == self.n_draft else []
 
-    def select(self, rows: Sequence[int]) -> None:
+    def release(self, keys: Sequence) -> None:
+        gone = set(keys)
+        rows = [r for r, k in enumerate(self.keys) if k not in gone]
         self.runner.cache.select(rows)
         self.pending = [self.pending[r] for r in rows]
+        self.keys = [self.keys[r] for r in rows]

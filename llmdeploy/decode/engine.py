@@ -146,11 +146,13 @@ def accept_rejection(tree: TokenTree, probs: torch.Tensor, generator: torch.Gene
 
 @dataclass
 class DecodeStats:
-    """What a generation did: per verification step and row, tokens produced (accepted drafts + 1)
-    and candidates verified; wall seconds."""
+    """What a generation did: per verification step and row, tokens produced (accepted drafts + 1),
+    candidates verified, and positions in the forward (root, candidates and any pseudo positions
+    a drafter adds); wall seconds."""
 
     tokens_per_step: list[int] = field(default_factory=list)
     candidates_per_step: list[int] = field(default_factory=list)
+    positions_per_step: list[int] = field(default_factory=list)
     forwards: int = 0
     seconds: float = 0.0
 
@@ -163,6 +165,11 @@ class DecodeStats:
     def mean_tree(self) -> float:
         """Mean candidates verified per row per step (0 for plain decoding)."""
         return sum(self.candidates_per_step) / max(1, len(self.candidates_per_step))
+
+    @property
+    def mean_positions(self) -> float:
+        """Mean positions per row in each verification forward (1 for plain decoding)."""
+        return sum(self.positions_per_step) / max(1, len(self.positions_per_step))
 
 
 @dataclass
@@ -251,7 +258,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
         roots.append(tok)
         finished.append(emit(b, [tok]))
     if drafter is not None:
-        drafter.observe(trees, logits, hidden, [tree.path(n) for tree, n in zip(trees, lasts)], lasts,
+        drafter.observe(active, trees, logits, hidden, [tree.path(n) for tree, n in zip(trees, lasts)], lasts,
                          prefill=True)
     h_last = hidden[torch.arange(B), torch.tensor(lasts)]
 
@@ -262,14 +269,14 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
         if len(keep_rows) < len(active):
             runner.cache.select(keep_rows)
             if drafter is not None:
-                drafter.select(keep_rows)
+                drafter.release([active[r] for r in range(len(active)) if finished[r]])
             active = [active[r] for r in keep_rows]
             roots = [roots[r] for r in keep_rows]
             h_last = h_last[torch.tensor(keep_rows)]
         if drafter is None:
             trees = [TokenTree.chain([r]) for r in roots]
         else:
-            trees = drafter.propose(roots, h_last)
+            trees = drafter.propose(active, roots, h_last)
             drafter.extend(trees, [[i for i in range(len(t)) if not t.pseudo[i]] for t in trees])
         ctx = drafter.forward_context(trees) if drafter is not None else None
         logits, hidden = runner.forward(trees, ctx)
@@ -282,10 +289,11 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
             roots.append(nxt)
             stats.tokens_per_step.append(len(path))
             stats.candidates_per_step.append(tree.num_candidates)
+            stats.positions_per_step.append(len(tree))
             finished.append(emit(active[b], [tree.tokens[n] for n in path[1:]] + [nxt]))
         runner.cache.commit(paths)
         if drafter is not None:
-            drafter.observe(trees, logits, hidden, paths, lasts)
+            drafter.observe(active, trees, logits, hidden, paths, lasts)
         h_last = hidden[torch.arange(len(trees)), torch.tensor(lasts)]
     stats.seconds = time.perf_counter() - t0
     texts = [tokenizer.decode(o) for o in outputs] if tokenizer is not None else None

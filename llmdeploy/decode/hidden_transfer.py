@@ -47,7 +47,7 @@ class HiddenTransfer(RankedTreeMixin, Drafter):
         self.transfer = nn.Parameter(torch.eye(hidden_size).repeat(n_future, 1, 1))
         self._init_tree(n_future, tree, topk)
         self._slots: list[tuple[int, int, int, int]] = []  # (row, node, anchor, i) of the next forward
-        self._next: list[torch.Tensor | None] = []
+        self._next: dict = {}  # key -> ranked drafts (n_future, topk) for its next step
 
     @classmethod
     def for_model(cls, model: nn.Module, layer: int | None = None, n_future: int = 3, **kw) -> HiddenTransfer:
@@ -104,22 +104,29 @@ class HiddenTransfer(RankedTreeMixin, Drafter):
     def forward_context(self, trees: Sequence[TokenTree]):
         return self._replacing(self._runner.model, self._slots)
 
-    def observe(self, trees, logits, hidden, paths, lasts, *, prefill: bool = False) -> None:
-        nxt: list[torch.Tensor | None] = []
-        for b, (tree, last) in enumerate(zip(trees, lasts)):
+    def observe(self, keys, trees, logits, hidden, paths, lasts, *, prefill: bool = False) -> None:
+        for b, (key, tree, last) in enumerate(zip(keys, trees, lasts)):
             chain, node = [], last
             for _ in range(self.n_future):
-                node = next(j for j in range(node + 1, len(tree)) if tree.parents[j] == node and tree.pseudo[j])
+                node = next((j for j in range(node + 1, len(tree)) if tree.parents[j] == node and tree.pseudo[j]), None)
+                if node is None:
+                    break
                 chain.append(node)
-            nxt.append(logits[b, chain].topk(self.topk, dim=-1).indices.cpu())
-        self._next = nxt
+            if len(chain) < self.n_future:  # no pseudo positions under that node in this forward
+                self._next.pop(key, None)
+                continue
+            self._next[key] = logits[b, chain].topk(self.topk, dim=-1).indices.cpu()
 
-    def select(self, rows: Sequence[int]) -> None:
-        self._next = [self._next[r] for r in rows]
+    def release(self, keys: Sequence) -> None:
+        for k in keys:
+            self._next.pop(k, None)
 
-    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+    def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+        """The tree from the drafts the last forward left for each key (a bare root when there
+        are none yet, e.g. after a prefill without pseudo positions)."""
         choices = self.choices()
-        return [tree_from_choices(r, self._next[b], choices) for b, r in enumerate(roots)]
+        return [tree_from_choices(r, self._next[k], choices) if k in self._next else TokenTree([int(r)], [-1])
+                for k, r in zip(keys, roots)]
 
     # --- training -------------------------------------------------------------------------------
     def forward_train(self, model: nn.Module, tokens: torch.Tensor, anchors: Sequence[int]

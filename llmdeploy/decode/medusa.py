@@ -69,7 +69,7 @@ class MedusaHeads(RankedTreeMixin, Drafter):
         return lm_head(self.features(h.to(self.heads[0][0].linear.weight.dtype)).to(h.dtype)).float()
 
     @torch.no_grad()
-    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+    def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
         logits = self.head_logits(self._runner.adapter.head(), hidden)  # (B, K, V)
         top = logits.topk(self.topk, dim=-1).indices.cpu()
         choices = self.choices()

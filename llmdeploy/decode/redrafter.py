@@ -71,7 +71,7 @@ class ReDrafter(Drafter):
         return lm_head(x).float()
 
     @torch.no_grad()
-    def propose(self, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
+    def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
         lm_head = self._runner.adapter.head()
         embed = self._runner.model.get_input_embeddings()
         dtype = self.W.weight.dtype
