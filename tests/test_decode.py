@@ -364,3 +364,63 @@ def test_cli_trains_and_benchmarks_a_drafter(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "plain:" in text and "output = plain greedy" in text
     assert main(["drafter", "bench", "tiny-llama", "--drafter", str(tmp_path / "none")]) == 2  # one-line error
+
+
+# --- continuous batching -------------------------------------------------------------------------
+def _run_engine(engine, prompts, temperatures=None):
+    ids = []
+    for i, p in enumerate(prompts):  # staggered arrivals: requests join while others decode
+        t = temperatures[i] if temperatures else 0.0
+        ids.append(engine.add_request(p, 12 + i, temperature=t, seed=i))
+        engine.step()
+    res = engine.run()
+    return [res[i] for i in ids]
+
+
+@pytest.mark.parametrize("blocks", [64, 12])  # 12 blocks of 4: requests get preempted and recomputed
+def test_speculative_engine_keeps_greedy_output_under_continuous_batching(tiny, blocks):
+    from llmdeploy.kv import PagedEngine, PagedKVCache
+
+    model, _ = tiny
+    prompts = PROMPTS + [[7] * 20, [100, 101]]
+    ref = _run_engine(PagedEngine(model, PagedKVCache(64, 4)), prompts)
+    for name, drafter in random_drafters(model).items():
+        if name == "draft_model":
+            with pytest.raises(ConfigError, match="continuous"):
+                D.SpeculativeEngine(model, PagedKVCache(blocks, 4), drafter)
+            continue
+        cache = PagedKVCache(blocks, 4)
+        engine = D.SpeculativeEngine(model, cache, drafter)
+        assert _run_engine(engine, prompts) == ref, name
+        assert engine.spec_draft_tokens > 0
+        assert cache.num_free_blocks == blocks  # every block back, rejected drafts included
+        if blocks == 12:
+            assert engine.preemptions > 0
+
+
+def test_speculative_engine_serves_sampled_requests_beside_greedy_ones(tiny):
+    from llmdeploy.kv import PagedEngine, PagedKVCache
+
+    model, _ = tiny
+    temps = [0.0, 0.9, 0.0]
+    ref = _run_engine(PagedEngine(model, PagedKVCache(64, 4)), PROMPTS, temps)
+    got = _run_engine(D.SpeculativeEngine(model, PagedKVCache(64, 4), random_drafters(model)["medusa"]), PROMPTS, temps)
+    assert got[0] == ref[0] and got[2] == ref[2]  # greedy rows unchanged
+    assert got[1] == ref[1]  # the sampled row decodes one token per step from its own seeded generator
+
+
+def test_paged_cache_truncation_frees_blocks_and_refuses_where_it_cannot():
+    from llmdeploy.kv import KVQuantConfig, PagedKVCache
+
+    cache = PagedKVCache(8, 4)
+    cache.add("a")
+    cache.prepare(["a"], [10])
+    assert cache.num_free_blocks == 5
+    cache.truncate("a", 5)
+    assert cache.length("a") == 5 and cache.num_free_blocks == 6
+    with pytest.raises(ConfigError):
+        cache.truncate("a", 6)
+    per_channel = PagedKVCache(8, 4, quant=KVQuantConfig(bits=8, key_axis="channel"))
+    per_channel.add("a")
+    with pytest.raises(ConfigError, match="per channel"):
+        per_channel.truncate("a", 0)

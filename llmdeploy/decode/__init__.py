@@ -19,13 +19,14 @@ from .engine import (
 )
 from .hidden_transfer import HiddenTransfer
 from .medusa import MedusaHeads
+from .paged import SpeculativeEngine
 from .redrafter import ReDrafter
 from .train import SelfDistillData, measure_accuracy, self_distill_data, train_drafter
 from .tree import TokenTree, best_tree, static_tree, tree_from_choices, tree_inputs
 
 __all__ = [
     "DecodeStats", "DraftModel", "Drafter", "GenerationResult", "HiddenTransfer", "MedusaHeads", "ReDrafter",
-    "SelfDistillData", "TokenTree", "TreeCache", "accept_greedy", "accept_rejection", "accept_typical",
+    "SelfDistillData", "SpeculativeEngine", "TokenTree", "TreeCache", "accept_greedy", "accept_rejection", "accept_typical",
     "best_tree", "generate", "load_drafter", "measure_accuracy", "self_distill_data", "static_tree",
     "train_drafter", "tree_from_choices", "tree_inputs",
 ]

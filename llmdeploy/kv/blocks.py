@@ -115,6 +115,20 @@ class BlockTables:
     def _release(self, seq: Hashable, blocks: list[tuple[int, int]]) -> None:
         self.allocator.free([b for _, b in blocks])
 
+    def truncate(self, seq: Hashable, length: int) -> list[tuple[int, int]]:
+        """Shorten ``seq`` to its first ``length`` tokens; blocks no longer needed are freed and
+        returned (speculative decoding drops the rejected drafts this way)."""
+        if not 0 <= length <= self.lengths[seq]:
+            raise ConfigError(f"cannot truncate sequence {seq!r} of {self.lengths[seq]} tokens to {length}")
+        keep = -(-length // self.block_size)
+        table = self.tables[seq]
+        dropped = table[keep:]
+        del table[keep:]
+        self.lengths[seq] = length
+        if dropped:
+            self._release(seq, dropped)
+        return dropped
+
     def remove(self, seq: Hashable) -> list[tuple[int, int]]:
         """Free every block of ``seq`` (finished or cancelled) and forget it."""
         blocks = self.tables.pop(seq)

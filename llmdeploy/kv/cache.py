@@ -118,6 +118,21 @@ class PagedKVCache(Cache):
     def _release(self, released: list[tuple[int, int]]) -> None:
         self.store.release([b for loc, b in released if loc == 0])
 
+    #: whether :meth:`truncate` works (not with DistAttention's lent blocks)
+    supports_truncate = True
+
+    def truncate(self, seq: Hashable, length: int) -> None:
+        """Keep only the first ``length`` tokens of ``seq`` (later writes overwrite the rest);
+        freed blocks return to the pool. Not with per-channel KV quantization, whose blocks are
+        quantized once full and cannot be partly rewritten."""
+        if not self.supports_truncate:
+            raise ConfigError(f"{type(self).__name__} cannot drop tokens (speculative decoding): use PagedKVCache")
+        q = self.quant
+        if q is not None and "channel" in (q.key_axis, q.value_axis):
+            raise ConfigError("a KV cache quantized per channel cannot drop tokens (speculative decoding): "
+                              "quantize per token or not at all")
+        self._release(self.blocks.truncate(seq, length))
+
     def length(self, seq: Hashable) -> int:
         return self.blocks.lengths[seq]
 

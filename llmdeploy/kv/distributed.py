@@ -199,6 +199,8 @@ class DistKVCache(PagedKVCache):
     default process group; the other ranks run :func:`serve_blocks`). Models must run with the
     attention implementation :data:`ATTN_IMPLEMENTATION` (use :meth:`attach`)."""
 
+    supports_truncate = False
+
     needs_mask = False
 
     def __init__(self, num_blocks: int, block_size: int = 16, *, quant: KVQuantConfig | None = None,

@@ -218,16 +218,21 @@ class PagedEngine:
             for req, tok in zip(admitted, self._prefill(admitted)):
                 self._emit(req, tok, out)
         if decoding:
-            while decoding and not self.cache.can_fit([r.id for r in decoding], [1] * len(decoding)):
-                self._preempt(decoding.pop())  # the newest running request gives its blocks back
-            if decoding:
-                toks = self._pick(decoding, self._forward(decoding, [[r.output[-1]] for r in decoding]))
-                for req, tok in zip(decoding, toks):
-                    self._emit(req, tok, out)
+            self._decode(decoding, out)
         if not out and self.waiting and not self.running:
             raise KVCacheFullError("the next waiting request does not fit in an empty cache: raise num_blocks")
         self.steps += 1
         return out
+
+    def _decode(self, decoding: list[Request], out: list[tuple[int, int]]) -> None:
+        """One decode forward for the running requests (one token each); preempts the newest
+        requests while their next tokens do not fit."""
+        while decoding and not self.cache.can_fit([r.id for r in decoding], [1] * len(decoding)):
+            self._preempt(decoding.pop())  # the newest running request gives its blocks back
+        if decoding:
+            toks = self._pick(decoding, self._forward(decoding, [[r.output[-1]] for r in decoding]))
+            for req, tok in zip(decoding, toks):
+                self._emit(req, tok, out)
 
     def _preempt(self, req: Request) -> None:
         """Recompute-style preemption (vLLM's default): drop the KV, requeue prompt + output."""
