@@ -345,3 +345,42 @@ def test_readme_serve_commands_are_valid():
     assert curl[0] == f"http://127.0.0.1:{args.port}/v1/chat/completions"
     body = ChatRequest.model_validate_json(curl[curl.index("-d") + 1])
     assert body.model == args.model and body.messages[0]["role"] == "user"
+
+
+def test_a_drafter_speeds_greedy_requests_without_changing_them(tiny, tmp_path):
+    """``--drafter``: speculative decoding inside the server's continuous batching; greedy texts
+    equal plain decoding's (streamed or not, alone or together), the spec-decode counters move."""
+    from llmdeploy import decode
+
+    model, tok = tiny
+    torch.manual_seed(0)
+    drafter = decode.ReDrafter.for_model(model, beam_width=3, beam_length=3)
+    drafter.save(tmp_path / "drafter")
+    app = build_app(model, tok, model_name="tiny", max_batch=4, kv_blocks=64,
+                    drafter=decode.load_drafter(tmp_path / "drafter"))
+    prompts = ["To be, or not to be", "Now is the winter of our discontent", "Friends, Romans"]
+    with BackgroundServer(app) as url:
+        c = client(url)
+        results: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            results[i] = c.completions.create(model="tiny", prompt=prompts[i], max_tokens=14,
+                                              temperature=0).choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        want = [greedy_text(model, tok, tok(p).input_ids, 14) for p in prompts]
+        assert [results[i] for i in range(len(prompts))] == want
+        chunks = list(c.completions.create(model="tiny", prompt=prompts[0], max_tokens=14, temperature=0, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks) == want[0]
+        sampled = c.completions.create(model="tiny", prompt=prompts[1], max_tokens=6, temperature=1.0, seed=3)
+        assert sampled.usage.completion_tokens <= 6
+        m = metrics(url)
+        assert m["vllm:spec_decode_num_draft_tokens_total"] > 0
+        assert 0 <= m["vllm:spec_decode_num_accepted_tokens_total"] <= m["vllm:spec_decode_num_draft_tokens_total"]
+        assert m["vllm:request_success_total,finished_reason=length"] + m.get(
+            "vllm:request_success_total,finished_reason=stop", 0) == 5
+        assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0

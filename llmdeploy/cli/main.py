@@ -118,7 +118,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             tenants[name.strip()] = path.strip()
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
           chat_template=template, tenants=tenants or None, max_batch=args.max_batch, kv_blocks=args.kv_blocks, block_size=args.block_size,
-          max_model_len=args.max_model_len, max_waiting=args.max_waiting, max_waiting_tokens=args.max_waiting_tokens)
+          max_model_len=args.max_model_len, max_waiting=args.max_waiting, max_waiting_tokens=args.max_waiting_tokens,
+          drafter=args.drafter)
     return 0
 
 
@@ -272,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tenants", default=None,
                    help="NAME=DELTA,... BitDelta fine-tunes of MODEL (delta files of delta.save_delta) served beside "
                         "it; a request's 'model' picks one")
+    s.add_argument("--drafter", default=None,
+                   help="a drafter folder (llmdeploy drafter train): speculative decoding of greedy requests")
     s.set_defaults(func=_cmd_serve)
 
     x = sub.add_parser("export", help="export a model for another runtime (ONNX: onnxruntime)")

@@ -8,6 +8,8 @@ submission: a prompt and its completion must fit the context and the KV cache (e
 :class:`~llmdeploy.errors.RequestError`, HTTP 400), and the queue of requests not yet admitted
 is bounded in requests and prompt tokens (else :class:`~llmdeploy.errors.ServerOverloadedError`,
 HTTP 429). A cancelled request — its client went away — frees its KV blocks at the next step.
+With a ``drafter`` the engine is a :class:`~llmdeploy.decode.SpeculativeEngine`: greedy requests
+get several tokens per step, their output unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode import SpeculativeEngine
 from ..errors import RequestError, ServerOverloadedError
 from ..kv import PagedEngine, PagedKVCache
 from .metrics import ServerMetrics
@@ -83,7 +86,7 @@ class ServingEngine:
     def __init__(self, model, *, eos_token_ids: Sequence[int] = (), max_batch: int = 16, kv_blocks: int | None = None,
                  block_size: int = 16, kv_memory_gib: float = 1.0, max_model_len: int | None = None,
                  max_waiting: int = 256, max_waiting_tokens: int | None = None, prefill_chunk: int | None = 512,
-                 metrics: ServerMetrics | None = None, forward_context=None) -> None:
+                 metrics: ServerMetrics | None = None, forward_context=None, drafter=None) -> None:
         self.model = model.eval()
         context = getattr(model.config, "max_position_embeddings", None)
         self.max_model_len = min(x for x in (max_model_len, context, 1 << 30) if x)
@@ -92,8 +95,12 @@ class ServingEngine:
             want = max_batch * -(-self.max_model_len // block_size)
             kv_blocks = max(1, min(want, int(kv_memory_gib * 2**30 // per_block)))
         self.cache = PagedKVCache(kv_blocks, block_size)
-        self.engine = PagedEngine(model, self.cache, max_batch=max_batch, prefill_chunk=prefill_chunk,
-                                  forward_context=forward_context)
+        if drafter is None:
+            self.engine = PagedEngine(model, self.cache, max_batch=max_batch, prefill_chunk=prefill_chunk,
+                                      forward_context=forward_context)
+        else:  # speculative decoding (decode.SpeculativeEngine)
+            self.engine = SpeculativeEngine(model, self.cache, drafter, max_batch=max_batch,
+                                            prefill_chunk=prefill_chunk, forward_context=forward_context)
         self.eos_token_ids = tuple(eos_token_ids)
         self.max_batch, self.max_waiting = max_batch, max_waiting
         self.max_waiting_tokens = max_waiting_tokens or 64 * self.max_model_len
@@ -222,19 +229,34 @@ class ServingEngine:
                 self._wake.clear()
                 continue
             preempted = self.engine.preemptions
+            spec = (getattr(self.engine, "spec_draft_tokens", 0), getattr(self.engine, "spec_accepted_tokens", 0))
             try:
                 out = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
+            if hasattr(self.engine, "spec_draft_tokens"):
+                self._record_spec(spec)
             self._record(out, self.engine.preemptions - preempted)
         self._fail_all("the server is shutting down")
+
+    def _record_spec(self, before: tuple[int, int]) -> None:
+        m = self.metrics
+        if m:
+            m.label(m.spec_draft).inc(self.engine.spec_draft_tokens - before[0])
+            m.label(m.spec_accepted).inc(self.engine.spec_accepted_tokens - before[1])
 
     def _record(self, out: list[tuple[int, int]], preempted: int) -> None:
         now = time.monotonic()
         m = self.metrics
-        for rid, tok in out:
+        last = {rid: i for i, (rid, _) in enumerate(out)}  # a speculative step gives a request several tokens
+        if m:  # counters and gauges first: a client that reads /metrics after its answer sees them
+            m.tokens_generated(len(out))
+            if preempted:
+                m.label(m.preemptions).inc(preempted)
+        self._update_gauges()
+        for i, (rid, tok) in enumerate(out):
             h = self._by_rid.get(rid)
             if h is None:
                 continue
@@ -249,18 +271,14 @@ class ServingEngine:
             h.n_out += 1
             h.last_token_at = now
             self._deliver(h, tok)
-            req = self.engine.finished.pop(rid, None)
+            req = self.engine.finished.pop(rid, None) if last[rid] == i else None
             if req is not None:  # done: its blocks are free already
                 del self._by_rid[rid]
                 reason = "length" if len(req.output) >= req.max_new_tokens and tok not in self._stops(h) else "stop"
-                self._deliver(h, Finished(reason))
                 if m:
                     m.label(m.e2e).observe(now - h.arrival)
                     m.label(m.success, finished_reason=reason).inc()
-        if m:
-            m.tokens_generated(len(out))
-            if preempted:
-                m.label(m.preemptions).inc(preempted)
+                self._deliver(h, Finished(reason))
         self._update_gauges()
 
     def _stops(self, h: _Handle) -> tuple[int, ...]:

@@ -15,6 +15,8 @@ name                                       type       what
 ``vllm:inter_token_latency_seconds``       histogram  between consecutive tokens of a request
 ``vllm:e2e_request_latency_seconds``       histogram  arrival to last token
 ``vllm:avg_generation_throughput_toks_per_s`` gauge   generated tokens/s over the last 10 s
+``vllm:spec_decode_num_draft_tokens_total``   counter  candidates verified (with ``--drafter``)
+``vllm:spec_decode_num_accepted_tokens_total`` counter candidates accepted (with ``--drafter``)
 ``llmdeploy:request_errors_total``         counter    rejected or failed requests, by HTTP ``code``
 =========================================  =========  ============================================
 
@@ -53,6 +55,8 @@ class ServerMetrics:
                              registry=r)
         self.throughput = Gauge("vllm:avg_generation_throughput_toks_per_s", "Generated tokens/s over the last 10 s",
                                 lab, registry=r)
+        self.spec_draft = Counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified", lab, registry=r)
+        self.spec_accepted = Counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", lab, registry=r)
         self.errors = Counter("llmdeploy:request_errors", "Rejected or failed requests", lab + ["code"], registry=r)
         self.model_name = model_name
         self._recent: deque[tuple[float, int]] = deque()
