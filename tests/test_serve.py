@@ -374,6 +374,8 @@ def test_a_drafter_speeds_greedy_requests_without_changing_them(tiny, tmp_path):
             t.join(60)
         want = [greedy_text(model, tok, tok(p).input_ids, 14) for p in prompts]
         assert [results[i] for i in range(len(prompts))] == want
+        spec = decode.generate(model, tok, [tok(p).input_ids for p in prompts], 14, drafter=drafter)
+        assert [tok.decode(s, skip_special_tokens=True) for s in spec.sequences] == want  # = decode.generate
         chunks = list(c.completions.create(model="tiny", prompt=prompts[0], max_tokens=14, temperature=0, stream=True))
         assert "".join(ch.choices[0].text for ch in chunks) == want[0]
         sampled = c.completions.create(model="tiny", prompt=prompts[1], max_tokens=6, temperature=1.0, seed=3)
