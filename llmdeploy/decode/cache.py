@@ -87,13 +87,18 @@ class TreeCache(Cache):
             self.keys.append(key_states.new_zeros(shape))
             self.values.append(value_states.new_zeros(shape))
         self._T = T
-        dev = key_states.device
-        slots = (self.lengths.to(dev)[:, None] + torch.arange(T, device=dev)[None, :])  # (B, T)
-        idx = slots[:, None, :, None].expand(B, H, T, D)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        k.scatter_(2, idx, key_states.to(k.dtype))
-        v.scatter_(2, idx, value_states.to(v.dtype))
-        L = int(self.lengths.max()) + T
+        lo, hi = int(self.lengths.min()), int(self.lengths.max())
+        if lo == hi:  # every row at the same length: a plain slice
+            k[:, :, lo : lo + T] = key_states
+            v[:, :, lo : lo + T] = value_states
+        else:
+            dev = key_states.device
+            slots = self.lengths.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]  # (B, T)
+            idx = slots[:, None, :, None].expand(B, H, T, D)
+            k.scatter_(2, idx, key_states.to(k.dtype))
+            v.scatter_(2, idx, value_states.to(v.dtype))
+        L = hi + T
         return k[:, :, :L], v[:, :, :L]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
