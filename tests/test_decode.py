@@ -37,6 +37,8 @@ def random_drafters(model):
     for d in (medusa, hidden):
         for p in d.parameters():
             p.data.add_(torch.randn_like(p) * 0.2)
+    main = copy.deepcopy(hidden)
+    main.pseudo_on = "main"
     draft = copy.deepcopy(model)
     with torch.no_grad():
         for p in draft.parameters():
@@ -45,6 +47,7 @@ def random_drafters(model):
         "medusa": medusa,
         "redrafter": D.ReDrafter.for_model(model, beam_width=3, beam_length=3),
         "hidden_transfer": hidden,
+        "hidden_transfer_main": main,
         "draft_model": D.DraftModel(draft, n_draft=3),
     }
 

@@ -10,6 +10,10 @@ benefits from ``L - layer`` blocks of the model itself; the final norm and LM he
 Drafting costs no extra forward: every verification forward hangs a chain of ``n_future`` pseudo
 positions under each candidate node, and the chain under the node that ends up accepted gives the
 next step's drafts, whose top-ranked tokens form the next tree (the same sparse trees as Medusa's).
+``pseudo_on="main"`` (our variant, for hardware where every position costs, such as CPUs) hangs
+chains only under the root and its chain of first-ranked candidates — ``n_future`` × (depth + 1)
+pseudo positions instead of ``n_future`` × (nodes + 1); when the accepted path leaves that chain,
+the next step verifies the bare root (one plain step) and drafting resumes after it.
 There is no public code; choices made here (documented deviations where the paper is silent or
 unclear to us): one map per future position applied to the anchor's own hidden state, ``T_i``
 initialised to the identity, trained with the cross-entropy of the pseudo positions' predictions
@@ -39,10 +43,13 @@ class HiddenTransfer(RankedTreeMixin, Drafter):
     acceptance = "typical"
 
     def __init__(self, hidden_size: int, layer: int, n_future: int = 3, *,
-                 tree: int | Sequence[Sequence[int]] = 16, topk: int = 8) -> None:
+                 tree: int | Sequence[Sequence[int]] = 16, topk: int = 8, pseudo_on: str = "all") -> None:
         super().__init__()
         if n_future < 1 or layer < 0:
             raise ConfigError(f"hidden transfer needs n_future >= 1 and layer >= 0, got {n_future}, {layer}")
+        if pseudo_on not in ("all", "main"):
+            raise ConfigError(f"pseudo_on must be 'all' or 'main', got {pseudo_on!r}")
+        self.pseudo_on = pseudo_on
         self.hidden_size, self.layer, self.n_future = hidden_size, layer, n_future
         self.transfer = nn.Parameter(torch.eye(hidden_size).repeat(n_future, 1, 1))
         self._init_tree(n_future, tree, topk)
@@ -59,12 +66,22 @@ class HiddenTransfer(RankedTreeMixin, Drafter):
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "layer": self.layer, "n_future": self.n_future,
-                "tree": self.tree, "topk": self.topk}
+                "tree": self.tree, "topk": self.topk, "pseudo_on": self.pseudo_on}
 
     # --- pseudo positions ------------------------------------------------------------------------
     def extend(self, trees: Sequence[TokenTree], anchors: Sequence[Sequence[int]]) -> None:
+        """Hang a chain of ``n_future`` pseudo positions under each anchor (``pseudo_on="main"``:
+        only under the subtree's root and its chain of first-ranked candidates)."""
         self._slots = []
         for b, (tree, nodes) in enumerate(zip(trees, anchors)):
+            if self.pseudo_on == "main" and nodes:
+                allowed, chain, node = set(nodes), [nodes[0]], nodes[0]
+                while True:
+                    node = next((j for j in range(node + 1, len(tree)) if tree.parents[j] == node and j in allowed), None)
+                    if node is None:
+                        break
+                    chain.append(node)
+                nodes = chain
             for a in nodes:
                 parent = a
                 for i in range(self.n_future):
