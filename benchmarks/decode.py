@@ -6,7 +6,7 @@ verification engine, against plain greedy decoding of the same model in the same
 
 Stages (results in ``results/decode/decode.json``; delete a key to redo it):
 
-- ``data``: self-distillation data — 128 prompts of 32 tokens from the Shakespeare *train* split,
+- ``data``: self-distillation data — 512 prompts of 32 tokens from the Shakespeare *train* split,
   each continued by 96 greedy tokens of the model (training); 16 more prompts with another seed
   (validation: per-rank accuracy, from which the trees are built). Cached under
   ``results/decode/cache`` (not committed).
@@ -17,8 +17,9 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
   removed (Block Influence on 16 calibration windows).
 - ``sweep``: held-out prompts (the first 8 windows of 32 tokens of the Shakespeare *test* split,
   never trained on), 64 new tokens, greedy, batch 1: mean tokens per verification step (accepted
-  drafts + 1) and candidates verified per step, per method and tree size; every output is checked
-  equal to plain greedy decoding.
+  drafts + 1), candidates verified and positions per forward (hidden transfer adds its pseudo
+  positions: under every node, or with ``main`` under the first-ranked chain only), per method and
+  tree size; every output is checked equal to plain greedy decoding.
 - ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
   engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
@@ -51,16 +52,17 @@ NEW = 64
 log = logging.getLogger("benchmarks.decode")
 
 TRAIN = {  # drafter -> (constructor, training options)
-    "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 400, "batch": 4, "anchors_per_seq": 16}),
+    "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 2000, "batch": 4, "anchors_per_seq": 16}),
     "redrafter": (lambda m: D.ReDrafter.for_model(m, beam_width=4, beam_length=4),
-                  {"steps": 400, "batch": 4, "anchors_per_seq": 16}),
+                  {"steps": 1000, "batch": 4, "anchors_per_seq": 16}),
     "hidden_transfer": (lambda m: D.HiddenTransfer.for_model(m, layer=22, n_future=4, topk=8),
-                        {"steps": 200, "batch": 1, "anchors_per_seq": 24}),
+                        {"steps": 400, "batch": 1, "anchors_per_seq": 24}),
 }
 SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), beams, draft lengths
     "medusa": [2, 4, 8, 16, 32],
     "hidden_transfer": [2, 4, 8, 16, 32],
-    "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4)],
+    "hidden_transfer main": [4, 8, 16, 32],
+    "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (8, 3), (16, 3)],
     "draft shortgpt-15": [1, 2, 3, 4],
     "draft shortgpt-20": [1, 2, 3, 4],
 }
@@ -69,7 +71,9 @@ SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), bea
 def _drafter(name: str, model, cfg, drafts: dict):
     if name.startswith("draft "):
         return D.DraftModel(drafts[name[6:]], n_draft=cfg)
-    d = D.load_drafter(RESULTS / "drafters" / name)
+    d = D.load_drafter(RESULTS / "drafters" / name.split()[0])
+    if name == "hidden_transfer main":  # pseudo positions only under the first-ranked chain
+        d.pseudo_on = "main"
     if name == "redrafter":
         d.beam_width, d.beam_length = cfg
     else:
@@ -80,7 +84,7 @@ def _drafter(name: str, model, cfg, drafts: dict):
 def stage_data(res, model, tok, save) -> tuple[D.SelfDistillData, D.SelfDistillData]:
     cache = RESULTS / "cache"
     t0 = time.perf_counter()
-    train = D.self_distill_data(model, tok, n=128, prompt_len=32, new_tokens=96, seed=0, cache_dir=cache)
+    train = D.self_distill_data(model, tok, n=512, prompt_len=32, new_tokens=96, seed=0, batch=32, cache_dir=cache)
     val = D.self_distill_data(model, tok, n=16, prompt_len=32, new_tokens=96, seed=1, cache_dir=cache)
     if "data" not in res:
         res["data"] = {"train": list(train.tokens.shape), "validation": list(val.tokens.shape), "prompt_len": 32,
@@ -126,15 +130,17 @@ def stage_sweep(res, model, prompts, drafts, plain, save) -> None:
             d = _drafter(name, model, cfg, drafts)
             t0 = time.perf_counter()
             D.generate(model, None, prompts[:1], 8, drafter=d)  # warm-up
-            tokens, cands, seqs, secs = [], [], [], 0.0
+            tokens, cands, positions, seqs, secs = [], [], [], [], 0.0
             for p in prompts:
                 out = D.generate(model, None, [p], NEW, drafter=d)
                 secs += out.stats.seconds
                 tokens += out.stats.tokens_per_step
                 cands += out.stats.candidates_per_step
+                positions += out.stats.positions_per_step
                 seqs.append(out.sequences[0])
             rows[key] = {"method": name, "config": cfg, "tokens_per_step": sum(tokens) / len(tokens),
-                         "tree": sum(cands) / len(cands), "identical_to_greedy": seqs == plain,
+                         "tree": sum(cands) / len(cands), "positions": sum(positions) / len(positions),
+                         "identical_to_greedy": seqs == plain,
                          "seconds": time.perf_counter() - t0, "generate_seconds": secs}
             log.info("%s: %.3f tokens/step, tree %.1f", key, rows[key]["tokens_per_step"], rows[key]["tree"])
             save()
@@ -196,10 +202,13 @@ def markdown(res: dict) -> str:
         out.append("")
     if "sweep" in res:
         out += ["## Accepted length against tree size (batch 1)", "",
-                "| method | configuration | candidates verified / step | tokens / step | output = plain greedy |",
-                "|---|---|---|---|---|"]
+                "| method | configuration | candidates verified / step | positions per forward | tokens / step | "
+                "output = plain greedy |", "|---|---|---|---|---|---|"]
         for r in res["sweep"].values():
-            out.append(f"| {r['method']} | {r['config']} | {r['tree']:.1f} | {r['tokens_per_step']:.3f} | "
+            cfg = r["config"]
+            cfg = f"{cfg[0]} beams x {cfg[1]}" if isinstance(cfg, (list, tuple)) else cfg
+            out.append(f"| {r['method']} | {cfg} | {r['tree']:.1f} | {r.get('positions', 0):.1f} | "
+                       f"{r['tokens_per_step']:.3f} | "
                        f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
         out.append("")
     if "timing" in res:
@@ -223,7 +232,9 @@ def readme_paragraph(res: dict) -> str:
     parts = []
     for method, key in best.items():
         r, t = sweep[key], rows[key]
-        parts.append(f"{method} ({r['config']}): {r['tokens_per_step']:.2f} tokens per step with "
+        cfg = r["config"]
+        cfg = f"{cfg[0]} beams x {cfg[1]}" if isinstance(cfg, (list, tuple)) else f"{cfg}"
+        parts.append(f"{method} ({cfg}): {r['tokens_per_step']:.2f} tokens per step with "
                      f"{r['tree']:.1f} candidates, {t['tok_s_b1']:.1f} / {t['tok_s_b4']:.1f} tok/s")
     plain = rows["plain"]
     hf = rows["hf generate"]

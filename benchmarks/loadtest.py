@@ -211,6 +211,21 @@ def markdown(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def readme_paragraph(res: dict) -> str:
+    """The README's sentence on the load test, from ``loadtest.json`` (tests check the README)."""
+    (cn, c), (on, o) = list(res["modes"].items())
+    m = res["meta"]
+    return (f"Load test ({m['requests']} streamed completions from {m['concurrency']} concurrent clients, "
+            f"{m['max_tokens']} tokens each, with disconnecting clients and malformed requests mid-load): "
+            f"continuous batching {c['throughput_tok_s']:.1f} tok/s against {o['throughput_tok_s']:.1f} tok/s one "
+            f"request at a time ({res['ratio']:.2f}x), TTFT p50/p95 {c['ttft_p50_s']:.2f}/{c['ttft_p95_s']:.2f} s "
+            f"against {o['ttft_p50_s']:.2f}/{o['ttft_p95_s']:.2f} s; {c['completed']}/{c['normal']} and "
+            f"{o['completed']}/{o['normal']} requests complete, {c['failed_or_lost'] + o['failed_or_lost']} failed "
+            f"or lost, every malformed request answered 4xx, no request running and no KV block held afterwards "
+            "([benchmarks/results/serve/LOADTEST.md](benchmarks/results/serve/LOADTEST.md), "
+            "`python -m benchmarks.loadtest`).")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=48)

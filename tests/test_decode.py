@@ -427,3 +427,27 @@ def test_paged_cache_truncation_frees_blocks_and_refuses_where_it_cannot():
     per_channel.add("a")
     with pytest.raises(ConfigError, match="per channel"):
         per_channel.truncate("a", 0)
+
+
+def test_readme_quotes_the_decode_benchmark():
+    """The README's decoding numbers are benchmarks/results/decode/decode.json's, and every swept
+    configuration decoded exactly what plain greedy decoding does."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.decode import readme_paragraph
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/decode/decode.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert " ".join(readme_paragraph(res).split()) in readme
+    assert res["sweep"] and all(r["identical_to_greedy"] for r in res["sweep"].values())
+    sw = res["sweep"]
+    ht, rd, md = sw["hidden_transfer 32"], sw["redrafter (16, 3)"], sw["medusa 32"]
+    assert (f"hidden transfer {ht['tokens_per_step']:.2f} tokens per step with {ht['tree']:.0f} candidates, "
+            f"ReDrafter {rd['tokens_per_step']:.2f} with {rd['tree']:.0f}, Medusa {md['tokens_per_step']:.2f} with "
+            f"{md['tree']:.0f}") in readme
+    rows = res["timing"]["rows"]
+    plain = max(rows["plain"]["tok_s_b1"], rows["hf generate"]["tok_s_b1"])
+    if "no drafter trained here beats plain decoding" in readme:
+        assert all(r["tok_s_b1"] < plain for k, r in rows.items() if k not in ("plain", "hf generate"))

@@ -386,3 +386,17 @@ def test_a_drafter_speeds_greedy_requests_without_changing_them(tiny, tmp_path):
         assert m["vllm:request_success_total,finished_reason=length"] + m.get(
             "vllm:request_success_total,finished_reason=stop", 0) == 5
         assert m["vllm:num_requests_running"] == 0 and m["vllm:kv_cache_usage_perc"] == 0
+
+
+def test_readme_quotes_the_load_test():
+    from pathlib import Path
+
+    from benchmarks.loadtest import readme_paragraph
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/serve/loadtest.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert " ".join(readme_paragraph(res).split()) in readme
+    for r in res["modes"].values():
+        assert r["failed_or_lost"] == 0 and r["malformed_rejected_4xx"] == r["malformed_sent"]
+        assert r["server_alive_after"] and r["server_running_after"] == 0 and r["server_kv_usage_after"] == 0
