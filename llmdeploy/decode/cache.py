@@ -13,37 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from ..errors import ConfigError
-
-
-class _Layer(CacheLayerMixin):
-    is_compileable = False
-    is_sliding = False
-
-    def __init__(self, cache: TreeCache, layer_idx: int) -> None:
-        super().__init__()
-        self.cache, self.layer_idx = cache, layer_idx
-        self.is_initialized = True
-
-    def lazy_initialization(self, key_states, value_states) -> None:
-        pass
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return self.cache.update(key_states, value_states, self.layer_idx)
-
-    def get_seq_length(self) -> int:
-        return self.cache.get_seq_length()
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.cache.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reset(self) -> None:
-        self.cache.reset()
+from ..kv.cache import PagedLayer
 
 
 class TreeCache(Cache):
@@ -80,7 +53,7 @@ class TreeCache(Cache):
         if B != self.batch:
             raise ConfigError(f"the forward has {B} rows but the cache holds {self.batch}")
         while len(self.layers) <= layer_idx:
-            self.layers.append(_Layer(self, len(self.layers)))
+            self.layers.append(PagedLayer(self, len(self.layers)))
         self._grow(int(self.lengths.max()) + T)
         if len(self.keys) <= layer_idx:
             shape = (B, H, self.capacity, D)

@@ -54,12 +54,14 @@ class StepPlan:
 
 
 class PagedLayer(CacheLayerMixin):
-    """One layer's view of the shared paged store (what transformers' ``Cache`` iterates)."""
+    """One layer's view of a cache that keeps every layer's storage itself (what transformers'
+    ``Cache`` iterates): each call goes to the owning cache with this layer's index. Used by the
+    paged cache and by :class:`llmdeploy.decode.TreeCache`."""
 
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, cache: PagedKVCache, layer_idx: int):
+    def __init__(self, cache: Cache, layer_idx: int):
         super().__init__()
         self.cache, self.layer_idx = cache, layer_idx
         self.is_initialized = True
@@ -68,7 +70,7 @@ class PagedLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return self.cache._update(key_states, value_states, self.layer_idx)
+        return self.cache.update(key_states, value_states, self.layer_idx)
 
     def get_seq_length(self) -> int:
         return self.cache.get_seq_length()
