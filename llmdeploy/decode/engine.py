@@ -254,7 +254,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
     runner.cache.commit([range(len(p)) for p in ids])
     roots, finished = [], []
     for b, tree in enumerate(trees):
-        _, tok = choose(TokenTree.chain(tree.tokens[lasts[b]:lasts[b] + 1]), logits[b, lasts[b]:lasts[b] + 1])
+        _, tok = choose(TokenTree([tree.tokens[lasts[b]]], [-1]), logits[b, lasts[b]:lasts[b] + 1])
         roots.append(tok)
         finished.append(emit(b, [tok]))
     if drafter is not None:

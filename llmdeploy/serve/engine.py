@@ -95,6 +95,7 @@ class ServingEngine:
             want = max_batch * -(-self.max_model_len // block_size)
             kv_blocks = max(1, min(want, int(kv_memory_gib * 2**30 // per_block)))
         self.cache = PagedKVCache(kv_blocks, block_size)
+        self.speculative = drafter is not None
         if drafter is None:
             self.engine = PagedEngine(model, self.cache, max_batch=max_batch, prefill_chunk=prefill_chunk,
                                       forward_context=forward_context)
@@ -229,14 +230,14 @@ class ServingEngine:
                 self._wake.clear()
                 continue
             preempted = self.engine.preemptions
-            spec = (getattr(self.engine, "spec_draft_tokens", 0), getattr(self.engine, "spec_accepted_tokens", 0))
+            spec = (self.engine.spec_draft_tokens, self.engine.spec_accepted_tokens) if self.speculative else None
             try:
                 out = self.engine.step()
             except Exception as e:  # a failed step fails its requests, not the server
                 log.exception("engine step failed")
                 self._fail_all(f"{type(e).__name__}: {e}")
                 continue
-            if hasattr(self.engine, "spec_draft_tokens"):
+            if spec is not None:
                 self._record_spec(spec)
             self._record(out, self.engine.preemptions - preempted)
         self._fail_all("the server is shutting down")
