@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 from . import compress, data, distill, eval, finetune, io, prune, quant, recipe  # noqa: E402
 from .compress import Compose, Compressor, applied_recipe  # noqa: E402
-from .io import ZOO, load, save  # noqa: E402
+from .io import ZOO, compress_streaming, load, save  # noqa: E402
 from .models import get_adapter  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -25,6 +25,7 @@ __all__ = [
     "__version__",
     "applied_recipe",
     "compress",
+    "compress_streaming",
     "data",
     "distill",
     "eval",

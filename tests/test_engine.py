@@ -22,7 +22,7 @@ def test_propagated_activations_equal_plain_forward(name):
     for i in range(n_blocks):
         torch.testing.assert_close(recorded[i], hs[i], rtol=1e-5, atol=1e-5)
     # The last hidden state reported by HF has the final norm applied.
-    last = get_adapter(model).final_norm()(torch.cat(final))
+    last = get_adapter(model).final_norm()(torch.cat(list(final)))
     torch.testing.assert_close(last, hs[-1], rtol=1e-5, atol=1e-5)
 
 

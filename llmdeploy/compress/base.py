@@ -29,6 +29,8 @@ from torch import nn
 
 from ..errors import CalibrationDataError, ConfigError
 from ..models.adapters import context_length
+from .distributed import world
+from .streaming import streaming
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +124,20 @@ class Compressor:
     needs_calibration: ClassVar[bool] = False
     #: has ``checkpoint_dir`` / ``resume`` fields (the CLI wires ``--resume`` to them)
     supports_resume: ClassVar[bool] = False
+    #: touches the decoder blocks only through the engine's walks (``run_blockwise`` or
+    #: ``walk_blocks``), one block at a time: it can run on a model whose blocks are streamed
+    #: from disk (``llmdeploy.io.compress_streaming``)
+    streamable: ClassVar[bool] = False
+    #: gathers every statistic through the engine (or reduces it itself), so that several
+    #: processes sharing the calibration windows compute the same result
+    supports_distributed: ClassVar[bool] = False
     report_: Report | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self)
 
     def __call__(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
+        self.check_engine(model)
         self.validate(model)
         if self.needs_calibration:
             check_calibration(calib, type(self).__name__, model)
@@ -138,6 +148,17 @@ class Compressor:
 
     def validate(self, model: nn.Module) -> None:
         """Raise :class:`ConfigError` if this configuration cannot be applied to ``model``."""
+
+    def check_engine(self, model: nn.Module) -> None:
+        """Raise :class:`ConfigError` when the run asks for what this method cannot do: stream the
+        blocks from disk, or share the calibration windows among several processes."""
+        name = self.method or type(self).__name__
+        if streaming(model) and not self.streamable:
+            raise ConfigError(f"{name} cannot run on streamed blocks (it needs the whole model in memory); "
+                              "run it in memory, or as a separate step after the streamed ones")
+        if world()[1] > 1 and not self.supports_distributed:
+            raise ConfigError(f"{name} cannot share its calibration among {world()[1]} processes; "
+                              "run it in one process")
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
         raise NotImplementedError

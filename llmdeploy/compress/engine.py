@@ -5,11 +5,22 @@ window (with whatever the block needs: attention mask, position embeddings...), 
 transform block i (accumulating per-linear statistics such as XᵀX through hooks), and then the
 *compressed* block's outputs become block i+1's inputs. Only one block sits on the compute
 device at a time; the activations may stay on another device (CPU by default).
+
+Because every calibrated method walks the blocks here, they all gain what the engine does
+besides: blocks streamed from disk and written as they finish (:mod:`.streaming`), activations
+spilled to disk (:mod:`.activations`), a checkpoint after every block (:mod:`.resume`),
+calibration windows shared by several processes with their statistics summed
+(:mod:`.distributed`), and blocks computed on the device they were placed on (``device="map"``,
+for models loaded with an accelerate device map: the engine moves activations, not blocks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -19,8 +30,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, ConfigError
 from ..models.adapters import ModelAdapter, get_adapter
+from .activations import ActivationStore
+from .distributed import all_reduce_, all_reduce_int, shard_windows, world
+from .modules import MODULES
+from .resume import BlockCheckpoint
+from .streaming import module_specs as ckpt_specs
+from .streaming import options
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +99,7 @@ def to_device(obj: Any, device: torch.device | str, float_dtype: torch.dtype | N
     return obj
 
 
+
 @dataclass
 class LinearStats:
     """Second-moment statistics of a linear's inputs: ``xtx = Σ xᵀx`` over ``n_rows`` rows."""
@@ -97,33 +115,49 @@ class LinearStats:
 
 @dataclass
 class BlockContext:
-    """What a callback sees of block ``index``: the block, its inputs, and helpers to run it."""
+    """What a callback sees of block ``index``: the block, its inputs, and helpers to run it.
+
+    ``carry`` is what a method hands from one block to the next (tensors or JSON values); it is
+    checkpointed with each finished block, so a resumed run gets it back. Statistics gathered
+    through :meth:`collect_stats`, :meth:`input_moments` or :meth:`reduce` are summed over every
+    process of a distributed run; a method that sums something else itself must call
+    :meth:`reduce` on it."""
 
     index: int
     name: str
     block: nn.Module
     adapter: ModelAdapter
-    inputs: list[torch.Tensor]
+    inputs: ActivationStore
     kwargs: list[dict[str, Any]]
     device: torch.device
     extras: dict[str, Any] = field(default_factory=dict)
+    carry: dict[str, Any] = field(default_factory=dict)
 
-    def forward(self, block: nn.Module | None = None) -> list[torch.Tensor]:
-        """Run ``block`` (default: this block) on every input batch; outputs stay where inputs live."""
-        block = self.block if block is None else block
-        outs = []
+    def _run(self, block: nn.Module, keep: bool) -> ActivationStore | None:
+        outs = self.inputs.like() if keep else None
         with torch.no_grad():
             for x, kw in zip(self.inputs, self.kwargs):
                 out = block(x.to(self.device), **to_device(kw, self.device))
-                outs.append(self.adapter.block_output(out).to(x.device))
+                if outs is not None:
+                    outs.append(self.adapter.block_output(out).to(x.device))
         return outs
+
+    def forward(self, block: nn.Module | None = None) -> ActivationStore:
+        """Run ``block`` (default: this block) on every input batch; outputs stay where inputs
+        live (in memory or spilled, like the inputs)."""
+        return self._run(self.block if block is None else block, keep=True)
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the processes of a distributed run, in place (identity alone)."""
+        return all_reduce_(t)
 
     def linears(self) -> dict[str, nn.Linear]:
         """The block's linears by path relative to the block."""
         return self.adapter.block_linears(self.block)
 
     def collect_stats(self, names: Iterable[str] | None = None) -> dict[str, LinearStats]:
-        """Run the block once with hooks and return XᵀX of each named linear's input (float32)."""
+        """Run the block once with hooks and return XᵀX of each named linear's input (float32),
+        summed over every calibration window (of every process)."""
         linears = self.linears()
         names = list(linears) if names is None else list(names)
         stats: dict[str, LinearStats] = {}
@@ -141,12 +175,15 @@ class BlockContext:
 
             specs.append((lin, "post", hook))
         with hooks(*specs):
-            self.forward()
+            self._run(self.block, keep=False)
+        for s in stats.values():
+            all_reduce_(s.xtx)
+            s.n_rows = all_reduce_int(s.n_rows)
         return stats
 
     def input_moments(self, module: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``Σ xᵀx`` of ``module``'s input over every calibration batch, on the CPU; each pass
-        stops at ``module`` (the rest of the block is not run)."""
+        """``Σ xᵀx`` of ``module``'s input over every calibration batch (of every process), on the
+        CPU; each pass stops at ``module`` (the rest of the block is not run)."""
         acc: list[torch.Tensor] = []
 
         def hook(_mod, args):
@@ -161,7 +198,7 @@ class BlockContext:
         with hooks((module, "pre", hook)):
             for x, kw in zip(self.inputs, self.kwargs):
                 run_until_stop(lambda x=x, kw=kw: self.block(x.to(self.device), **to_device(kw, self.device)))
-        return acc[0]
+        return all_reduce_(acc[0])
 
 
 def capture_block_inputs(
@@ -172,10 +209,12 @@ def capture_block_inputs(
     batch_size: int,
     device: torch.device,
     store_device: torch.device,
-) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
-    """Inputs (hidden states and keyword arguments) of block 0 for every calibration batch."""
+    spill_dir: str | None = None,
+) -> tuple[ActivationStore, list[dict[str, Any]]]:
+    """Inputs (hidden states and keyword arguments) of block 0 for every calibration batch (the
+    block itself never runs: a hook stops the forward as it is entered)."""
     blocks = adapter.blocks()
-    inputs: list[torch.Tensor] = []
+    inputs = ActivationStore(folder=spill_dir)
     kwargs: list[dict[str, Any]] = []
 
     def hook(_mod, args, kw):
@@ -216,6 +255,55 @@ def _move_outside_blocks(
     return where
 
 
+def _home(module: nn.Module) -> torch.device:
+    """Where a module's tensors live (the first parameter's or buffer's device; CPU if none)."""
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _compute_device(model: nn.Module) -> torch.device:
+    """The device of the model's first materialised parameter (a streamed model's blocks are on meta)."""
+    for p in model.parameters():
+        if not p.is_meta:
+            return p.device
+    return torch.device("cpu")
+
+
+def _fingerprint(key: dict[str, Any], calib: torch.Tensor, model: nn.Module, stream) -> str:
+    """What a checkpointed walk must match to be resumed: the method's settings, the (local)
+    calibration windows, and the model (its source checkpoint when streamed, else the names,
+    shapes and first 64 values of its tensors)."""
+    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+    h.update(calib.cpu().contiguous().numpy().tobytes())
+    if stream is not None:
+        h.update(stream.reader.fingerprint().encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        if not t.is_meta:
+            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _restore_block(index: int, name: str, block: nn.Module, specs: dict[str, Any],
+                   restore: Callable[[int, nn.Module, dict[str, Any]], None] | None, carry: dict[str, Any],
+                   ckpt: BlockCheckpoint | None) -> None:
+    """Give a finished block back its compressed structure (the method's ``restore`` hook, then
+    the compressed modules the checkpoint names) and, in memory, its saved tensors."""
+    if restore is not None:
+        restore(index, block, carry)
+    for qname, spec in specs.items():
+        path = qname[len(name) + 1:]
+        old = block.get_submodule(path)
+        cls = MODULES.get(spec["class"])
+        if cls is None:
+            raise ConfigError(f"the checkpoint names module class {spec['class']!r}, unknown to this llmdeploy")
+        dtype = next((p.dtype for p in old.parameters() if p.is_floating_point()), torch.float32)
+        block.set_submodule(path, cls(**spec["init"], dtype=dtype).to(_home(old)))
+    if ckpt is not None:
+        ckpt.restore_values(index, block)
+
+
 def run_blockwise(
     model: nn.Module,
     calib: torch.Tensor,
@@ -226,32 +314,72 @@ def run_blockwise(
     batch_size: int = 8,
     desc: str = "blocks",
     record_inputs: list[torch.Tensor] | None = None,
-) -> list[torch.Tensor]:
+    finish: Callable[[BlockContext], None] | None = None,
+    key: dict[str, Any] | None = None,
+    report: Any = None,
+    restore: Callable[[int, nn.Module, dict[str, Any]], None] | None = None,
+    carry: dict[str, Any] | None = None,
+) -> ActivationStore:
     """Walk the decoder blocks with calibration windows ``calib`` (n_samples, seq_len).
 
     ``process(ctx)`` may modify ``ctx.block`` in place (replace linears, prune...). Afterwards
-    the modified block's outputs are propagated to the next block. Returns the last block's
-    outputs, one tensor per batch. If ``record_inputs`` is a list, every block's input batches
-    are appended to it (for tests and diagnostics).
+    the modified block's outputs are propagated to the next block, then ``finish(ctx)`` may
+    change the block's storage without changing what it computes (compact sparse layers). Returns
+    the last block's outputs, one tensor per batch. If ``record_inputs`` is a list, every block's
+    input batches are appended to it (for tests and diagnostics).
+
+    ``device``: where blocks are computed (default: the model's first parameter's device), or
+    ``"map"``: each block where it was placed (a model loaded with an accelerate device map).
+
+    A walk can be checkpointed after every block (:func:`~llmdeploy.compress.streaming.engine_options`
+    with ``checkpoint_dir``) when the method passes ``key`` (its settings, what a resumed run must
+    match), its ``report`` dataclass (saved and restored with the blocks) and, if a finished block
+    has a structure its compressed modules alone do not rebuild, ``restore(index, block, carry)``.
+    ``carry`` (a dict, updated in place) is every block's ``ctx.carry``: what the method hands on.
     """
+    opts = options(model)
+    stream = opts.stream
     adapter = get_adapter(model)
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    mapped = isinstance(device, str) and device == "map"
+    if mapped and stream is not None:
+        raise ConfigError("device='map' computes each block where it was placed; a streamed model's blocks are "
+                          "loaded from disk onto one device: pass a device (or none)")
+    compute = _compute_device(model) if device is None or mapped else torch.device(device)
     store_device = torch.device(store_device)
     blocks = adapter.blocks()
-    block_devices = [next(b.parameters()).device for b in blocks]
+    prefix = adapter.blocks_prefix()
+    homes = [_home(b) for b in blocks]
+    calib = shard_windows(calib)
+    ckpt = None
+    ckpt_dir = opts.next_checkpoint_dir()
+    if ckpt_dir is not None:
+        if key is None:
+            raise ConfigError(f"{desc} cannot checkpoint its walk over the blocks: run it without a checkpoint folder")
+        ckpt = BlockCheckpoint(ckpt_dir, _fingerprint(key, calib, model, stream), resume=opts.resume,
+                               save_blocks=stream is None)
     was_training = model.training
     model.eval()
-    outside = _move_outside_blocks(model, adapter, device)
+    outside = None if mapped else _move_outside_blocks(model, adapter, compute)
     try:
-        blocks[0].to(device)
-        inputs, kwargs = capture_block_inputs(
-            model, calib, adapter, batch_size=batch_size, device=device, store_device=store_device
-        )
-        blocks[0].to(block_devices[0])
-        prefix = adapter.blocks_prefix()
-        for i in tqdm(range(len(blocks)), desc=desc, leave=False):
+        inputs, kwargs = capture_block_inputs(model, calib, adapter, batch_size=batch_size, device=compute,
+                                              store_device=store_device, spill_dir=opts.spill_dir)
+        start, modules = 0, {}
+        carry = {} if carry is None else carry
+        state = ckpt.load() if ckpt is not None and opts.resume else None
+        if state is not None:
+            start = state["done"]
+            carry.update(state["carry"])
+            modules = {int(k): v for k, v in state["modules"].items()}
+            if report is not None and state.get("report") is not None:
+                for k, v in state["report"].items():
+                    setattr(report, k, v)
+            for i in range(start):
+                _restore_block(i, f"{prefix}.{i}", blocks[i], modules.get(i, {}), restore, carry,
+                               ckpt if stream is None else None)
+            inputs.release()
+            inputs = ActivationStore.load(state["acts"], state["n_batches"], spill=opts.spill_dir, device=store_device)
+            log.info("%s: resuming at block %d of %d from %s", desc, start, len(blocks), ckpt.folder)
+        for i in tqdm(range(start, len(blocks)), desc=desc, leave=False, disable=world()[0] != 0):
             block = blocks[i]
             for x in inputs:
                 if not torch.isfinite(x).all():
@@ -261,16 +389,47 @@ def run_blockwise(
                         "calibration data"
                     )
             if record_inputs is not None:
-                record_inputs.append(torch.cat(inputs))
-            block.to(device)
-            ctx = BlockContext(i, f"{prefix}.{i}", block, adapter, inputs, kwargs, device)
+                record_inputs.append(torch.cat(list(inputs)))
+            if stream is not None:
+                stream.load(i, block)
+            dev = homes[i] if mapped else compute
+            if not mapped:
+                block.to(dev)
+            ctx = BlockContext(i, f"{prefix}.{i}", block, adapter, inputs, kwargs, dev, carry=carry)
             if process is not None:
                 process(ctx)
-            inputs = ctx.forward(blocks[i])  # the (possibly replaced) block's outputs
-            blocks[i].to(block_devices[i])
-            if device.type == "cuda":
+            outputs = ctx.forward(blocks[i])  # the (possibly replaced) block's outputs
+            if finish is not None:
+                finish(ctx)
+            if stream is not None:  # written (and freed) before the checkpoint calls it finished
+                stream.finish(i, blocks[i])
+            if ckpt is not None:
+                ckpt.save(i, f"{prefix}.{i}", blocks[i], outputs, carry,
+                          dataclasses.asdict(report) if report is not None else None, modules)
+                modules[i] = ckpt_specs(blocks[i], f"{prefix}.{i}")
+            if stream is None and not mapped:
+                blocks[i].to(homes[i])
+            inputs.release()
+            inputs = outputs
+            if dev.type == "cuda":
                 torch.cuda.empty_cache()
     finally:  # the model is left where it was, also after an error
-        _move_outside_blocks(model, adapter, outside)
+        if outside is not None:
+            _move_outside_blocks(model, adapter, outside)
         model.train(was_training)
     return inputs
+
+
+def walk_blocks(model: nn.Module, fn: Callable[[int, str, nn.Module], None], *, desc: str = "blocks") -> None:
+    """Call ``fn(index, name, block)`` on every decoder block, for methods that need no
+    calibration (RTN, magnitude pruning): a streamed model's blocks are loaded before and written
+    and freed after, exactly as in :func:`run_blockwise`."""
+    stream = options(model).stream
+    adapter = get_adapter(model)
+    prefix = adapter.blocks_prefix()
+    for i, block in enumerate(tqdm(adapter.blocks(), desc=desc, leave=False, disable=world()[0] != 0)):
+        if stream is not None:
+            stream.load(i, block)
+        fn(i, f"{prefix}.{i}", block)
+        if stream is not None:
+            stream.finish(i, block)

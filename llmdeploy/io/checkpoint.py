@@ -17,13 +17,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..compress.base import applied_recipe
@@ -36,14 +37,19 @@ log = logging.getLogger(__name__)
 MANIFEST = "llmdeploy.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "llmdeploy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: weights may be sharded (a streamed compression writes one file per block)
 
 
-def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool = True) -> Path:
+def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overwrite: bool = True,
+         weights: Callable[[PreTrainedModel, Path], dict[str, Any]] | None = None,
+         modules: dict[str, dict[str, Any]] | None = None) -> Path:
     """Write ``model`` (dense or compressed) and ``tokenizer`` to ``out_dir``, atomically.
 
     An existing ``out_dir`` is replaced only if it is an earlier llmdeploy save (or empty) and
-    ``overwrite`` is true; anything else is left alone with an error.
+    ``overwrite`` is true; anything else is left alone with an error. ``weights(model, folder)``
+    (for streamed models, whose blocks were written as they finished) writes the tensors
+    instead of one ``model.safetensors`` and returns the manifest's ``weights`` entry;
+    ``modules`` then adds the compressed modules of blocks no longer in memory.
     """
     from .. import __version__
 
@@ -61,7 +67,7 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overw
         modules = {
             name: {"class": type(m).__name__, "init": m.init_kwargs()}
             for name, m in compressed_modules(model).items()
-        }
+        } | (modules or {})
         config = model.config
         model_class = None
         remote = getattr(type(model), "remote_code", None)
@@ -76,21 +82,25 @@ def save(model: PreTrainedModel, tokenizer, out_dir: str | os.PathLike, *, overw
             config = copy.deepcopy(config) if config is model.config else config
             config.quantization_config = hf_quant
         config.save_pretrained(tmp)
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if weights is None:
+            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+            weights_entry = {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)}
+        else:
+            weights_entry = weights(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         recipe = applied_recipe(model)
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = str(next(p for p in model.parameters() if p.is_floating_point()).dtype).removeprefix("torch.")
         manifest = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if "files" in weights_entry else 1,
             "llmdeploy_version": __version__,
             "dtype": dtype,
             "recipe": recipe,
             "modules": modules,
             "model_class": model_class,
-            "weights": {"file": WEIGHTS, "sha256": sha256_file(tmp / WEIGHTS)},
+            "weights": weights_entry,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out.exists():
@@ -138,6 +148,47 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
+def _weight_files(path: Path, manifest: dict[str, Any]) -> dict[str, str | None]:
+    """``{file: sha256}`` of the weights a manifest names: one ``model.safetensors`` or, for a
+    sharded (streamed) save, every shard of ``model.safetensors.index.json``."""
+    entry = manifest.get("weights", {})
+    files = dict(entry["files"]) if "files" in entry else {entry.get("file", WEIGHTS): entry.get("sha256")}
+    for file in files:
+        if not (path / file).exists():
+            raise CheckpointError(f"{path} is incomplete: {file} is missing")
+    return files
+
+
+def _load_weights(model: torch.nn.Module, path: Path, files: list[str]) -> None:
+    """Fill ``model`` from safetensors ``files``; every tensor must be there exactly once (a tied
+    tensor once for all its names), and nothing else."""
+    if len(files) == 1:
+        try:
+            missing, unexpected = load_model(model, str(path / files[0]), strict=False)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path / files[0]} cannot be read ({e}); the file is corrupt") from e
+    else:
+        state = model.state_dict()
+        loaded: set[str] = set()
+        unexpected = []
+        for file in files:
+            try:
+                tensors = load_file(str(path / file))
+            except (SafetensorError, OSError, RuntimeError) as e:
+                raise CheckpointError(f"{path / file} cannot be read ({e}); the file is corrupt") from e
+            unexpected += [k for k in tensors if k not in state]
+            model.load_state_dict({k: v for k, v in tensors.items() if k in state}, strict=False)
+            loaded.update(k for k in tensors if k in state)
+        state = model.state_dict()
+        have = {state[k].untyped_storage().data_ptr() for k in loaded}
+        missing = [k for k in state if k not in loaded and state[k].untyped_storage().data_ptr() not in have]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the weights in {path} do not match the model: missing {sorted(missing)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+
+
 def _model_class(manifest: dict[str, Any], path: Path) -> type:
     """The class a manifest names (only llmdeploy's own modules are imported)."""
     ref = str(manifest["model_class"])
@@ -155,16 +206,14 @@ def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, ver
     """Restore a directory written by :func:`save`: the same modules, identical logits."""
     path = Path(path)
     manifest = read_manifest(path)
-    weights = path / manifest.get("weights", {}).get("file", WEIGHTS)
-    if not weights.exists():
-        raise CheckpointError(f"{path} is incomplete: {weights.name} is missing")
+    files = _weight_files(path, manifest)
     if verify:
-        expected = manifest.get("weights", {}).get("sha256")
-        if expected and sha256_file(weights) != expected:
-            raise CheckpointError(
-                f"{weights} does not match the sha256 recorded in {MANIFEST}: the file is corrupt or "
-                "was changed after saving. Save the model again."
-            )
+        for file, expected in files.items():
+            if expected and sha256_file(path / file) != expected:
+                raise CheckpointError(
+                    f"{path / file} does not match the sha256 recorded in {MANIFEST}: the file is corrupt or "
+                    "was changed after saving. Save the model again."
+                )
     saved_dtype = getattr(torch, manifest.get("dtype", "float32"))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -191,15 +240,7 @@ def load_saved(path: str | os.PathLike, *, dtype: torch.dtype | None = None, ver
             raise CheckpointError(f"{path}: module {name} does not exist in this architecture") from e
     for module in compressed_modules(model).values():
         module.bind(model)
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} cannot be read ({e}); the file is corrupt") from e
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights} does not match the model: missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]}"
-        )
+    _load_weights(model, path, list(files))
     if dtype is not None and dtype != saved_dtype:
         model.to(dtype)
     model.eval()

@@ -14,12 +14,13 @@ layers holding zeros, e.g. to quantize them afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..compress.base import Compressor, Report, engine_field
-from ..compress.engine import BlockContext, LinearStats, run_blockwise
+from ..compress.engine import BlockContext, LinearStats, run_blockwise, walk_blocks
 from ..compress.modules import CompressedModule
 from ..errors import ConfigError
 from ..models.adapters import get_adapter
@@ -51,6 +52,8 @@ class WeightPruner(Compressor):
     sequential: bool = False
     device: str | None = engine_field(None)
     batch_size: int = engine_field(8)
+    streamable: ClassVar[bool] = True
+    supports_distributed: ClassVar[bool] = True
 
     def pattern_(self) -> SparsityPattern:
         return parse_pattern(self.pattern, self.sparsity)
@@ -79,22 +82,33 @@ class WeightPruner(Compressor):
     # -- the work ------------------------------------------------------------------
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
         pattern = self.pattern_()
+        wanted = set(self.targets(model))
+        if not isinstance(self.report_, PruningReport):  # a subclass may have started its own
+            self.report_ = PruningReport()
+        report = self.report_
+
+        def finish(name: str, block: nn.Module) -> None:
+            """Measure what was realised, then store the pruned linears compactly (what the block
+            computes does not change; a streamed block is written right after)."""
+            for path, lin in get_adapter(model).block_linears(block).items():
+                if f"{name}.{path}" in wanted:
+                    report.sparsity[f"{name}.{path}"] = 1.0 - int((lin.weight != 0).sum()) / lin.weight.numel()
+                    if self.compact:
+                        block.set_submodule(path, SparseLinear.from_linear(lin, pattern.n, pattern.m))
+
         if self.needs_calibration:
             run_blockwise(model, calib, lambda ctx: self.prune_block(ctx, pattern),
-                          device=self.device, batch_size=self.batch_size, desc=type(self).__name__)
+                          finish=lambda ctx: finish(ctx.name, ctx.block), device=self.device,
+                          batch_size=self.batch_size, desc=type(self).__name__, key=self.to_dict(), report=report)
         else:
-            for name in self.targets(model):
-                lin = model.get_submodule(name)
-                with torch.no_grad():
-                    lin.weight.copy_(self.prune_weight(lin.weight, pattern, None))
-        names = self.targets(model)
-        sparsity = {n: 1.0 - int((model.get_submodule(n).weight != 0).sum()) / model.get_submodule(n).weight.numel()
-                    for n in names}
-        if self.compact:
-            compact(model, pattern, names)
-        if not isinstance(self.report_, PruningReport):  # a subclass may have started its own
-            self.report_ = PruningReport(sparsity=sparsity)
-        self.report_.sparsity = sparsity
+            def prune(_i: int, name: str, block: nn.Module) -> None:
+                for path, lin in get_adapter(model).block_linears(block).items():
+                    if f"{name}.{path}" in wanted:
+                        with torch.no_grad():
+                            lin.weight.copy_(self.prune_weight(lin.weight, pattern, None))
+                finish(name, block)
+
+            walk_blocks(model, prune, desc=type(self).__name__)
         return model
 
     def prune_block(self, ctx: BlockContext, pattern: SparsityPattern) -> None:

@@ -29,8 +29,11 @@ def block_influence(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) 
 
     def process(ctx) -> None:
         outs = ctx.forward()
-        sims = [F.cosine_similarity(x.float(), y.float(), dim=-1).flatten() for x, y in zip(ctx.inputs, outs)]
-        scores.append(1.0 - torch.cat(sims).mean().item())
+        sims = torch.cat([F.cosine_similarity(x.float(), y.float(), dim=-1).flatten().double()
+                          for x, y in zip(ctx.inputs, outs)])
+        outs.release()
+        total = ctx.reduce(torch.stack([sims.sum(), torch.tensor(float(sims.numel()), dtype=torch.float64)]))
+        scores.append(1.0 - float(total[0] / total[1]))
 
     run_blockwise(model, calib, process, batch_size=batch_size, desc="block influence")
     return scores
@@ -44,6 +47,7 @@ class ShortGPT(Compressor):
     n_remove: int = 1
     n_samples: int | None = None  # calibration windows used (default: all)
     needs_calibration = True
+    supports_distributed = True
 
     def validate(self, model: nn.Module) -> None:
         n = len(get_adapter(model).blocks())

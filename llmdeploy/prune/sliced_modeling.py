@@ -119,6 +119,23 @@ def _resize_linear(lin: nn.Linear, in_features: int | None = None, out_features:
         lin.bias = None
 
 
+def build_sliced_block(block: nn.Module, lay: dict[str, Any], d: int, eps: float, dims) -> None:
+    """Give one full-width decoder layer the shapes of its sliced version (weights to be loaded)."""
+    d_in, d_mid, d_out = dims
+    for path in lay["attn_in"]:
+        _resize_linear(block.get_submodule(path), in_features=d_in)
+    _resize_linear(block.get_submodule(lay["attn_out"]), out_features=d_mid)
+    for path in lay["mlp_in"]:
+        _resize_linear(block.get_submodule(path), in_features=d_mid)
+    _resize_linear(block.get_submodule(lay["mlp_out"]), out_features=d_out)
+    block.set_submodule(lay["attn_norm"], RMSN(d_in, d, eps))
+    block.set_submodule(lay["mlp_norm"], RMSN(d_mid, d, eps))
+    convert_layer(block, lay)
+    like = block.get_submodule(lay["attn_out"]).weight
+    block.attn_shortcut_Q = _empty_param(like, d_in, d_mid)
+    block.mlp_shortcut_Q = _empty_param(like, d_mid, d_out)
+
+
 def build_sliced_structure(model: nn.Module, spec: dict[str, Any]) -> None:
     """Give a freshly built full-width model the shapes of the sliced one (weights to be loaded)."""
     lay = spec["layout"]
@@ -130,19 +147,8 @@ def build_sliced_structure(model: nn.Module, spec: dict[str, Any]) -> None:
     blocks = model.get_submodule(lay["blocks"])
     if len(blocks) != len(spec["layers"]):
         raise ValueError(f"slicegpt config describes {len(spec['layers'])} layers, the model has {len(blocks)}")
-    for block, (d_in, d_mid, d_out) in zip(blocks, spec["layers"]):
-        for path in lay["attn_in"]:
-            _resize_linear(block.get_submodule(path), in_features=d_in)
-        _resize_linear(block.get_submodule(lay["attn_out"]), out_features=d_mid)
-        for path in lay["mlp_in"]:
-            _resize_linear(block.get_submodule(path), in_features=d_mid)
-        _resize_linear(block.get_submodule(lay["mlp_out"]), out_features=d_out)
-        block.set_submodule(lay["attn_norm"], RMSN(d_in, d, eps))
-        block.set_submodule(lay["mlp_norm"], RMSN(d_mid, d, eps))
-        convert_layer(block, lay)
-        like = block.get_submodule(lay["attn_out"]).weight
-        block.attn_shortcut_Q = _empty_param(like, d_in, d_mid)
-        block.mlp_shortcut_Q = _empty_param(like, d_mid, d_out)
+    for block, dims in zip(blocks, spec["layers"]):
+        build_sliced_block(block, lay, d, eps, dims)
     d_head = spec["layers"][-1][2] if spec["layers"] else spec["embedding_dim"]
     model.set_submodule(lay["final_norm"], RMSN(d_head, d, eps))
     head = model.get_submodule(lay["head"])

@@ -119,6 +119,8 @@ class SliceGPT(Compressor):
     batch_size: int = engine_field(8)
     device: str | None = engine_field(None)
     needs_calibration = True
+    streamable = True
+    supports_distributed = True
 
     def validate(self, model: nn.Module) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -150,11 +152,12 @@ class SliceGPT(Compressor):
         d_new = sliced_width(d, self.sparsity, self.round_to)
         n_blocks = len(adapter.blocks())
         params_before = _count_params(model)
-        eps = fuse_norms(model, adapter)
+        eps = fuse_outside(model, adapter)
         gen = torch.Generator().manual_seed(self.seed)
         layout = adapter.rotation_layout()
-        dims: list[list[int]] = []
-        state: dict[str, torch.Tensor] = {}
+        # carried from block to block (and checkpointed with each): the last rotation, the
+        # widths of the finished blocks, the rotation of the embeddings, the generator's state
+        carry: dict = {"dims": []}
 
         def orient(xtx: torch.Tensor, keep: int) -> torch.Tensor:
             q = pca_basis(xtx)
@@ -162,17 +165,24 @@ class SliceGPT(Compressor):
                 q[:, :keep] = q[:, :keep] @ random_orthogonal(keep, gen)
             return q[:, :keep]
 
+        def rotate_embeddings(q_in: torch.Tensor) -> None:
+            for path in adapter.residual_embedding_paths:
+                emb = model.get_submodule(path)
+                _set_weight(emb, emb.weight.double() @ q_in.to(emb.weight.device))
+                emb.embedding_dim = d_new
+
         def process(ctx: BlockContext) -> None:
             block, dev = ctx.block, ctx.device
+            fuse_block(block, adapter, d, eps)  # one block at a time: a streamed block is loaded only now
+            if "gen" in ctx.carry:
+                gen.set_state(ctx.carry["gen"])
             if ctx.index == 0:  # the embeddings write block 0's input: rotate them first
-                q_in = orient(_xtx(ctx.inputs, d), d_new)
-                for path in adapter.residual_embedding_paths:
-                    emb = model.get_submodule(path)
-                    _set_weight(emb, emb.weight.double() @ q_in.to(emb.weight.device))
-                    emb.embedding_dim = d_new
+                q_in = orient(ctx.reduce(_xtx(ctx.inputs, d)), d_new)
+                rotate_embeddings(q_in)
+                ctx.carry["q_embed"] = q_in.clone()
                 ctx.inputs[:] = [(x.double() @ q_in.to(x.device)).to(x.dtype) for x in ctx.inputs]
             else:
-                q_in = state["q"]
+                q_in = ctx.carry["q"]
             q_in = q_in.to(dev)
             linears = ctx.linears()
             wdtype = linears[layout["attn_out"]].weight.dtype
@@ -189,23 +199,35 @@ class SliceGPT(Compressor):
             block.mlp_shortcut_Q = nn.Parameter(q_mid.T.to(wdtype))
             last = ctx.index == n_blocks - 1
             d_out = d if last and not self.slice_head else d_new
-            q_out = orient(_xtx(ctx.forward(), d), d_out).to(dev)
+            outs = ctx.forward()
+            q_out = orient(ctx.reduce(_xtx(outs, d)), d_out).to(dev)
+            outs.release()
             block.mlp_shortcut_Q = nn.Parameter((q_mid.T @ q_out).to(wdtype))
             rotate_output(linears[layout["mlp_out"]], q_out)
             block.get_submodule(layout["attn_norm"]).dim = d_new
             block.get_submodule(layout["mlp_norm"]).dim = d_new
-            dims.append([d_new, d_new, d_out])
-            state["q"] = q_out.cpu()
+            ctx.carry["dims"] = [*ctx.carry["dims"], [d_new, d_new, d_out]]
+            ctx.carry["q"] = q_out.cpu()
+            ctx.carry["gen"] = gen.get_state()
 
-        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="SliceGPT")
+        def restore(index: int, block: nn.Module, saved: dict) -> None:
+            """A block finished by an interrupted run: its sliced shapes (values come from the
+            checkpoint); block 0 also gives back the embeddings' rotation."""
+            if index == 0:
+                rotate_embeddings(saved["q_embed"])
+            fuse_block(block, adapter, d, eps)
+            sm.build_sliced_block(block, layout, d, eps, saved["dims"][index])
+
+        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="SliceGPT",
+                      key=self.to_dict(), carry=carry, restore=restore)
         head = adapter.head()
-        rotate_input(head, state["q"])
+        rotate_input(head, carry["q"])
         adapter.final_norm().dim = head.in_features
         model.config.slicegpt = {
             "hidden_size": d,
             "eps": eps,
             "embedding_dim": d_new,
-            "layers": dims,
+            "layers": [list(x) for x in carry["dims"]],
             "head_bias": head.bias is not None,
             "layout": layout,
             "sparsity": self.sparsity,
@@ -267,6 +289,15 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> float:
     """Fold every norm into its readers and replace it by :class:`RMSN` over the full width;
     centre the stream's writers first where the norms subtract the mean. Returns the norms' eps.
     The model computes the same function afterwards."""
+    eps = fuse_outside(model, adapter)
+    for block in adapter.blocks():
+        fuse_block(block, adapter, model.config.hidden_size, eps)
+    return eps
+
+
+def fuse_outside(model: nn.Module, adapter: ModelAdapter) -> float:
+    """The part of :func:`fuse_norms` outside the decoder blocks: centre the embeddings (where the
+    norms subtract the mean), untie the head, fold the final norm into it. Returns the eps."""
     d = model.config.hidden_size
     layout = adapter.rotation_layout()
     eps = norm_eps(adapter)
@@ -275,13 +306,6 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> float:
             emb = model.get_submodule(path)
             w = emb.weight.double()
             _set_weight(emb, w - w.mean(dim=1, keepdim=True))
-        for block in adapter.blocks():
-            center_output(block.get_submodule(layout["attn_out"]))
-            center_output(block.get_submodule(layout["mlp_out"]))
-    for block in adapter.blocks():
-        for norm_path, readers in (("attn_norm", "attn_in"), ("mlp_norm", "mlp_in")):
-            norm = block.get_submodule(layout[norm_path])
-            fold_norm(norm, [block.get_submodule(p) for p in layout[readers]], adapter)
     head, emb0 = adapter.head(), model.get_submodule(adapter.residual_embedding_paths[0])
     if head.weight is emb0.weight:  # tied: the head gets the final norm, the embedding does not
         head.weight = nn.Parameter(head.weight.detach().clone())
@@ -290,9 +314,21 @@ def fuse_norms(model: nn.Module, adapter: ModelAdapter) -> float:
     if head.bias is None and adapter.norm_affine(final)[1] is not None:
         head.bias = nn.Parameter(torch.zeros(head.out_features, dtype=head.weight.dtype, device=head.weight.device))
     fold_norm(final, [head], adapter)
-    for block in adapter.blocks():
-        sm.convert_layer(block, layout)
-        block.set_submodule(layout["attn_norm"], sm.RMSN(d, d, eps))
-        block.set_submodule(layout["mlp_norm"], sm.RMSN(d, d, eps))
     model.set_submodule(layout["final_norm"], sm.RMSN(d, d, eps))
     return eps
+
+
+def fuse_block(block: nn.Module, adapter: ModelAdapter, d: int, eps: float) -> None:
+    """The part of :func:`fuse_norms` inside one decoder block (a no-op on a block already fused)."""
+    layout = adapter.rotation_layout()
+    if isinstance(block.get_submodule(layout["attn_norm"]), sm.RMSN):
+        return
+    if adapter.norm_subtracts_mean:
+        center_output(block.get_submodule(layout["attn_out"]))
+        center_output(block.get_submodule(layout["mlp_out"]))
+    for norm_path, readers in (("attn_norm", "attn_in"), ("mlp_norm", "mlp_in")):
+        norm = block.get_submodule(layout[norm_path])
+        fold_norm(norm, [block.get_submodule(p) for p in layout[readers]], adapter)
+    sm.convert_layer(block, layout)
+    block.set_submodule(layout["attn_norm"], sm.RMSN(d, d, eps))
+    block.set_submodule(layout["mlp_norm"], sm.RMSN(d, d, eps))

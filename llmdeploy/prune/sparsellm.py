@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +164,8 @@ class SparseLLM(SparseGPT):
     target: str = "mlp"
     keep_best: bool = False
     max_tokens: int | None = None
+    #: the MLP problem gathers its own activations (not reduced over processes)
+    supports_distributed: ClassVar[bool] = False
 
     def validate(self, model) -> None:
         super().validate(model)
@@ -202,7 +205,7 @@ class SparseLLM(SparseGPT):
             dense_out = ctx.forward()  # the dense block's outputs: the MLP's target below
             self.prune_groups(ctx, pattern, attention)  # attention: SparseGPT, as in the paper
             x, target = self._mlp_problem(ctx, mlp, dense_out)
-            del dense_out
+            dense_out.release()
         with torch.no_grad():
             history, objective, kept = self._prune_mlp(x, target, mlp, pattern)
         report = self.report_

@@ -155,6 +155,8 @@ class GPTQ(Compressor):
     device: str | None = engine_field(None)
     batch_size: int = engine_field(8)
     needs_calibration = True
+    streamable = True
+    supports_distributed = True
 
     def _targets(self, model: nn.Module) -> tuple[list[str], dict[str, str]]:
         adapter = get_adapter(model)
@@ -220,6 +222,7 @@ class GPTQ(Compressor):
                     report.quantized[name] = [self.bits, gs]
                     ctx.block.set_submodule(path, new.to(lin.weight.device))
 
-        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="GPTQ")
+        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="GPTQ",
+                      key=self.to_dict(), report=report)
         log.info("gptq: %s", report.summary())
         return model

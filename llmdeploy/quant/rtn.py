@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..compress.base import Compressor, Report, register_method, require_targets
+from ..compress.engine import walk_blocks
 from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
 from ..kernels import forced_reference as kernels_forced_reference
@@ -231,6 +231,8 @@ class RTN(Compressor):
     group_size: int = 128
     symmetric: bool = False
     overrides: dict[str, Any] | None = field(default=None)
+    streamable = True
+    supports_distributed = True
 
     def _settings(self, name: str, role: str) -> tuple[int, int] | None:
         for key, value in (self.overrides or {}).items():
@@ -295,9 +297,17 @@ class RTN(Compressor):
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
         plan, skipped = self._plan(model)
         self.report_ = QuantReport(quantized={n: list(v) for n, v in plan.items()}, skipped=skipped)
-        for name, (bits, gs) in tqdm(plan.items(), desc=f"RTN {self.bits}-bit", leave=False):
-            lin = model.get_submodule(name)
-            new = lin.quantized(bits, gs, self.symmetric) if isinstance(lin, CompressedModule) else \
-                RTNLinear.from_linear(lin, bits, gs, self.symmetric)
-            model.set_submodule(name, new)
+        paths = [spec.path for spec in get_adapter(model).linear_specs]
+
+        def quantize_block(_i: int, prefix: str, block: nn.Module) -> None:
+            for path in paths:
+                if f"{prefix}.{path}" not in plan:
+                    continue
+                bits, gs = plan[f"{prefix}.{path}"]
+                lin = block.get_submodule(path)
+                new = lin.quantized(bits, gs, self.symmetric) if isinstance(lin, CompressedModule) else \
+                    RTNLinear.from_linear(lin, bits, gs, self.symmetric)
+                block.set_submodule(path, new)
+
+        walk_blocks(model, quantize_block, desc=f"RTN {self.bits}-bit")
         return model
