@@ -91,6 +91,13 @@ class ActivationStore:
                 item.unlink(missing_ok=True)
         self._items = []
 
+    def __del__(self) -> None:  # a spilled store owns its files
+        try:
+            if self.folder is not None:
+                self.release()
+        except Exception:  # noqa: BLE001 - never raise from a finaliser (interpreter shutdown)
+            pass
+
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> int:
         """Write every batch to ``folder/act-J.safetensors`` (for a resumable run); returns the count."""

@@ -50,6 +50,11 @@ class CompressedModule(nn.Module):
             state.pop(name, None)
         return state
 
+    def drop_derived_caches(self) -> None:
+        """Forget the caches derived from the storage (a streamed block is freed this way too)."""
+        for name in self.derived_caches:
+            self.__dict__.pop(name, None)
+
     def init_kwargs(self) -> dict[str, Any]:
         """JSON-serialisable keyword arguments that rebuild this module (with empty storage)."""
         raise NotImplementedError

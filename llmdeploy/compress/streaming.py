@@ -81,6 +81,24 @@ def engine_options(model: nn.Module, **kwargs: Any) -> Iterator[EngineOptions]:
             model.__dict__[_ATTR] = previous
 
 
+def return_freed_memory() -> None:
+    """Ask glibc to serve large allocations from their own mappings (threshold fixed at 128 KiB)
+    so that a freed block's memory goes back to the system: by default the threshold grows
+    with every freed large chunk, later blocks are carved out of the heap, and the fragmented
+    heap keeps growing block after block. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def streaming(model: nn.Module) -> bool:
     """Whether ``model``'s blocks are being streamed from disk."""
     return options(model).stream is not None
@@ -111,12 +129,20 @@ class CheckpointReader:
     def keys(self) -> set[str]:
         return set(self.files)
 
+    #: shards kept open (memory-mapped) at once: a block's tensors lie in one or two shards, and
+    #: a mapping costs address space (what a memory limit such as RLIMIT_DATA counts)
+    open_shards = 2
+
     def _handle(self, file: str):
-        if file not in self._handles:
-            path = self.folder / file
-            if not path.exists():
-                raise CheckpointError(f"{self.folder} is incomplete: shard {file} is missing")
-            self._handles[file] = safe_open(str(path), framework="pt")
+        if file in self._handles:
+            self._handles[file] = self._handles.pop(file)  # most recently used last
+            return self._handles[file]
+        path = self.folder / file
+        if not path.exists():
+            raise CheckpointError(f"{self.folder} is incomplete: shard {file} is missing")
+        while len(self._handles) >= self.open_shards:
+            self._handles.pop(next(iter(self._handles)))
+        self._handles[file] = safe_open(str(path), framework="pt")
         return self._handles[file]
 
     def get(self, name: str) -> torch.Tensor:
@@ -237,6 +263,10 @@ class BlockStream:
         if self.writer is not None and is_main():
             self.writer.write_block(index, f"{self.prefix}.{index}", block)
         block.to("meta")
+        for m in compressed_modules(block).values():  # kernel layouts live outside the module's tensors
+            for sub in m.modules():
+                if hasattr(sub, "drop_derived_caches"):
+                    sub.drop_derived_caches()
 
     def done(self) -> set[int]:
         """Blocks already written (by an interrupted run of the same step)."""

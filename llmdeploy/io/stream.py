@@ -17,6 +17,7 @@ checkpointed activations (``work_dir`` holds all of it; it is removed after succ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from ..compress.streaming import (
     CheckpointReader,
     ShardWriter,
     engine_options,
+    return_freed_memory,
 )
 from ..errors import CheckpointError, ConfigError
 from ..fetch import sha256_file
@@ -167,13 +169,21 @@ def compress_streaming(
                                   {s.method for s in _registered() if s.streamable})))
         if step.needs_calibration:
             check_calibration(calib, step.method)
+    return_freed_memory()
     src = Path(source).expanduser().resolve()
     out = Path(output).expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir is not None else out.parent / f".{out.name}.stream"
+    run = {"source": str(src), "recipe": [s.to_dict() for s in steps], "dtype": str(dtype),
+           "calib": None if calib is None else hashlib.sha256(calib.cpu().contiguous().numpy().tobytes()).hexdigest()}
+    run = json.loads(json.dumps(run, default=str))
     if is_main():
+        if resume and (work / "run.json").exists() and json.loads((work / "run.json").read_text()) != run:
+            raise CheckpointError(f"{work} holds the progress of a different run (other recipe, source or calibration "
+                                  "data); delete it or run without resume")
         if not resume:
             shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True, exist_ok=True)
+        (work / "run.json").write_text(json.dumps(run))
     barrier()
     tok = _tokenizer(src, tokenizer) if tokenizer is not None or _has_tokenizer(src) else None
     for k, step in enumerate(steps):
