@@ -274,3 +274,60 @@ def test_streaming_compresses_a_deep_model_under_a_memory_cap(tmp_path):
     assert in_memory.returncode != 0
     out, _ = llmdeploy.load(tmp_path / "out", tokenizer="tiny-llama")
     assert len(out.model.layers) == 32
+
+
+def test_cli_streams_on_request_and_resumes(tmp_path, capsys, monkeypatch):
+    from llmdeploy.cli.main import main
+
+    src = _source(tmp_path, "tiny-llama")
+    args = ["compress", str(src), "--recipe", "sparsegpt-50", "-o", str(tmp_path / "out"), "--n-samples", "4",
+            "--seq-len", "32"]
+    assert main([*args, "--no-stream", "--checkpoint-dir", str(tmp_path / "ck")]) == 0
+    ref, tok = llmdeploy.load(tmp_path / "out")
+    with monkeypatch.context() as m:
+        _interrupt_after(m, "write_block", 1)
+        with pytest.raises(Interrupt):
+            main([*args, "--stream"])
+    assert main([*args, "--stream", "--resume"]) == 0
+    assert "streamed block by block" in capsys.readouterr().out
+    streamed, _ = llmdeploy.load(tmp_path / "out")
+    _same_model(ref, streamed, _calib(259))
+    assert main(["compress", "tiny-llama", "--recipe", "rtn-4bit", "-o", str(tmp_path / "o2"), "--stream"]) == 2
+    assert "--stream reads a model directory with safetensors" in capsys.readouterr().err
+
+
+def test_cli_streams_automatically_when_the_model_would_not_fit(tmp_path, monkeypatch, caplog):
+    import psutil
+
+    from llmdeploy.cli.main import main
+
+    src = _source(tmp_path, "tiny-llama")
+
+    class Tiny:
+        available = 1000  # bytes: nothing fits
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny)
+    rec = tmp_path / "r.yaml"
+    rec.write_text("- method: rtn\n  bits: 4\n  group_size: 32\n")
+    assert main(["compress", str(src), "--recipe", str(rec), "-o", str(tmp_path / "out")]) == 0
+    assert "would not fit in memory" in caplog.text
+    assert "block-00000.safetensors" in json.loads((tmp_path / "out" / "llmdeploy.json").read_text())["weights"]["files"]
+
+
+def test_in_memory_cli_run_resumes_at_the_next_block(tmp_path, monkeypatch):
+    from llmdeploy.cli.main import main
+
+    args = ["compress", "tiny-llama", "--recipe", "sparsegpt-50", "-o", str(tmp_path / "out"), "--n-samples", "4",
+            "--seq-len", "32", "--checkpoint-dir", str(tmp_path / "ck")]
+    with monkeypatch.context() as m:
+        _interrupt_after(m, "save", 1)
+        with pytest.raises(Interrupt):
+            main(args)
+    with monkeypatch.context() as m:
+        seen = _interrupt_after(m, "save", -1)
+        assert main([*args, "--resume"]) == 0
+    assert seen == [2]
+    out, tok = llmdeploy.load(tmp_path / "out")
+    ref, _ = llmdeploy.load("tiny-llama")
+    calib = llmdeploy.data.calibration(tok, "shakespeare", n_samples=4, seq_len=32, seed=0)
+    _same_model(SparseGPT(sparsity=0.5)(ref, calib), out, calib)

@@ -13,32 +13,74 @@ log = logging.getLogger("llmdeploy.cli")
 def _cmd_compress(args: argparse.Namespace) -> int:
     import llmdeploy
     from llmdeploy import recipe as recipes
+    from llmdeploy.compress.distributed import init_from_env, is_main
+    from llmdeploy.compress.streaming import engine_options
     from llmdeploy.data import calibration
+    from llmdeploy.errors import ConfigError
+    from llmdeploy.io import compress_streaming, fits_in_memory
 
+    init_from_env()  # under torchrun: the processes share the calibration windows
     compose, settings = recipes.load_with_settings(args.recipe)
-    model, tok = llmdeploy.load(args.model, tokenizer=args.tokenizer)
-    calib = None
-    if compose.needs_calibration:
-        calib = calibration(
+    source = Path(args.model).expanduser()
+    stream = args.stream
+    if stream is None:  # automatic: stream a model directory that would not fit in memory
+        stream = source.is_dir() and _has_safetensors(source) and not fits_in_memory(source)
+        if stream:
+            log.warning("%s would not fit in memory: compressing it block by block from disk (--no-stream to "
+                        "load it whole)", source)
+    if stream and not (source.is_dir() and _has_safetensors(source)):
+        raise ConfigError(f"--stream reads a model directory with safetensors weights; {args.model} is not one "
+                          "(save it first: llmdeploy.save or save_pretrained)")
+
+    def calibration_for(tok):
+        if not compose.needs_calibration:
+            return None
+        return calibration(
             tok,
             args.calib_corpus or settings.get("corpus", "shakespeare"),
             n_samples=args.n_samples or settings.get("n_samples", 128),
             seq_len=args.seq_len or settings.get("seq_len", 512),
             seed=args.seed if args.seed is not None else settings.get("seed", 0),
         )
-    # long methods checkpoint their progress next to the output, so an interrupted run resumes
+
+    if stream:
+        from llmdeploy.io.loading import _tokenizer
+
+        tok = _tokenizer(source, args.tokenizer)
+        out = compress_streaming(source, compose, calibration_for(tok), args.output, tokenizer=tok,
+                                 work_dir=args.checkpoint_dir, resume=args.resume)
+        if is_main():
+            size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")
+            print(f"saved {out} (streamed block by block): {size / 2**20:.1f} MiB of weights")
+        return 0
+    model, tok = llmdeploy.load(args.model, tokenizer=args.tokenizer)
+    calib = calibration_for(tok)
+    # long methods checkpoint their progress next to the output, so an interrupted run resumes;
+    # the engine checkpoints every block when a folder is given (it writes the activations each time)
     progress = Path(args.checkpoint_dir or f"{Path(args.output).resolve()}.progress")
+    for step in compose.steps:
+        step.before_recipe(model, calib)
     for i, step in enumerate(compose.steps):
+        folder = progress / f"step{i}-{step.method}"
         if getattr(step, "supports_resume", False):
-            step.checkpoint_dir = step.checkpoint_dir or str(progress / f"step{i}-{step.method}")
+            step.checkpoint_dir = step.checkpoint_dir or str(folder)
             step.resume = step.resume or args.resume
             log.info("%s checkpoints to %s%s", step.method, step.checkpoint_dir, " (resuming)" if step.resume else "")
-    model = compose(model, calib)
+        blocks = str(folder / "blocks") if args.checkpoint_dir and not getattr(step, "supports_resume", False) else None
+        with engine_options(model, checkpoint_dir=blocks, resume=args.resume):
+            model = step(model, calib)
+    if not is_main():
+        return 0
     out = llmdeploy.save(model, tok, args.output)
     fp = llmdeploy.eval.footprint(model)
     print(f"saved {out}: {fp.bits_per_param:.3f} bits/param overall, "
           f"{fp.compressed_bits_per_param:.3f} in compressed modules")
     return 0
+
+
+def _has_safetensors(path: Path) -> bool:
+    return (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists() \
+        or (path / "llmdeploy.json").exists()
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -220,7 +262,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", default=None, help="tokenizer directory, hub id or zoo name (for models saved without one)")
     c.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its checkpoints (methods that support it, e.g. aqlm)")
-    c.add_argument("--checkpoint-dir", default=None, help="where progress is checkpointed (default: OUTPUT.progress)")
+    c.add_argument("--checkpoint-dir", default=None,
+                   help="where progress is checkpointed (default: OUTPUT.progress; for --stream, .OUTPUT.stream); "
+                        "given, in-memory runs also checkpoint every finished block")
+    c.add_argument("--stream", dest="stream", action="store_true", default=None,
+                   help="compress block by block from disk (a model directory with safetensors weights); the "
+                        "default when the model would not fit in memory")
+    c.add_argument("--no-stream", dest="stream", action="store_false", help="load the whole model even if large")
     c.set_defaults(func=_cmd_compress)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity, footprint)")

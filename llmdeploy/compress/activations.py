@@ -103,8 +103,15 @@ class ActivationStore:
         """Write every batch to ``folder/act-J.safetensors`` (for a resumable run); returns the count."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for j, t in enumerate(self):
-            save_file({_KEY: t.detach().cpu().contiguous()}, str(folder / f"act-{j}.safetensors"))
+        for j, item in enumerate(self._items):
+            target = folder / f"act-{j}.safetensors"
+            if isinstance(item, Path):  # already a file: link it rather than write it again
+                try:
+                    os.link(item, target)
+                    continue
+                except OSError:
+                    pass
+            save_file({_KEY: self._get(item).detach().cpu().contiguous()}, str(target))
         return len(self)
 
     @classmethod

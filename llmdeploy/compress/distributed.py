@@ -21,6 +21,20 @@ import torch.distributed as dist
 from ..errors import CalibrationDataError
 
 
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1):
+    NCCL when a GPU is visible, else gloo. Returns whether this process is part of a group."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) outside ``torch.distributed``."""
     if dist.is_available() and dist.is_initialized():
