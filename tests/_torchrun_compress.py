@@ -12,10 +12,13 @@ from safetensors.torch import save_file
 
 import llmdeploy
 from llmdeploy.prune import SliceGPT, SparseGPT
-from llmdeploy.quant import GPTQ
+from llmdeploy.quant import AQLM, GPTQ
 
 STEPS = {"gptq": lambda: GPTQ(bits=4, group_size=32), "sparsegpt": lambda: SparseGPT(sparsity=0.5),
-         "slicegpt": lambda: SliceGPT(sparsity=0.25)}
+         "slicegpt": lambda: SliceGPT(sparsity=0.25),
+         # the beam search split by output groups between the processes
+         "aqlm": lambda: AQLM(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, max_iter=2, steps_per_round=5,
+                              kmeans_iters=4, finetune_blocks=False)}
 
 
 def digest(sd):

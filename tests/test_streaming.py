@@ -20,7 +20,7 @@ from llmdeploy.compress.streaming import ShardWriter, engine_options
 from llmdeploy.errors import CheckpointError, ConfigError
 from llmdeploy.finetune import LoRAFinetune
 from llmdeploy.prune import ShortGPT, SliceGPT, SparseGPT, Wanda
-from llmdeploy.quant import GPTQ, RTN
+from llmdeploy.quant import AQLM, GPTQ, RTN
 
 FAMILIES = ["tiny-llama", "tiny-opt", "tiny-qwen2"]
 STEPS = {
@@ -80,6 +80,21 @@ def test_streamed_output_equals_in_memory_output(tmp_path, family, recipe):
     streamed, _ = llmdeploy.load(out)
     _same_model(ref, streamed, calib)
     assert llmdeploy.applied_recipe(streamed) == llmdeploy.applied_recipe(ref)
+
+
+def test_streamed_aqlm_equals_in_memory_aqlm(tmp_path):
+    src = _source(tmp_path, "tiny-llama")
+    calib = _calib(259)
+
+    def make():
+        return [AQLM(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, max_iter=2, steps_per_round=5,
+                     kmeans_iters=4, finetune_epochs=1)]
+
+    ref = _in_memory(src, make(), calib)
+    out = llmdeploy.compress_streaming(src, make(), calib, tmp_path / "out")
+    streamed, _ = llmdeploy.load(out)
+    _same_model(ref, streamed, calib)
+    assert ref.model.layers[0].self_attn.q_proj.__class__.__name__ == "AQLMLinear"
 
 
 def test_spilled_activations_give_the_same_model(tmp_path):

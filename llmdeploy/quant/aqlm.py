@@ -36,14 +36,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..compress.base import Compressor, Report, engine_field, register_method
+from ..compress.distributed import world
 from ..compress.engine import BlockContext, run_blockwise, to_device
 from ..compress.modules import CompressedModule, compressed_modules
 from ..compress.state import run_fingerprint
+from ..compress.streaming import streaming
 from ..errors import CheckpointError, ConfigError
 from ..models.adapters import get_adapter
 from .aqlm_linear import AQLMLinear, check_aqlm_shapes, dequantize, pack_codes
@@ -162,6 +165,29 @@ def beam_search_codes(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.
     return beams[torch.arange(n_og), loss.argmin(dim=1)]
 
 
+def beam_search_split(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor,
+                      scales: torch.Tensor, beam_size: int) -> torch.Tensor:
+    """:func:`beam_search_codes` with the output groups shared among the processes of a
+    distributed run (each searches a contiguous slice; the codes are then gathered), as the
+    reference splits its beam search over devices by output channels. Output groups are
+    independent, so the codes equal one process's exactly. Alone: the plain search."""
+    rank, size = world()
+    if size == 1:
+        return beam_search_codes(weight, hessian, codes, codebooks, scales, beam_size)
+    n_og = codes.shape[0]
+    og = weight.shape[0] // n_og
+    parts = torch.tensor_split(torch.arange(n_og), size)
+    lo, hi = int(parts[rank][0]) if len(parts[rank]) else 0, int(parts[rank][-1]) + 1 if len(parts[rank]) else 0
+    mine = beam_search_codes(weight[lo * og:hi * og], hessian, codes[lo:hi], codebooks, scales[lo:hi], beam_size) \
+        if hi > lo else codes[:0]
+    width = max(len(p) for p in parts)
+    padded = torch.zeros((width, *codes.shape[1:]), dtype=codes.dtype)
+    padded[:hi - lo] = mine.cpu()
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:len(p)] for g, p in zip(gathered, parts)]).to(codes.device)
+
+
 @torch.no_grad()
 def encode_groups_l2(target: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, beam_size: int,
                      chunk: int = 8192) -> torch.Tensor:
@@ -235,7 +261,7 @@ def quantize_layer(weight: torch.Tensor, hessian: torch.Tensor, cfg: AQLM, gener
                 grad = (weight - w_hat) @ hessian * (-2.0 / norm)
             w_hat.backward(grad)
             opt.step()
-        codes = beam_search_codes(weight, hessian, codes, books.detach(), scales.detach(), cfg.beam_size)
+        codes = beam_search_split(weight, hessian, codes, books.detach(), scales.detach(), cfg.beam_size)
         errors.append(rel_error())
         if errors[-1] < best[0]:
             best = (errors[-1], codes.clone(), books.detach().clone(), scales.detach().clone())
@@ -318,6 +344,8 @@ class AQLM(Compressor):
     batch_size: int = engine_field(8)
     needs_calibration = True
     supports_resume = True  # checkpoint_dir / resume: the CLI wires --resume to it
+    streamable = True
+    supports_distributed = True
 
     # -- checks --------------------------------------------------------------------------
     def validate(self, model: nn.Module) -> None:
@@ -334,6 +362,11 @@ class AQLM(Compressor):
             raise ConfigError("aqlm: finetune_early_stop must be >= 1 epochs or None")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("aqlm: resume=True needs checkpoint_dir (where the finished blocks were saved)")
+        if streaming(model) and self.checkpoint_dir:
+            raise ConfigError("aqlm: a streamed run checkpoints every finished block itself; leave checkpoint_dir unset")
+        if world()[1] > 1 and self.finetune_blocks:
+            raise ConfigError("aqlm: block fine-tuning does not run on several processes (its Adam steps would see "
+                              "different windows on each); pass finetune_blocks=False or run in one process")
         if compressed_modules(model):
             raise ConfigError("aqlm: the model already holds compressed modules; quantize the dense model")
         adapter = get_adapter(model)
@@ -386,7 +419,8 @@ class AQLM(Compressor):
                 store.save_block(ctx.index, ctx.block, {k: v for k, v in report.errors.items()
                                                         if k.startswith(ctx.name + ".")})
 
-        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="AQLM")
+        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="AQLM",
+                      key=self.config_dict(), report=report)
         return model
 
     def _module(self, lin: nn.Linear, res: LayerResult) -> AQLMLinear:
