@@ -219,6 +219,43 @@ def write(result: dict) -> None:
         fig.savefig(RESULTS / "streaming.png", dpi=120)
 
 
+def sources_info() -> dict[str, dict]:
+    """Size on disk and depth of each source checkpoint."""
+    from llmdeploy.io.stream import checkpoint_bytes
+
+    out = {}
+    for name, path in _sources().items():
+        cfg = json.loads((path / "config.json").read_text())
+        out[name] = {"bytes": checkpoint_bytes(path), "blocks": cfg["num_hidden_layers"]}
+    return out
+
+
+def readme_paragraph(res: dict) -> str:
+    """The README's sentence on streaming, from ``streaming.json`` (a test checks the README)."""
+    mem = {(r["model"], r["method"], r["mode"]): r for r in res["memory"]}
+    small = "smollm2-135m"
+    deep = next(m for m, _, _ in mem if m != small)
+    parts = []
+    for method in METHODS:
+        s, m = mem[(small, method, "stream")], mem[(small, method, "memory")]
+        parts.append(f"{method} {s['peak'] / 2**20:.0f} MiB streamed against {m['peak'] / 2**20:.0f} MiB in memory "
+                     f"({s['peak'] / m['peak']:.0%}); the compression's own share, above the resident memory "
+                     f"before it starts: {s['used'] / 2**20:.0f} against {m['used'] / 2**20:.0f} MiB "
+                     f"({s['used'] / m['used']:.0%})")
+    d = mem[(deep, "gptq", "stream")]
+    text = (f"Peak resident memory compressing SmolLM2-135M ({res['n_samples']} calibration windows of "
+            f"{res['seq_len']} tokens, whole process): " + "; ".join(parts) +
+            f". The same width at 4x the depth ({res['sources'][deep]['blocks']} blocks, "
+            f"{res['sources'][deep]['bytes'] / 2**30:.2f} GiB in float32) streams GPTQ in "
+            f"{d['peak'] / 2**20:.0f} MiB ({d['used'] / 2**20:.0f} MiB above the start)")
+    if res.get("speed"):
+        one, two = (next(x for x in res["speed"] if x["setup"].startswith(k)) for k in ("1", "2"))
+        text += (f"; GPTQ on 2 processes (gloo) takes {two['median']:.1f} s against {one['median']:.1f} s in one "
+                 f"process on this machine's 2 cores ({one['median'] / two['median']:.2f}x)")
+    return text + (" ([benchmarks/results/streaming/STREAMING.md](benchmarks/results/streaming/STREAMING.md), "
+                   "`python -m benchmarks.streaming`).")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--child", nargs=6, metavar=("MODE", "METHOD", "SRC", "OUT", "N", "SEQ"))
@@ -235,9 +272,10 @@ def main() -> None:
     old = json.loads((RESULTS / "streaming.json").read_text()) if (RESULTS / "streaming.json").exists() else {}
     result = {"machine": f"{os.cpu_count()} CPU cores", "n_samples": args.n_samples, "seq_len": args.seq_len,
               "memory": old.get("memory", []), "speed": old.get("speed", []),
-              "speed_n_samples": old.get("speed_n_samples")}
+              "speed_n_samples": old.get("speed_n_samples"), "sources": old.get("sources", {})}
     if args.part in ("memory", "all"):
         result["memory"] = memory(args.n_samples, args.seq_len)
+        result["sources"] = sources_info()
     if args.part in ("speed", "all"):
         result["speed"] = speed(args.repeats, args.speed_n_samples, args.seq_len)
         result["speed_n_samples"] = args.speed_n_samples

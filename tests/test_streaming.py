@@ -155,21 +155,24 @@ def test_streamed_run_resumes_at_the_next_block(tmp_path, monkeypatch, recipe, w
     _same_model(ref, streamed, calib)
 
 
-@pytest.mark.parametrize("recipe", ["gptq", "slicegpt", "sparsegpt"])
+IN_MEMORY = {**STEPS, "shortgpt": lambda: [ShortGPT(n_remove=1)]}
+
+
+@pytest.mark.parametrize("recipe", ["gptq", "slicegpt", "sparsegpt", "shortgpt"])
 def test_in_memory_run_resumes_at_the_next_block(tmp_path, monkeypatch, recipe):
     src = _source(tmp_path, "tiny-llama")
     calib = _calib(259)
-    ref = _in_memory(src, STEPS[recipe](), calib)
+    ref = _in_memory(src, IN_MEMORY[recipe](), calib)
     model, _ = llmdeploy.load(src)
     with monkeypatch.context() as m:
         _interrupt_after(m, "save", 0)
         with pytest.raises(Interrupt), engine_options(model, checkpoint_dir=str(tmp_path / "ck")):
-            STEPS[recipe]()[0](model, calib)
+            IN_MEMORY[recipe]()[0](model, calib)
     model, _ = llmdeploy.load(src)  # a fresh process would start from the source again
     with monkeypatch.context() as m:
         seen = _interrupt_after(m, "save", -1)
         with engine_options(model, checkpoint_dir=str(tmp_path / "ck"), resume=True):
-            model = STEPS[recipe]()[0](model, calib)
+            model = IN_MEMORY[recipe]()[0](model, calib)
     assert seen == [1, 2]
     _same_model(ref, model, calib)
 
@@ -346,3 +349,16 @@ def test_in_memory_cli_run_resumes_at_the_next_block(tmp_path, monkeypatch):
     ref, _ = llmdeploy.load("tiny-llama")
     calib = llmdeploy.data.calibration(tok, "shakespeare", n_samples=4, seq_len=32, seed=0)
     _same_model(SparseGPT(sparsity=0.5)(ref, calib), out, calib)
+
+
+def test_write_safetensors_round_trips_every_dtype(tmp_path):
+    from llmdeploy.compress.streaming import write_safetensors
+
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).to(torch.bfloat16), "scalar": torch.tensor(3),
+               "empty": torch.zeros(0, 2), "u8": torch.arange(7, dtype=torch.uint8),
+               "transposed": torch.randn(4, 6).T, "f16": torch.randn(2, 2).half(), "bool": torch.tensor([True, False])}
+    write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "pt"})
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k

@@ -349,6 +349,9 @@ def run_blockwise(
     blocks = adapter.blocks()
     prefix = adapter.blocks_prefix()
     homes = [_home(b) for b in blocks]
+    if mapped and any(h.type == "meta" for h in homes):
+        raise ConfigError("device='map': some blocks are offloaded (their weights are not on any device); "
+                          "compress such a model with llmdeploy.compress_streaming, which loads one block at a time")
     calib = shard_windows(calib)
     ckpt = None
     ckpt_dir = opts.next_checkpoint_dir()

@@ -16,6 +16,7 @@ engine to stream, spill, or checkpoint each finished block for resuming; methods
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError
@@ -82,21 +82,39 @@ def engine_options(model: nn.Module, **kwargs: Any) -> Iterator[EngineOptions]:
 
 
 def return_freed_memory() -> None:
-    """Ask glibc to serve large allocations from their own mappings (threshold fixed at 128 KiB)
-    so that a freed block's memory goes back to the system: by default the threshold grows
-    with every freed large chunk, later blocks are carved out of the heap, and the fragmented
-    heap keeps growing block after block. No-op off glibc."""
+    """Give the heap's free pages back to the system (glibc's ``malloc_trim``). Called after
+    every streamed block; no-op off glibc. See :func:`map_large_allocations`."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def map_large_allocations(threshold: int = 1 << 20) -> None:
+    """Serve allocations of ``threshold`` bytes or more from their own mappings (glibc's
+    ``M_MMAP_THRESHOLD``), so that a freed block's weights go back to the system. By default
+    glibc raises the threshold to the size of every large chunk freed, later blocks are carved
+    from the heap, and the fragmented heap (and address space, which memory limits count) grows
+    block after block. 1 MiB keeps the small temporaries of GPTQ's and SparseGPT's column loops
+    on the heap (a mapping per temporary costs page faults). No-op off glibc."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+
+
+@functools.lru_cache(maxsize=1)
+def _libc():
     import ctypes
     import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
-        return
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+        libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
     except (OSError, AttributeError):
-        pass
+        return None
 
 
 def streaming(model: nn.Module) -> bool:
@@ -129,6 +147,11 @@ class CheckpointReader:
     def keys(self) -> set[str]:
         return set(self.files)
 
+    def close(self) -> None:
+        """Unmap every open shard: pages read through a mapping count as this process's resident
+        memory for as long as it stays open."""
+        self._handles.clear()
+
     #: shards kept open (memory-mapped) at once: a block's tensors lie in one or two shards, and
     #: a mapping costs address space (what a memory limit such as RLIMIT_DATA counts)
     open_shards = 2
@@ -159,6 +182,7 @@ class CheckpointReader:
             if shape:
                 first = sl[: min(shape[0], 1)] if len(shape) > 1 else sl[: min(shape[0], 64)]
                 h.update(first.flatten()[:64].float().numpy().tobytes())
+        self.close()
         return h.hexdigest()
 
     def load_into(self, module: nn.Module, prefix: str, *, strict: bool = True) -> list[str]:
@@ -184,6 +208,35 @@ class CheckpointReader:
             raise CheckpointError(f"{self.folder} lacks {len(missing)} tensor(s) of the model, e.g. {missing[:3]}")
         module.load_state_dict(loaded, strict=False, assign=True)
         return missing
+
+
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` in the safetensors format one tensor at a time, without the whole-file
+    copy ``safetensors.torch.save_file`` builds in memory first (for a 70B model's embeddings,
+    several GB at the end of a streamed run). The file reads back with any safetensors reader."""
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    items = sorted(tensors.items())
+    for name, t in items:
+        if t.dtype not in _DTYPES:
+            raise ValueError(f"cannot write {name}: dtype {t.dtype} has no safetensors name")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        for _, t in items:
+            if t.numel():
+                fh.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
 def _atomic_json(path: Path, data: Any) -> None:
@@ -236,7 +289,7 @@ class ShardWriter:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{file}-")
         os.close(fd)
         try:
-            save_file(tensors, tmp, metadata={"format": "pt"})
+            write_safetensors(tmp, tensors, metadata={"format": "pt"})
             os.replace(tmp, self.folder / file)
         finally:
             if os.path.exists(tmp):
@@ -255,6 +308,7 @@ class BlockStream:
 
     def load(self, index: int, block: nn.Module) -> None:
         self.reader.load_into(block, f"{self.prefix}.{index}.")
+        self.reader.close()
         left = [n for n, t in block.state_dict(keep_vars=True).items() if t.is_meta]
         if left:
             raise CheckpointError(f"block {index} of {self.reader.folder} lacks {left[:3]}")
@@ -267,6 +321,7 @@ class BlockStream:
             for sub in m.modules():
                 if hasattr(sub, "drop_derived_caches"):
                     sub.drop_derived_caches()
+        return_freed_memory()
 
     def done(self) -> set[int]:
         """Blocks already written (by an interrupted run of the same step)."""

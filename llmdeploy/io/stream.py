@@ -40,7 +40,8 @@ from ..compress.streaming import (
     CheckpointReader,
     ShardWriter,
     engine_options,
-    return_freed_memory,
+    map_large_allocations,
+    write_safetensors,
 )
 from ..errors import CheckpointError, ConfigError
 from ..fetch import sha256_file
@@ -122,6 +123,7 @@ def skeleton(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> 
             t = t.to(ref.dtype)
         outside[name] = t
     model.load_state_dict(outside, strict=False, assign=True)
+    reader.close()
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     for module in compressed_modules(model).values():
@@ -169,7 +171,7 @@ def compress_streaming(
                                   {s.method for s in _registered() if s.streamable})))
         if step.needs_calibration:
             check_calibration(calib, step.method)
-    return_freed_memory()
+    map_large_allocations()
     src = Path(source).expanduser().resolve()
     out = Path(output).expanduser().resolve()
     work = Path(work_dir).expanduser().resolve() if work_dir is not None else out.parent / f".{out.name}.stream"
@@ -236,8 +238,6 @@ def _write_weights(model: torch.nn.Module, folder: Path, written: dict[int, dict
     """Put the finished blocks' files into ``folder`` (hard links where the file system allows),
     write everything outside the blocks to ``rest.safetensors`` and the index naming every
     tensor's file; return the manifest's ``weights`` entry."""
-    from safetensors.torch import save_file
-
     weight_map: dict[str, str] = {}
     total = 0
     for rec in written.values():
@@ -257,8 +257,8 @@ def _write_weights(model: torch.nn.Module, folder: Path, written: dict[int, dict
         if ptr in seen:  # tied (the head sharing the embedding): stored once, as the loaders expect
             continue
         seen.add(ptr)
-        rest[name] = t.detach().cpu().contiguous()
-    save_file(rest, str(folder / REST), metadata={"format": "pt"})
+        rest[name] = t.detach().cpu()
+    write_safetensors(folder / REST, rest, metadata={"format": "pt"})
     for key in rest:
         weight_map[key] = REST
     files = sorted(set(weight_map.values()))

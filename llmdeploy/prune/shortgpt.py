@@ -23,9 +23,11 @@ from .layers import LayerReport, remove_layers
 log = logging.getLogger(__name__)
 
 
-def block_influence(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) -> list[float]:
-    """BI of every decoder layer on the calibration windows (through the calibration engine)."""
-    scores: list[float] = []
+def block_influence(model: nn.Module, calib: torch.Tensor, batch_size: int = 8,
+                    key: dict | None = None) -> list[float]:
+    """BI of every decoder layer on the calibration windows (through the calibration engine;
+    with ``key``, the walk can be checkpointed and resumed like any other)."""
+    carry: dict = {"scores": []}
 
     def process(ctx) -> None:
         outs = ctx.forward()
@@ -33,10 +35,10 @@ def block_influence(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) 
                           for x, y in zip(ctx.inputs, outs)])
         outs.release()
         total = ctx.reduce(torch.stack([sims.sum(), torch.tensor(float(sims.numel()), dtype=torch.float64)]))
-        scores.append(1.0 - float(total[0] / total[1]))
+        ctx.carry["scores"] = [*ctx.carry["scores"], 1.0 - float(total[0] / total[1])]
 
-    run_blockwise(model, calib, process, batch_size=batch_size, desc="block influence")
-    return scores
+    run_blockwise(model, calib, process, batch_size=batch_size, desc="block influence", key=key, carry=carry)
+    return list(carry["scores"])
 
 
 @register_method("shortgpt")
@@ -55,7 +57,8 @@ class ShortGPT(Compressor):
             raise ConfigError(f"shortgpt: n_remove must be in 1..{n - 1} for {n} layers, got {self.n_remove}")
 
     def apply(self, model: nn.Module, calib: torch.Tensor | None = None) -> nn.Module:
-        scores = block_influence(model, calib if self.n_samples is None else calib[: self.n_samples])
+        scores = block_influence(model, calib if self.n_samples is None else calib[: self.n_samples],
+                                 key=self.to_dict())
         remove = sorted(sorted(range(len(scores)), key=lambda i: scores[i])[: self.n_remove])
         log.info("ShortGPT block influence %s; removing layers %s",
                  [round(s, 4) for s in scores], remove)
