@@ -186,7 +186,7 @@ def write(result: dict) -> None:
              "compression = peak minus the resident memory just before compressing (imports, tokenizer "
              "and calibration windows, the same in every mode).", "",
              "| model | method | mode | peak (MiB) | compression (MiB) | streamed / in memory (peak) | "
-             "streamed / in memory (compression) | seconds |",
+             "streamed / in memory (compression) | seconds (one run, not a speed claim) |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     mem = result.get("memory", [])
     ref = {(r["method"]): r for r in mem if r["mode"] == "memory" and r["model"] == "smollm2-135m"}

@@ -31,6 +31,7 @@ STEPS = {
     "wanda-2:4": lambda: [Wanda(sparsity=None, pattern="2:4")],
     "slicegpt": lambda: [SliceGPT(sparsity=0.25)],
     "sparsegpt+gptq": lambda: [SparseGPT(sparsity=0.5, compact=False), GPTQ(bits=4, group_size=32)],
+    "sparsegpt+rtn": lambda: [SparseGPT(sparsity=0.5), RTN(bits=4, group_size=16)],  # sparse + quantized layers
 }
 
 

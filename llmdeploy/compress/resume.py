@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .activations import ActivationStore
 from .distributed import barrier, world
+from .state import replace_atomically
 from .streaming import module_specs
 
 
@@ -119,7 +119,7 @@ class BlockCheckpoint:
         done = index + 1
         if self.save_blocks and self.rank == 0:
             tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-            self._atomic(self.folder / f"block-{index}.safetensors", lambda f: save_file(tensors, f))
+            replace_atomically(self.folder / f"block-{index}.safetensors", lambda f: save_file(tensors, f))
         acts = f"acts-rank{self.rank}-{done}"
         tmp = self.folder / f".{acts}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -128,7 +128,7 @@ class BlockCheckpoint:
         os.replace(tmp, self.folder / acts)
         tensors, rest = _split_carry(carry)
         carry_file = f"carry-rank{self.rank}-{done}.safetensors"
-        self._atomic(self.folder / carry_file, lambda f: save_file(tensors, f))
+        replace_atomically(self.folder / carry_file, lambda f: save_file(tensors, f))
         modules = {**modules, index: module_specs(block, name)}
         data = self._read() or {"fingerprint": self.fingerprint, "states": {}}
         states = {int(k): v for k, v in data["states"].items()}
@@ -136,19 +136,9 @@ class BlockCheckpoint:
                         "report": report, "modules": {str(k): v for k, v in modules.items()}}
         keep = sorted(states)[-2:]
         data["states"] = {str(k): states[k] for k in keep}
-        self._atomic(self._progress, lambda f: Path(f).write_text(json.dumps(data)))
+        replace_atomically(self._progress, lambda f: Path(f).write_text(json.dumps(data)))
         for k in states:
             if k not in keep:
                 shutil.rmtree(self.folder / states[k]["acts"], ignore_errors=True)
                 (self.folder / states[k]["carry_tensors"]).unlink(missing_ok=True)
 
-    @staticmethod
-    def _atomic(target: Path, write) -> None:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

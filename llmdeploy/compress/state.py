@@ -63,6 +63,19 @@ def run_fingerprint(config: dict[str, Any], model: torch.nn.Module, calib: torch
     return h.hexdigest()
 
 
+def replace_atomically(target: Path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` a sibling temporary file, then rename it onto ``target``: a reader sees the
+    old file or the complete new one, never a partial write."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 class TrainingState:
     """The checkpoint folder of one training run (see the module docstring)."""
 
@@ -72,16 +85,6 @@ class TrainingState:
         self.fingerprint = fingerprint
         self.who = who
 
-    @staticmethod
-    def _replace(target: Path, write: Callable[[str], None]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], optimizer: dict[str, Any],
              progress: dict[str, Any]) -> None:
@@ -91,10 +94,10 @@ class TrainingState:
         cpu = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
         folder = self.path / f"step-{step}"
         folder.mkdir(exist_ok=True)
-        self._replace(folder / "tensors.safetensors", lambda f: save_file(cpu, f))
-        self._replace(folder / "optimizer.pt", lambda f: torch.save(optimizer, f))
+        replace_atomically(folder / "tensors.safetensors", lambda f: save_file(cpu, f))
+        replace_atomically(folder / "optimizer.pt", lambda f: torch.save(optimizer, f))
         data = {"fingerprint": self.fingerprint, "step": step, "folder": folder.name, **progress}
-        self._replace(self.path / "progress.json", lambda f: Path(f).write_text(json.dumps(data)))
+        replace_atomically(self.path / "progress.json", lambda f: Path(f).write_text(json.dumps(data)))
         for old in self.path.glob("step-*"):
             if old.name != folder.name and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)

@@ -20,34 +20,30 @@ decoder block, through the shared calibration engine:
    ``finetune_batch_size`` windows (gradients accumulated over the engine's batches, as the
    reference's ``local_batch_size``); optionally early stopping and keeping the best epoch.
 
-After each block the quantized block is written to ``checkpoint_dir``; ``resume=True`` restores
-the finished blocks and continues, giving the result of an uninterrupted run (every random
-choice is seeded per block and layer).
+With ``checkpoint_dir`` the engine checkpoints every finished block (block, next inputs, report;
+:mod:`llmdeploy.compress.resume`); ``resume=True`` restores the finished blocks and continues,
+giving the result of an uninterrupted run (every random choice is seeded per block and layer).
+Several processes split the beam search by output groups (:func:`beam_search_split`).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..compress.base import Compressor, Report, engine_field, register_method
 from ..compress.distributed import world
 from ..compress.engine import BlockContext, run_blockwise, to_device
 from ..compress.modules import CompressedModule, compressed_modules
-from ..compress.state import run_fingerprint
-from ..compress.streaming import streaming
-from ..errors import CheckpointError, ConfigError
+from ..compress.streaming import engine_options, streaming
+from ..errors import ConfigError
 from ..models.adapters import get_adapter
 from .aqlm_linear import AQLMLinear, check_aqlm_shapes, dequantize, pack_codes
 
@@ -385,24 +381,10 @@ class AQLM(Compressor):
 
     # -- the walk ------------------------------------------------------------------------
     def apply(self, model: nn.Module, calib: torch.Tensor | None) -> nn.Module:
-        adapter = get_adapter(model)
-        store = _Progress(self.checkpoint_dir, run_fingerprint(self.config_dict(), model, calib)) \
-            if self.checkpoint_dir else None
-        done = 0
-        if store is not None:
-            if self.resume:
-                done = store.restore(model, adapter)
-                if done:
-                    log.info("aqlm: resuming after %d finished blocks from %s", done, self.checkpoint_dir)
-            else:
-                store.reset()
         report = self.report_ = AQLMReport(
-            label=f"AQLM {self.num_codebooks}x{self.nbits_per_codebook} g{self.in_group_size}",
-            errors=store.errors() if (store is not None and self.resume) else {})
+            label=f"AQLM {self.num_codebooks}x{self.nbits_per_codebook} g{self.in_group_size}")
 
         def process(ctx: BlockContext) -> None:
-            if ctx.index < done:  # restored from the checkpoint: only propagate through it
-                return
             target = ctx.forward() if self.finetune_blocks else None
             stats = ctx.collect_stats()
             linears = ctx.linears()
@@ -415,12 +397,13 @@ class AQLM(Compressor):
                 log.debug("aqlm %s.%s relative error %s", ctx.name, path, [round(e, 4) for e in res.errors])
             if self.finetune_blocks and target is not None:
                 report.finetune[ctx.name] = finetune_block(ctx, target, self)
-            if store is not None:
-                store.save_block(ctx.index, ctx.block, {k: v for k, v in report.errors.items()
-                                                        if k.startswith(ctx.name + ".")})
 
-        run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="AQLM",
-                      key=self.config_dict(), report=report)
+        # checkpoint_dir: the engine checkpoints every finished block (and resumes after the last)
+        resumable = engine_options(model, checkpoint_dir=self.checkpoint_dir, resume=self.resume) \
+            if self.checkpoint_dir else contextlib.nullcontext()
+        with resumable:
+            run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="AQLM",
+                          key=self.config_dict(), report=report)
         return model
 
     def _module(self, lin: nn.Linear, res: LayerResult) -> AQLMLinear:
@@ -523,78 +506,6 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
         if dtype != torch.float32:
             block.to(dtype)
     return history
-
-
-# -- checkpoints for resuming --------------------------------------------------------------
-class _Progress:
-    """``checkpoint_dir``: ``progress.json`` (fingerprint, finished blocks, errors) and one
-    safetensors file per finished block, each written atomically."""
-
-    def __init__(self, path: str, fingerprint: str) -> None:
-        self.path = Path(path)
-        self.fingerprint = fingerprint
-        self.path.mkdir(parents=True, exist_ok=True)
-
-    def _read(self) -> dict:
-        f = self.path / "progress.json"
-        if not f.exists():
-            return {"fingerprint": self.fingerprint, "blocks": {}}
-        try:
-            data = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{f} is corrupt ({e}); delete {self.path} to start over") from None
-        if data.get("fingerprint") != self.fingerprint:
-            raise CheckpointError(f"{self.path} holds progress of a different AQLM run (other settings, model or "
-                                  "calibration data); delete it or pass resume=False to start over")
-        return data
-
-    def _write(self, data: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".progress-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh)
-        os.replace(tmp, self.path / "progress.json")
-
-    def reset(self) -> None:
-        for f in self.path.glob("block_*.safetensors"):
-            f.unlink()
-        self._write({"fingerprint": self.fingerprint, "blocks": {}})
-
-    def errors(self) -> dict[str, list[float]]:
-        out: dict[str, list[float]] = {}
-        for entry in self._read()["blocks"].values():
-            out.update(entry["errors"])
-        return out
-
-    def save_block(self, index: int, block: nn.Module, errors: dict[str, list[float]]) -> None:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".block_{index}-", suffix=".safetensors")
-        os.close(fd)
-        save_file(tensors, tmp)
-        os.replace(tmp, self.path / f"block_{index}.safetensors")
-        data = self._read()
-        modules = {n: m.init_kwargs() for n, m in block.named_modules() if isinstance(m, AQLMLinear)}
-        data["blocks"][str(index)] = {"modules": modules, "errors": errors}
-        self._write(data)
-
-    def restore(self, model: nn.Module, adapter) -> int:
-        """Put the finished blocks (a prefix 0..n-1) into ``model``; return n."""
-        data = self._read()
-        blocks = adapter.blocks()
-        n = 0
-        while str(n) in data["blocks"] and n < len(blocks):
-            entry = data["blocks"][str(n)]
-            block = blocks[n]
-            for path, init in entry["modules"].items():
-                old = block.get_submodule(path)
-                block.set_submodule(path, AQLMLinear(**init, dtype=old.weight.dtype, device=old.weight.device))
-            f = self.path / f"block_{n}.safetensors"
-            try:
-                state = load_file(str(f))
-                block.load_state_dict(state, strict=True)
-            except Exception as e:  # noqa: BLE001 - safetensors raises several types
-                raise CheckpointError(f"{f} cannot be restored ({e}); delete {self.path} to start over") from None
-            n += 1
-        return n
 
 
 __all__ = ["AQLM", "beam_search_codes", "encode_groups_l2", "init_aq", "kmeans", "layer_error", "quantize_layer"]
