@@ -311,6 +311,8 @@ def test_cli_streams_on_request_and_resumes(tmp_path, capsys, monkeypatch):
     assert "streamed block by block" in capsys.readouterr().out
     streamed, _ = llmdeploy.load(tmp_path / "out")
     _same_model(ref, streamed, _calib(259))
+    assert main(["info", str(tmp_path / "out")]) == 0
+    assert "sparsegpt(" in capsys.readouterr().out
     assert main(["compress", "tiny-llama", "--recipe", "rtn-4bit", "-o", str(tmp_path / "o2"), "--stream"]) == 2
     assert "--stream reads a model directory with safetensors" in capsys.readouterr().err
 
@@ -363,3 +365,15 @@ def test_write_safetensors_round_trips_every_dtype(tmp_path):
     assert sorted(back) == sorted(tensors)
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_readme_quotes_the_streaming_benchmark():
+    from benchmarks.streaming import readme_paragraph
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/streaming/streaming.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    assert " ".join(readme_paragraph(res).split()) in readme
+    table = (root / "benchmarks/results/streaming/STREAMING.md").read_text()
+    for r in res["memory"]:
+        assert f"| {r['model']} | {r['method']} | {r['mode']} | {r['peak'] / 2**20:.0f} |" in table

@@ -85,3 +85,27 @@ def shard_windows(calib: torch.Tensor) -> torch.Tensor:
         raise CalibrationDataError(f"{calib.shape[0]} calibration windows cannot be shared by {size} processes: "
                                    f"use at least {size} windows or fewer processes")
     return torch.tensor_split(calib, size)[rank]
+
+
+def my_rows(n: int) -> tuple[int, int]:
+    """The contiguous slice ``[lo, hi)`` of ``n`` independent rows this process computes when a
+    row-separable computation is shared (see :func:`gather_rows`)."""
+    rank, size = world()
+    parts = torch.tensor_split(torch.arange(n), size)
+    mine = parts[rank]
+    return (int(mine[0]), int(mine[-1]) + 1) if len(mine) else (0, 0)
+
+
+def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
+    """Every process's rows of a result split by :func:`my_rows`, concatenated in rank order
+    (identity alone)."""
+    rank, size = world()
+    if size == 1:
+        return local
+    parts = torch.tensor_split(torch.arange(n), size)
+    width = max(len(p) for p in parts)
+    padded = torch.zeros((width, *local.shape[1:]), dtype=local.dtype)
+    padded[:local.shape[0]] = local.cpu()
+    gathered = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:len(p)] for g, p in zip(gathered, parts)]).to(local.device)

@@ -34,12 +34,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from ..compress.base import Compressor, Report, engine_field, register_method
-from ..compress.distributed import world
+from ..compress.distributed import gather_rows, my_rows, world
 from ..compress.engine import BlockContext, run_blockwise, to_device
 from ..compress.modules import CompressedModule, compressed_modules
 from ..compress.streaming import engine_options, streaming
@@ -167,21 +166,14 @@ def beam_search_split(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.
     distributed run (each searches a contiguous slice; the codes are then gathered), as the
     reference splits its beam search over devices by output channels. Output groups are
     independent, so the codes equal one process's exactly. Alone: the plain search."""
-    rank, size = world()
-    if size == 1:
+    if world()[1] == 1:
         return beam_search_codes(weight, hessian, codes, codebooks, scales, beam_size)
     n_og = codes.shape[0]
     og = weight.shape[0] // n_og
-    parts = torch.tensor_split(torch.arange(n_og), size)
-    lo, hi = int(parts[rank][0]) if len(parts[rank]) else 0, int(parts[rank][-1]) + 1 if len(parts[rank]) else 0
+    lo, hi = my_rows(n_og)
     mine = beam_search_codes(weight[lo * og:hi * og], hessian, codes[lo:hi], codebooks, scales[lo:hi], beam_size) \
         if hi > lo else codes[:0]
-    width = max(len(p) for p in parts)
-    padded = torch.zeros((width, *codes.shape[1:]), dtype=codes.dtype)
-    padded[:hi - lo] = mine.cpu()
-    gathered = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:len(p)] for g, p in zip(gathered, parts)]).to(codes.device)
+    return gather_rows(mine, n_og)
 
 
 @torch.no_grad()

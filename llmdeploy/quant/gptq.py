@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..compress.base import Compressor, engine_field, register_method, require_targets
+from ..compress.distributed import gather_rows, my_rows, world
 from ..compress.engine import BlockContext, run_blockwise
 from ..compress.hessian import inverse_hessian_factor
 from ..compress.modules import CompressedModule
@@ -115,6 +116,24 @@ def gptq_quantize(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size
     z = zeros.repeat_interleave(gs, dim=1)
     codes = _round(Q, s, z, qmax)  # Q lies on the grid: this recovers its codes exactly
     return codes.to(torch.uint8).cpu(), scales.to(torch.float16).cpu(), zeros.to(torch.uint8).cpu()
+
+
+def gptq_quantize_shared(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size: int,
+                         **kwargs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`gptq_quantize` with the output rows shared among the processes of a distributed run
+    (rows are independent given XᵀX: each process quantizes a contiguous slice, the codes, scales
+    and zero points are gathered). Alone: the plain call."""
+    if world()[1] == 1:
+        return gptq_quantize(weight, xtx, bits, group_size, **kwargs)
+    lo, hi = my_rows(weight.shape[0])
+    if hi == lo:  # more processes than rows: this one has nothing to quantize
+        cols = weight.shape[1]
+        groups = 1 if group_size in (-1, 0, None) else cols // group_size
+        parts = (torch.zeros(0, cols, dtype=torch.uint8), torch.zeros(0, groups, dtype=torch.float16),
+                 torch.zeros(0, groups, dtype=torch.uint8))
+    else:
+        parts = gptq_quantize(weight[lo:hi], xtx, bits, group_size, **kwargs)
+    return tuple(gather_rows(t, weight.shape[0]) for t in parts)  # type: ignore[return-value]
 
 
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, xtx: torch.Tensor) -> float:
@@ -203,7 +222,7 @@ class GPTQ(Compressor):
                 for path in group:
                     lin = ctx.block.get_submodule(path)
                     xtx = stats[path].xtx
-                    codes, scales, zeros = gptq_quantize(
+                    codes, scales, zeros = gptq_quantize_shared(
                         lin.weight, xtx, self.bits, self.group_size, symmetric=self.symmetric,
                         act_order=self.act_order, percdamp=self.percdamp, blocksize=self.blocksize)
                     gs = lin.in_features if self.group_size in (-1, 0, None) else self.group_size
