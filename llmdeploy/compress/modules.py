@@ -63,6 +63,10 @@ class CompressedModule(nn.Module):
         """Parameters of the dense layer this module replaces (the denominator of bits/param)."""
         raise NotImplementedError
 
+    #: :meth:`quantized` returns a module (checked by planners without doing the work, which
+    #: may be on the ``meta`` device while blocks are streamed)
+    quantizable: ClassVar[bool] = False
+
     def quantized(self, bits: int, group_size: int, symmetric: bool) -> CompressedModule | None:
         """This module with its stored values quantized round-to-nearest (a sparse layer keeps its
         mask), or None when its format cannot take a further quantization (already quantized)."""

@@ -22,7 +22,7 @@ where it measures 10% faster, :func:`llmdeploy.kernels.sparse.faster_path`). Els
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +100,8 @@ class SparseLinear(CompressedModule):
     def kept_values(self, dtype: torch.dtype) -> torch.Tensor:
         """The kept values in row-major order (flat for the bitmask, (out, in·N/M) for N:M)."""
         return self.values.to(dtype)
+
+    quantizable: ClassVar[bool] = True
 
     def quantized(self, bits: int, group_size: int, symmetric: bool) -> SparseRTNLinear:
         """The same sparse layer with its kept values quantized round-to-nearest: groups of
@@ -277,6 +279,8 @@ class SparseRTNLinear(SparseLinear):
         return self.bias.dtype if self.bias is not None else self._dtype
 
     sparse_kernel_ok = False  # the kernel reads fp32 values; these are codes (dense rebuild instead)
+
+    quantizable: ClassVar[bool] = False
 
     def quantized(self, bits: int, group_size: int, symmetric: bool) -> None:
         return None  # already quantized

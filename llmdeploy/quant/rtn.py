@@ -270,7 +270,7 @@ class RTN(Compressor):
                 if bits not in SUPPORTED_BITS:
                     raise ConfigError(f"{name}: RTN supports bits in {SUPPORTED_BITS}, got {bits}")
                 if isinstance(mod, CompressedModule):
-                    if mod.quantized(bits, max(gs, 1), self.symmetric) is None:
+                    if not mod.quantizable:
                         skipped[name] = f"they are already quantized ({type(mod).__name__})"
                         continue
                     if gs in (-1, 0, None):
