@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import itertools
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ from .activations import ActivationStore
 from .distributed import all_reduce_, all_reduce_int, shard_windows, world
 from .modules import MODULES
 from .resume import BlockCheckpoint
+from .state import run_fingerprint
 from .streaming import module_specs as ckpt_specs
 from .streaming import options
 
@@ -270,21 +269,6 @@ def _compute_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _fingerprint(key: dict[str, Any], calib: torch.Tensor, model: nn.Module, stream) -> str:
-    """What a checkpointed walk must match to be resumed: the method's settings, the (local)
-    calibration windows, and the model (its source checkpoint when streamed, else the names,
-    shapes and first 64 values of its tensors)."""
-    h = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
-    h.update(calib.cpu().contiguous().numpy().tobytes())
-    if stream is not None:
-        h.update(stream.reader.fingerprint().encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        if not t.is_meta:
-            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _restore_block(index: int, name: str, block: nn.Module, specs: dict[str, Any],
                    restore: Callable[[int, nn.Module, dict[str, Any]], None] | None, carry: dict[str, Any],
                    ckpt: BlockCheckpoint | None) -> None:
@@ -358,7 +342,8 @@ def run_blockwise(
     if ckpt_dir is not None:
         if key is None:
             raise ConfigError(f"{desc} cannot checkpoint its walk over the blocks: run it without a checkpoint folder")
-        ckpt = BlockCheckpoint(ckpt_dir, _fingerprint(key, calib, model, stream), resume=opts.resume,
+        fingerprint = run_fingerprint(key, model, calib, extra=stream.reader.fingerprint() if stream else "")
+        ckpt = BlockCheckpoint(ckpt_dir, fingerprint, resume=opts.resume,
                                save_blocks=stream is None)
     was_training = model.training
     model.eval()

@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .activations import ActivationStore
 from .distributed import barrier, world
-from .state import replace_atomically
+from .files import replace_atomically
 from .streaming import module_specs
 
 

@@ -15,8 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
 from .base import Report
+from .files import replace_atomically
 
 
 @dataclass
@@ -49,31 +48,20 @@ class TrainingReport(Report):
         return s
 
 
-def run_fingerprint(config: dict[str, Any], model: torch.nn.Module, calib: torch.Tensor) -> str:
+def run_fingerprint(config: dict[str, Any], model: torch.nn.Module, calib: torch.Tensor, extra: str = "") -> str:
     """A hash of what determines a run's result — its settings, the calibration windows, the
-    model's tensors (names, shapes and their first 64 values) — so a checkpoint folder of another
-    run is refused instead of resumed."""
-    h = hashlib.sha256()
+    model's tensors (names, shapes and their first 64 values; only names and shapes for tensors on
+    ``meta``, whose values ``extra`` stands for: a streamed model's source checkpoint) — so a
+    checkpoint folder of another run is refused instead of resumed."""
+    h = hashlib.sha256(extra.encode())
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     h.update(calib.cpu().contiguous().numpy().tobytes())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+        if not t.is_meta:
+            h.update(t.detach().flatten()[:64].float().cpu().numpy().tobytes())
     return h.hexdigest()
-
-
-def replace_atomically(target: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` a sibling temporary file, then rename it onto ``target``: a reader sees the
-    old file or the complete new one, never a partial write."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class TrainingState:

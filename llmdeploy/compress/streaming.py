@@ -20,7 +20,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .distributed import is_main
+from .files import replace_atomically, write_json_atomically
 from .modules import compressed_modules
 
 INDEX = "model.safetensors.index.json"
@@ -239,13 +239,6 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
                 fh.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
 
 
-def _atomic_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh)
-    os.replace(tmp, path)
-
-
 def module_specs(block: nn.Module, prefix: str) -> dict[str, dict[str, Any]]:
     """``{qualified name: {"class", "init"}}`` of the compressed modules in ``block``."""
     return {f"{prefix}.{n}": {"class": type(m).__name__, "init": m.init_kwargs()}
@@ -265,7 +258,7 @@ class ShardWriter:
         if fresh:
             for f in self.folder.glob("block-*.safetensors"):
                 f.unlink()
-            _atomic_json(self.folder / self.RECORD, {})
+            write_json_atomically(self.folder / self.RECORD, {})
 
     def written(self) -> dict[int, dict[str, Any]]:
         f = self.folder / self.RECORD
@@ -286,17 +279,10 @@ class ShardWriter:
             seen.add(ptr)
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
         file = f"block-{index:05d}.safetensors"
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{file}-")
-        os.close(fd)
-        try:
-            write_safetensors(tmp, tensors, metadata={"format": "pt"})
-            os.replace(tmp, self.folder / file)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        replace_atomically(self.folder / file, lambda f: write_safetensors(f, tensors, metadata={"format": "pt"}))
         record = self.written()
         record[index] = {"file": file, "keys": sorted(tensors), "modules": module_specs(block, name)}
-        _atomic_json(self.folder / self.RECORD, {str(k): v for k, v in sorted(record.items())})
+        write_json_atomically(self.folder / self.RECORD, {str(k): v for k, v in sorted(record.items())})
 
 
 class BlockStream:
