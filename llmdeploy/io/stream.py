@@ -30,7 +30,7 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from ..compress.base import Compose, Compressor, check_calibration
+from ..compress.base import METHODS, Compose, Compressor, check_calibration
 from ..compress.distributed import barrier, is_main
 from ..compress.modules import MODULES, compressed_modules
 from ..compress.streaming import (
@@ -47,7 +47,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fetch import sha256_file
 from ..models.adapters import get_adapter
 from .checkpoint import MANIFEST, _model_class, read_manifest, save
-from .loading import _tokenizer
+from .loading import _has_tokenizer, _tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def compress_streaming(
         if not step.streamable:
             raise ConfigError(f"{step.method or type(step).__name__} cannot run on streamed blocks; "
                               "streamable methods: " + ", ".join(sorted(
-                                  {s.method for s in _registered() if s.streamable})))
+                                  {s.method for s in METHODS.values() if s.streamable})))
         if step.needs_calibration:
             check_calibration(calib, step.method)
     map_large_allocations()
@@ -219,18 +219,6 @@ def compress_streaming(
     if is_main():
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _registered() -> list[type[Compressor]]:
-    from ..compress.base import METHODS
-
-    return list(METHODS.values())
-
-
-def _has_tokenizer(path: Path) -> bool:
-    from .loading import _has_tokenizer as has
-
-    return has(path)
 
 
 def _write_weights(model: torch.nn.Module, folder: Path, written: dict[int, dict[str, Any]], partial: Path,
