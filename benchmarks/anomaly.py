@@ -2,10 +2,14 @@
 
     python -m benchmarks.anomaly
 
-Trains ``llmdeploy.deploy.VAEDetector`` on the seed-0 trace (2000 steps of 10 s) with 20% of its
-labels (``semi_supervised_labels``), fits ENOVA's rules (``RuleDetector``) to the same trace, and
-scores both on the held-out seed-1 trace: point-wise precision/recall/F1 and event recall per kind
-of injected anomaly. Writes ``results/deploy/anomaly.json`` and ``ANOMALY.md``.
+Each of the training traces (seeds 0–3, 2000 steps of 10 s) trains one
+``llmdeploy.deploy.VAEDetector`` with 20% of its labels (``semi_supervised_labels``) and fits
+ENOVA's rules (``RuleDetector``); each detector is scored on every held-out test trace (seeds
+100–103, which played no part in choosing the detector's settings: those were chosen on seeds 0–8).
+Scores: point-wise precision/recall and event recall, with the steps of a fault's draining backlog
+ignored (the default of ``evaluate_detector``) and, stricter, counted as normal. Writes
+``results/deploy/anomaly.json`` and ``ANOMALY.md``; the goal (precision and recall ≥ 0.9) is
+checked on every train × test pair, and the minimum is what the table's first line reports.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmdeploy.deploy import (
@@ -25,26 +30,77 @@ from llmdeploy.deploy import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "deploy"
+TRAIN_SEEDS = (0, 1, 2, 3)
+TEST_SEEDS = (100, 101, 102, 103)
+KEYS = ("precision", "recall", "f1", "event_recall")
+
+
+def run() -> dict:
+    tests = {s: synthetic_trace(2000, seed=s) for s in TEST_SEEDS}
+    pairs = []
+    for ts in TRAIN_SEEDS:
+        train = synthetic_trace(2000, seed=ts)
+        t0 = time.perf_counter()
+        vae = VAEDetector().fit(train, semi_supervised_labels(train, 0.2, seed=ts))
+        fit_s = time.perf_counter() - t0
+        rules = RuleDetector().fit(train)
+        for s, test in tests.items():
+            p_vae, p_rules = vae.predict(test), rules.predict(test)
+            pairs.append({"train_seed": ts, "test_seed": s, "fit_s": fit_s,
+                          "vae": evaluate_detector(p_vae, test),
+                          "vae_strict": evaluate_detector(p_vae, test, aftermath="normal"),
+                          "rules": evaluate_detector(p_rules, test),
+                          "rules_strict": evaluate_detector(p_rules, test, aftermath="normal")})
+    summary = {}
+    for name in ("vae", "vae_strict", "rules", "rules_strict"):
+        summary[name] = {k: {"mean": float(np.mean([p[name][k] for p in pairs])),
+                             "min": float(np.min([p[name][k] for p in pairs]))} for k in KEYS}
+    summary["goal_met_pairs"] = sum(p["vae"]["precision"] >= 0.9 and p["vae"]["recall"] >= 0.9 for p in pairs)
+    summary["goal_met_pairs_strict"] = sum(p["vae_strict"]["precision"] >= 0.9 and p["vae_strict"]["recall"] >= 0.9
+                                           for p in pairs)
+    return {"date": time.strftime("%Y-%m-%d"), "train_seeds": TRAIN_SEEDS, "test_seeds": TEST_SEEDS,
+            "segments": {s: len(t.kinds) for s, t in tests.items()},
+            "aftermath_steps": {s: int(t.aftermath.sum()) for s, t in tests.items()},
+            "pairs": pairs, "summary": summary}
+
+
+def markdown(res: dict) -> str:
+    n = len(res["pairs"])
+    s = res["summary"]
+    lines = [f"# Anomaly detection on seeded traces (`python -m benchmarks.anomaly`, {res['date']})", "",
+             f"{len(res['train_seeds'])} training traces (seeds {', '.join(map(str, res['train_seeds']))}; 2000 steps, "
+             f"20% of labels) × {len(res['test_seeds'])} held-out test traces (seeds "
+             f"{', '.join(map(str, res['test_seeds']))}; {sum(res['segments'].values())} injected faults in all). "
+             "\"Aftermath ignored\": the steps while a fault's backlog drains "
+             f"({sum(res['aftermath_steps'].values())} steps in the test traces) are not scored; \"strict\": they count "
+             f"as normal. Goal (precision and recall ≥ 0.9) met on {s['goal_met_pairs']}/{n} train × test pairs "
+             f"(strict: {s['goal_met_pairs_strict']}/{n}).", "",
+             "| detector | scoring | precision mean (min) | recall mean (min) | F1 mean | event recall mean (min) |",
+             "|---|---|---|---|---|---|"]
+    names = {"vae": ("VAEDetector (semi-supervised, 3 members)", "aftermath ignored"),
+             "vae_strict": ("VAEDetector (semi-supervised, 3 members)", "strict"),
+             "rules": ("RuleDetector (ENOVA's open-code rules)", "aftermath ignored"),
+             "rules_strict": ("RuleDetector (ENOVA's open-code rules)", "strict")}
+    for key, (det, how) in names.items():
+        r = s[key]
+        lines.append(f"| {det} | {how} | {r['precision']['mean']:.3f} ({r['precision']['min']:.3f}) | "
+                     f"{r['recall']['mean']:.3f} ({r['recall']['min']:.3f}) | {r['f1']['mean']:.3f} | "
+                     f"{r['event_recall']['mean']:.3f} ({r['event_recall']['min']:.3f}) |")
+    lines += ["", "| train seed | test seed | VAE precision | VAE recall | strict precision | fit (s) |",
+              "|---|---|---|---|---|---|"]
+    for p in res["pairs"]:
+        lines.append(f"| {p['train_seed']} | {p['test_seed']} | {p['vae']['precision']:.3f} | {p['vae']['recall']:.3f} | "
+                     f"{p['vae_strict']['precision']:.3f} | {p['fit_s']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
-    torch.set_num_threads(1)
-    train, test = synthetic_trace(2000, seed=0), synthetic_trace(2000, seed=1)
-    rows = {"VAEDetector (semi-supervised, 20% of labels)":
-            evaluate_detector(VAEDetector().fit(train, semi_supervised_labels(train, 0.2, seed=0)).predict(test), test),
-            "RuleDetector (ENOVA's open-code rules)": evaluate_detector(RuleDetector().fit(train).predict(test), test)}
+    torch.set_num_threads(1)  # tiny MLPs: one thread is fastest
+    res = run()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "anomaly.json").write_text(json.dumps({"date": time.strftime("%Y-%m-%d"), "rows": rows,
-                                                      "segments": len(test.kinds)}, indent=1))
-    lines = [f"# Anomaly detection on seeded traces (`python -m benchmarks.anomaly`, {time.strftime('%Y-%m-%d')})", "",
-             f"Train: seed-0 trace, 2000 steps, 20% of labels; test: seed-1 trace, {len(test.kinds)} injected segments.",
-             "", "| detector | precision | recall | F1 | event recall | flagged steps | anomalous steps |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['event_recall']:.3f} | "
-                     f"{r['flagged']} | {r['anomalous']} |")
-    (RESULTS / "ANOMALY.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (RESULTS / "anomaly.json").write_text(json.dumps(res, indent=1))
+    (RESULTS / "ANOMALY.md").write_text(markdown(res))
+    print(markdown(res))
     return 0
 
 
