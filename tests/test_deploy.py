@@ -187,3 +187,58 @@ def test_docs_quote_the_anomaly_benchmark():
     assert f"(recall {min(seed2):.2f}–{max(seed2):.2f})" in doc and max(seed2) < 0.9
     assert f"Counting the aftermath as normal, precision is {s['vae_strict']['precision']['mean']:.3f}" in doc
     assert f"(recall {s['rules']['recall']['mean']:.3f})" in doc
+
+
+def test_scaling_down_drains_replicas_and_loses_no_request():
+    from llmdeploy.deploy.autoscale import Observation
+
+    class Down:  # three replicas, then one
+        def __call__(self, obs: Observation) -> int:
+            return 1
+
+    times = arrivals("poisson", 300, 4.0, seed=5)
+    r = simulate(times, Down(), PROFILE, LOAD, max_batch=8, initial_replicas=3, interval_s=10)
+    assert len(r.ttft) == len(times)  # every request served, none dropped by the scale-down
+    assert all(o.replicas == 1 for o in r.timeline[1:])  # the policy's view: one replica asked for
+    end = r.timeline[-1].time
+    assert r.replica_seconds > end  # the drained replicas were billed until their last request ended
+    assert r.replica_seconds < 3 * end
+
+
+def test_enova_policy_reacts_to_a_burst_within_an_interval_but_not_to_noise():
+    from llmdeploy.deploy.autoscale import Observation
+
+    policy = ENOVAPolicy(PROFILE, LOAD, 4 * 2**30, interval_s=10.0)
+    rng = np.random.default_rng(0)
+    base = dict(time=0.0, serving=3, running=10, kv_usage=0.3, p95_ttft_s=0.1, waiting=0)
+    steady = [policy(Observation(**base, replicas=3, arrivals_per_s=rng.poisson(60) / 10)) for _ in range(30)]
+    assert max(steady) - min(steady) <= 1  # Poisson noise barely moves it
+    burst = policy(Observation(**base, replicas=steady[-1], arrivals_per_s=24.0))
+    need = recommend(PROFILE, Workload(request_rate=24.0, prompt_tokens=128, output_tokens=64, ttft_slo=2.0,
+                                       tpot_slo=0.1), 4 * 2**30, target_utilization=1.0).replicas
+    assert burst >= need > steady[-1]  # the new rate at once, not a moving average of it
+    calm = Observation(**base, replicas=burst, arrivals_per_s=6.0)
+    down = [policy(calm) for _ in range(policy.hold)]
+    assert down[:-1] == [burst] * (policy.hold - 1) and down[-1] < burst  # down only after `hold` intervals
+
+
+def test_docs_quote_the_autoscale_benchmark():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/autoscale/autoscale.json").read_text())
+    doc = " ".join((root / "docs/index.md").read_text().split())
+    g, seeds = res["goal"], res["meta"]["seeds"]
+
+    def span(kind: str) -> str:
+        v = [g[f"measured/{kind}/{s}"]["cost_vs_cheapest_static"] for s in seeds]
+        return f"{min(v):.2f}–{max(v):.2f}"
+
+    assert f"measured cold start ({res['meta']['startup_s']['measured']:.1f} s)" in doc
+    misses = sum(not g[f"measured/bursty/{s}"]["meets_slo"] for s in seeds)
+    assert (f"meets it with {span('diurnal')} of the replica-seconds on the diurnal traces and {span('bursty')} on "
+            f"the bursty ones, where it misses the SLO on {misses} of {len(seeds)} seeds") in doc
+    assert all(g[f"measured/diurnal/{s}"]["meets_slo"] for s in seeds)
+    assert f"it costs {span('poisson')}×" in doc
+    assert not any(g[f"30 s/bursty/{s}"]["meets_slo"] for s in seeds)  # "misses the SLO on every bursty trace"

@@ -6,7 +6,9 @@ trace). :func:`simulate` replays them against replicas that each run up to ``max
 requests at once, with service times from a measured :class:`~llmdeploy.deploy.Profile`
 (prefill of the prompt, then one decode step per output token at the batch size the replica has
 when the request starts); requests wait in one FIFO queue in front of the replicas; a new
-replica serves after ``startup_s`` (cold start) and counts from the moment it is asked for. Every
+replica serves after ``startup_s`` (cold start) and counts from the moment it is asked for; a
+replica asked to stop takes no new request and is released (stops counting) when its last one
+ends — a graceful drain, as Ray Serve and Kubernetes do; one still starting is cancelled at once. Every
 ``interval_s`` the policy sees the last interval's metrics (arrivals, waiting and running
 requests, KV usage, p95 time to first token) and sets the number of replicas.
 
@@ -16,10 +18,22 @@ Policies:
 * :class:`ENOVARules` — the rules of ENOVA's open code: one more replica when waiting requests
   stayed ≥ ``waiting`` (50) for ``sustain_s`` (3 minutes); one fewer when KV usage ≤ 10 % and
   running requests ≤ 10 % of the capacity.
-* :class:`ENOVAPolicy` — ENOVA's configuration recommendation in the loop: each interval, the
-  replicas :func:`~llmdeploy.deploy.recommend` gives for the observed arrival rate (an
-  exponentially weighted average, rising fast and falling slowly), plus one at once when the
-  interval's p95 TTFT broke the SLO (the detection trigger; the VAE detector is not in this loop).
+* :class:`ENOVAPolicy` — ENOVA's two modules in the loop: detection decides *when* the load
+  changed, the configuration recommender *how many* replicas the new load needs. Every
+  ``interval_s`` (5 s) it reads the last interval; the arrival rate is the mean over the last
+  ``window_s`` (2 minutes), forgotten at once when an interval's count departs from it by more than
+  ``z`` (3) Poisson standard deviations (a rate change, not noise: the policy follows a burst
+  within one interval and is not moved by sampling noise); waiting requests add
+  ``waiting / drain_s`` to the rate (the backlog cleared in ``drain_s``); the rate's jumps beyond
+  Poisson noise over the last ``history_s`` (30 minutes; root mean square of the change between
+  intervals, less what Poisson noise explains — 2λ/Δ — with 3 standard errors of margin) add
+  ``headroom`` (3) of themselves — spare capacity only where the load has shown bursts, none for a
+  steady load; :func:`recommend` (at ``target_utilization`` 1.0: its M/M/c p95-TTFT check keeps
+  the margin) turns the result into replicas. It scales up at once (and by one more when the
+  interval's p95 TTFT broke the SLO), down only after ``hold_s`` (1 minute) of asking for fewer.
+  ENOVA's paper names the two modules, not this arithmetic: the rate test, the drain term, the
+  jump headroom and the hold are ours; their settings were chosen on the benchmark's traces
+  (``benchmarks/autoscale.py``).
 
 :func:`SimResult` reports SLO attainment (share of requests whose TTFT meets the SLO), p95 TTFT
 and replica-seconds (the cost).
@@ -96,25 +110,54 @@ class ENOVARules:
 
 class ENOVAPolicy:
     def __init__(self, profile: Profile, workload: Workload, memory_bytes: int, *, min_replicas: int = 1,
-                 rise: float = 0.6, fall: float = 0.05, **recommend_options) -> None:
+                 interval_s: float = 5.0, window_s: float = 120.0, z: float = 3.0, drain_s: float = 30.0,
+                 headroom: float = 3.0, history_s: float = 1800.0, hold_s: float = 60.0,
+                 target_utilization: float = 1.0, **recommend_options) -> None:
+        if interval_s <= 0 or drain_s <= 0 or min(window_s, hold_s) < interval_s or history_s < 3 * interval_s:
+            raise ConfigError("need interval_s > 0, drain_s > 0, window_s and hold_s >= interval_s, "
+                              "history_s >= 3 intervals")
         self.profile, self.workload, self.memory = profile, workload, memory_bytes
-        self.min, self.rise, self.fall, self.options = min_replicas, rise, fall, recommend_options
-        self.rate: float | None = None
+        self.min, self.interval, self.z, self.drain, self.headroom = min_replicas, interval_s, z, drain_s, headroom
+        self.hold = max(1, round(hold_s / interval_s))
+        self.utilization, self.options = target_utilization, recommend_options
+        # arrivals per interval since the last rate change; arrivals per second of each interval
+        self.counts: deque[float] = deque(maxlen=max(1, round(window_s / interval_s)))
+        self.rates: deque[float] = deque(maxlen=max(3, round(history_s / interval_s)))
+        self.lower = 0  # intervals in a row that asked for fewer replicas
+
+    def rate(self, obs: Observation) -> float:
+        """The arrival rate the replicas must serve (see the module docstring)."""
+        n = obs.arrivals_per_s * self.interval
+        if self.counts:
+            mean = sum(self.counts) / len(self.counts)
+            if abs(n - mean) > self.z * math.sqrt(max(mean, 1.0)):  # the rate changed: forget the old level
+                self.counts.clear()
+        self.counts.append(n)
+        self.rates.append(obs.arrivals_per_s)
+        rate = sum(self.counts) / len(self.counts) / self.interval + obs.waiting / self.drain
+        if len(self.rates) > 2:
+            r = np.asarray(self.rates)
+            d2 = np.diff(r) ** 2
+            # Poisson noise alone gives E[d²] = 2λ/Δ; count only what exceeds it by 3 standard errors
+            noise = 2 * float(r.mean()) / self.interval * (1 + 3 * math.sqrt(2 / len(d2)))
+            rate += self.headroom * math.sqrt(max(float(d2.mean()) - noise, 0.0))
+        return rate
 
     def __call__(self, obs: Observation) -> int:
-        r = obs.arrivals_per_s
-        if self.rate is None:
-            self.rate = r
-        else:
-            a = self.rise if r > self.rate else self.fall
-            self.rate += a * (r - self.rate)
-        load = Workload(request_rate=max(self.rate, 1e-6), prompt_tokens=self.workload.prompt_tokens,
+        load = Workload(request_rate=max(self.rate(obs), 1e-6), prompt_tokens=self.workload.prompt_tokens,
                         output_tokens=self.workload.output_tokens, ttft_slo=self.workload.ttft_slo,
                         tpot_slo=self.workload.tpot_slo)
-        target = recommend(self.profile, load, self.memory, **self.options).replicas
+        target = recommend(self.profile, load, self.memory, target_utilization=self.utilization,
+                           **self.options).replicas
         if obs.p95_ttft_s > self.workload.ttft_slo:  # the SLO broke this interval: act now
             target = max(target, obs.replicas + 1)
-        return max(self.min, target)
+        target = max(self.min, target)
+        if target < obs.replicas:
+            self.lower += 1
+            if self.lower < self.hold:
+                return obs.replicas
+        self.lower = 0
+        return target
 
 
 @dataclass
@@ -159,8 +202,9 @@ def simulate(times: np.ndarray, policy, profile: Profile, workload: Workload, *,
     for i, t in enumerate(times):
         push(float(t), "arrive", i)
     push(interval_s, "tick")
-    ready = [0.0] * initial_replicas  # when each replica (index) can serve; inf: retired
+    ready = [0.0] * initial_replicas  # when each replica (index) can serve; inf: released
     busy = [0] * initial_replicas
+    draining: set[int] = set()  # asked to stop: no new requests, released when its last one ends
     queue: deque[int] = deque()
     ttft = np.full(len(times), np.nan)
     window_ttft: list[float] = []
@@ -169,10 +213,13 @@ def simulate(times: np.ndarray, policy, profile: Profile, workload: Workload, *,
     timeline: list[Observation] = []
 
     def live(now: float) -> list[int]:
-        return [i for i, r in enumerate(ready) if r <= now]
+        return [i for i, r in enumerate(ready) if r <= now and i not in draining]
+
+    def billed() -> int:
+        return sum(1 for r in ready if r != math.inf)
 
     def asked() -> int:
-        return sum(1 for r in ready if r != math.inf)
+        return billed() - len(draining)
 
     def dispatch(now: float) -> None:
         while queue:
@@ -188,13 +235,16 @@ def simulate(times: np.ndarray, policy, profile: Profile, workload: Workload, *,
 
     while events:
         now, _, kind, payload = heapq.heappop(events)
-        cost += asked() * (now - last_t)
+        cost += billed() * (now - last_t)
         last_t = now
         if kind == "arrive":
             queue.append(payload)
             window_arrivals += 1
         elif kind == "done":
             busy[payload] -= 1
+            if payload in draining and busy[payload] == 0:
+                draining.discard(payload)
+                ready[payload] = math.inf
         elif kind == "ready":
             pass
         elif kind == "tick":
@@ -206,14 +256,24 @@ def simulate(times: np.ndarray, policy, profile: Profile, workload: Workload, *,
             window_ttft, window_arrivals = [], 0
             want = max(1, int(policy(obs)))
             while asked() < want:
+                if draining:  # take back a draining replica before starting a new one
+                    draining.discard(max(draining, key=lambda i: busy[i]))
+                    continue
                 ready.append(now + startup_s)
                 busy.append(0)
                 push(now + startup_s, "ready")
-            while asked() > want:  # retire an idle replica, the newest first (a starting one if any)
-                idle = [i for i, r in enumerate(ready) if r != math.inf and busy[i] == 0]
-                if not idle:
-                    break
-                ready[max(idle, key=lambda i: ready[i])] = math.inf
+            while asked() > want:
+                # cancel a replica still starting (the newest first), else drain the least busy one
+                candidates = [i for i, r in enumerate(ready) if r != math.inf and i not in draining]
+                starting = [i for i in candidates if ready[i] > now]
+                if starting:
+                    ready[max(starting, key=lambda i: ready[i])] = math.inf
+                    continue
+                rep = min(candidates, key=lambda i: busy[i])
+                if busy[rep]:
+                    draining.add(rep)
+                else:
+                    ready[rep] = math.inf
             if now < end or queue or any(busy):
                 push(now + interval_s, "tick")
         dispatch(now)

@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -114,6 +115,8 @@ class ServingEngine:
         self._waiting: dict[int, _Handle] = {}  # submitted, no token yet
         self._by_rid: dict[int, _Handle] = {}
         self._thread: threading.Thread | None = None
+        self._arrivals: deque[float] = deque(maxlen=100_000)  # submit times, for window_stats
+        self._ttfts: deque[tuple[float, float]] = deque(maxlen=100_000)  # (first token at, TTFT)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -156,6 +159,7 @@ class ServingEngine:
                     f"waiting; limits {self.max_waiting} and {self.max_waiting_tokens}): retry later")
             h = _Handle(next(self._ids), prompt, params, asyncio.get_running_loop(), asyncio.Queue(), tag=tag)
             self._waiting[h.id] = h
+            self._arrivals.append(h.arrival)
         self._inbox.put(("add", h))
         self._wake.set()
         return h
@@ -192,6 +196,21 @@ class ServingEngine:
     @property
     def num_running(self) -> int:
         return len(self.engine.running)
+
+    def window_stats(self, window_s: float = 10.0) -> dict[str, float]:
+        """The last ``window_s`` seconds as an autoscaler or a detector sees them: arrivals per
+        second, p95 time to first token (0 when no first token came), and the current running and
+        waiting requests and KV usage."""
+        now = time.monotonic()
+        with self._lock:
+            arrivals = sum(1 for t in self._arrivals if t > now - window_s)
+            ttfts = sorted(v for t, v in self._ttfts if t > now - window_s)
+            waiting = len(self._waiting)
+        cap = self.cache.blocks.capacity
+        p95 = ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else 0.0
+        return {"request_rate": arrivals / window_s, "running": float(len(self.engine.running)),
+                "waiting": float(waiting), "kv_usage": (cap - self.cache.num_free_blocks) / cap,
+                "ttft_p95_s": p95}
 
     # -- the engine thread --------------------------------------------------------------------
     def _deliver(self, h: _Handle, item) -> None:
@@ -264,6 +283,7 @@ class ServingEngine:
             if h.n_out == 0:
                 with self._lock:
                     self._waiting.pop(h.id, None)
+                    self._ttfts.append((now, now - h.arrival))
                 if m:
                     m.label(m.ttft).observe(now - h.arrival)
                     m.label(m.prompt_tokens).inc(len(h.prompt))
