@@ -31,6 +31,7 @@ from llmdeploy.deploy.autoscale import ENOVAPolicy, ENOVARules, Static, arrivals
 
 RESULTS = Path(__file__).resolve().parent / "results" / "autoscale"
 TRACES = ("poisson", "diurnal", "bursty")
+INTERVAL = 5.0  # seconds between the autoscaler's observations
 
 
 def run(profile: Profile, rate: float, duration: float, memory: int, seeds: tuple[int, ...],
@@ -42,7 +43,7 @@ def run(profile: Profile, rate: float, duration: float, memory: int, seeds: tupl
         for kind in TRACES:
             for seed in seeds:
                 times = arrivals(kind, duration, rate, seed=seed)
-                kw = {"max_batch": rec.max_batch, "startup_s": startup}
+                kw = {"max_batch": rec.max_batch, "startup_s": startup, "interval_s": INTERVAL}
                 out = {}
                 for n in range(1, 200):
                     r = simulate(times, Static(n), profile, load, initial_replicas=n, **kw)
@@ -51,7 +52,7 @@ def run(profile: Profile, rate: float, duration: float, memory: int, seeds: tupl
                         break
                 out[f"static, recommended for the mean rate ({rec.replicas})"] = simulate(
                     times, Static(rec.replicas), profile, load, initial_replicas=rec.replicas, **kw)
-                out["ENOVA rules (open code)"] = simulate(times, ENOVARules(max_batch=rec.max_batch), profile, load,
+                out["ENOVA rules (open code)"] = simulate(times, ENOVARules(max_batch=rec.max_batch, interval_s=INTERVAL), profile, load,
                                                           initial_replicas=rec.replicas, **kw)
                 out["ENOVA-style (detection + recommender)"] = simulate(
                     times, ENOVAPolicy(profile, load, memory), profile, load, initial_replicas=rec.replicas, **kw)
@@ -81,7 +82,8 @@ def markdown(res: dict) -> str:
              f"{', '.join(map(str, m['seeds']))}), prompts 128 + outputs 64 tokens; SLO: time to first token ≤ 2 s "
              f"for 95% of requests; replicas of {m['memory_gib']} GiB (max batch {res['recommendation']['max_batch']}), "
              "billed from the request until their last request ends; the autoscaled policies start at the "
-             f"recommendation for the mean rate ({res['recommendation']['replicas']}).", "",
+             f"recommendation for the mean rate ({res['recommendation']['replicas']}) and observe the metrics every "
+             f"{INTERVAL:.0f} s.", "",
              "ENOVA-style policy against the cheapest static allocation that meets the SLO (replica-seconds ratio; "
              "✓ the policy meets the SLO):", "",
              "| cold start | trace | " + " | ".join(f"seed {s}" for s in m["seeds"]) + " |",

@@ -110,3 +110,23 @@ def test_cli_export(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "MatMulNBits" in out.stdout and (tmp_path / "x" / "model.onnx").exists()
+
+
+def test_docs_quote_the_onnx_speed_benchmark():
+    """The ONNX Runtime / torch speed ratios in docs/index.md are those of benchmarks/results/onnx/onnx.json."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/onnx/onnx.json").read_text())
+    doc = " ".join((root / "docs/index.md").read_text().split())
+
+    def span(model: str) -> str:
+        v = [r["ort_speed_vs_torch"] for r in res["rows"].values() if r["model"] == model]
+        return f"{min(v):.2f}–{max(v):.2f}×"
+
+    assert f"ONNX Runtime runs the dense model {span('dense fp32')} and the RTN 4-bit one (`MatMulNBits`) " \
+           f"{span('RTN 4-bit g32')} as fast as torch" in doc
+    assert all(r["max_abs_logit_diff"] < 1e-2 for r in res["rows"].values())  # the same model, timed
+    rows = [r for r in res["rows"].values() if r["batch"] == 1 and r["model"] == "dense fp32"]
+    assert sorted(rows, key=lambda r: r["tokens"]) == sorted(rows, key=lambda r: -r["ort_speed_vs_torch"])  # "narrowing"
