@@ -158,10 +158,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             if not sep or not name.strip() or not path.strip():
                 raise ConfigError(f"--tenants takes NAME=DELTA_FILE,... (got {item!r})")
             tenants[name.strip()] = path.strip()
+    options = dict(max_batch=args.max_batch, kv_blocks=args.kv_blocks, block_size=args.block_size,
+                   max_model_len=args.max_model_len, max_waiting=args.max_waiting,
+                   max_waiting_tokens=args.max_waiting_tokens)
+    if args.replicas:
+        from llmdeploy.deploy import Workload
+        from llmdeploy.deploy.ray_serve import serve_replicas
+
+        lo, sep, hi = args.replicas.partition(":")
+        if not (lo.isdigit() and (not sep or hi.isdigit())):
+            raise ConfigError(f"--replicas takes MIN:MAX or N (got {args.replicas!r})")
+        if tenants or args.drafter or template:
+            raise ConfigError("--tenants, --drafter and --chat-template are not available with --replicas yet: "
+                              "serve one replica, or use the tokenizer's template")
+        workload = Workload(request_rate=1.0, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                            ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
+        memory = int(args.replica_memory_gib * 2**30) if args.replica_memory_gib else None
+        serve_replicas(args.model, min_replicas=int(lo), max_replicas=int(hi or lo), autoscale=args.autoscale,
+                       host=args.host, port=args.port, served_model_name=args.served_model_name, workload=workload,
+                       replica_memory_bytes=memory, **options)
+        return 0
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
-          chat_template=template, tenants=tenants or None, max_batch=args.max_batch, kv_blocks=args.kv_blocks, block_size=args.block_size,
-          max_model_len=args.max_model_len, max_waiting=args.max_waiting, max_waiting_tokens=args.max_waiting_tokens,
-          drafter=args.drafter)
+          chat_template=template, tenants=tenants or None, drafter=args.drafter, **options)
     return 0
 
 
@@ -323,6 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "it; a request's 'model' picks one")
     s.add_argument("--drafter", default=None,
                    help="a drafter folder (llmdeploy drafter train): speculative decoding of greedy requests")
+    r = s.add_argument_group("replicas on Ray Serve (pip install 'llmdeploy[ray]')")
+    r.add_argument("--replicas", default=None, metavar="MIN:MAX",
+                   help="serve MIN to MAX replicas of this server on Ray Serve, scaled by --autoscale")
+    r.add_argument("--autoscale", choices=("enova", "rules", "static"), default="enova",
+                   help="enova: measure the model here, then detection + the recommender (default); rules: ENOVA's "
+                        "open-code rules; static: MIN replicas")
+    r.add_argument("--ttft-slo", type=float, default=2.0, help="p95 time to first token to keep (s)")
+    r.add_argument("--tpot-slo", type=float, default=0.2, help="time per output token to keep (s)")
+    r.add_argument("--prompt-tokens", type=float, default=256, help="mean prompt length of the traffic")
+    r.add_argument("--output-tokens", type=float, default=128, help="mean completion length of the traffic")
+    r.add_argument("--replica-memory-gib", type=float, default=None,
+                   help="memory of one replica (default: available memory / MAX)")
     s.set_defaults(func=_cmd_serve)
 
     x = sub.add_parser("export", help="export a model for another runtime (ONNX: onnxruntime)")

@@ -146,3 +146,41 @@ def enova_policy(profile: Profile, workload: Workload, memory_bytes: int, **opti
     """:func:`ray_app`'s ``policy`` for the ENOVA-style policy (JSON values, as Ray Serve needs)."""
     return {"kind": "enova", "profile": asdict(profile), "workload": asdict(workload),
             "memory_bytes": int(memory_bytes), **options}
+
+
+def serve_replicas(model: str, *, min_replicas: int, max_replicas: int, autoscale: str = "enova",
+                   host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
+                   workload: Workload | None = None, replica_memory_bytes: int | None = None,
+                   interval_s: float = 5.0, blocking: bool = True, **engine_options: Any):
+    """What ``llmdeploy serve MODEL --replicas MIN:MAX`` runs: a local Ray instance (or the one
+    ``RAY_ADDRESS`` names), Ray Serve's proxy on ``host:port``, and :func:`ray_app` scaled by
+    ``autoscale`` — ``"enova"`` measures the model on this machine first
+    (:func:`~llmdeploy.deploy.measure_profile`) for the recommender, against ``workload``'s mean
+    prompt and output lengths and SLOs and ``replica_memory_bytes`` per replica (default: the
+    machine's available memory shared by ``max_replicas``)."""
+    import psutil
+
+    serve = _serve()
+    import ray
+
+    if autoscale == "enova":
+        from ..io import load
+        from .recommend import measure_profile
+
+        m, _ = load(model)
+        profile = measure_profile(m.eval(), batch_sizes=(1, 4), prompt_len=64, decode_steps=8, repeats=1)
+        memory = replica_memory_bytes or int(psutil.virtual_memory().available // max_replicas)
+        policy = enova_policy(profile, workload or Workload(request_rate=1.0), memory)
+        del m
+    elif autoscale == "rules":
+        policy = {"kind": "rules", "max_batch": int(engine_options.get("max_batch", 16))}
+    elif autoscale == "static":
+        policy = {"kind": "static", "replicas": min_replicas}
+    else:
+        raise ConfigError(f"--autoscale must be enova, rules or static, got {autoscale!r}")
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    serve.start(http_options={"host": host, "port": port})
+    app = ray_app(model, served_model_name=served_model_name or model, policy=policy, min_replicas=min_replicas,
+                  max_replicas=max_replicas, interval_s=interval_s, **engine_options)
+    return serve.run(app, name="llmdeploy", route_prefix="/", blocking=blocking)
