@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows.values():
             r["replicas_over_time"] = r["replicas_over_time"][::6]
             r["rate_over_time"] = r["rate_over_time"][::6]
-    (RESULTS / "autoscale.json").write_text(json.dumps(slim, indent=1))
+    (RESULTS / "autoscale.json").write_text(json.dumps(slim, separators=(",", ":")))  # compact: timelines
     (RESULTS / "AUTOSCALE.md").write_text(markdown(res))
     plot(res, RESULTS / "autoscale.png")
     print(markdown(res))
