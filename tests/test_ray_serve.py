@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import openai
@@ -142,8 +143,9 @@ def test_cli_serves_replicas_on_ray(tmp_path):
     import subprocess
     import sys
 
-    exe = shutil.which("llmdeploy") or f"{sys.executable} -m llmdeploy.cli.main"
-    bad = subprocess.run([*exe.split(), "serve", "tiny-llama", "--replicas", "two"], capture_output=True, text=True,
+    script = Path(sys.executable).with_name("llmdeploy")  # the venv's entry point, on PATH or not
+    exe = [str(script)] if script.exists() else [shutil.which("llmdeploy") or "llmdeploy"]
+    bad = subprocess.run([*exe, "serve", "tiny-llama", "--replicas", "two"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "MIN:MAX" in bad.stderr
 
@@ -154,7 +156,7 @@ def test_cli_serves_replicas_on_ray(tmp_path):
         out = model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0,
                              eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
     port = free_port()
-    proc = subprocess.Popen([*exe.split(), "serve", str(tmp_path / "ckpt"), "--replicas", "1:2", "--port", str(port),
+    proc = subprocess.Popen([*exe, "serve", str(tmp_path / "ckpt"), "--replicas", "1:2", "--port", str(port),
                              "--served-model-name", "tiny", "--replica-memory-gib", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
