@@ -183,8 +183,10 @@ def test_docs_quote_the_anomaly_benchmark():
     assert s["vae"]["event_recall"]["min"] == 1.0
     assert f"holds on {s['goal_met_pairs']} of {n} train × test pairs" in doc
     assert s["goal_met_pairs"] == sum(p["vae"]["precision"] >= 0.9 and p["vae"]["recall"] >= 0.9 for p in res["pairs"])
-    seed2 = [p["vae"]["recall"] for p in res["pairs"] if p["train_seed"] == 2]
-    assert f"(recall {min(seed2):.2f}–{max(seed2):.2f})" in doc and max(seed2) < 0.9
+    misses = sorted((p for p in res["pairs"] if not (p["vae"]["precision"] >= 0.9 and p["vae"]["recall"] >= 0.9)),
+                    key=lambda p: p["vae"]["recall"])
+    assert {p["train_seed"] for p in misses} <= {2}  # "the misses are the detector trained on seed 2"
+    assert "(recall " + " and ".join(f"{p['vae']['recall']:.3f}" for p in misses) + ")" in doc
     assert f"Counting the aftermath as normal, precision is {s['vae_strict']['precision']['mean']:.3f}" in doc
     assert f"(recall {s['rules']['recall']['mean']:.3f})" in doc
 
