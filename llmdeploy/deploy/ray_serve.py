@@ -29,8 +29,6 @@ from ..errors import ConfigError
 from .autoscale import ENOVAPolicy, ENOVARules, Observation, Static
 from .recommend import Profile, Workload
 
-METRICS = ("request_rate", "running", "waiting", "kv_usage", "ttft_p95_s")
-
 
 def _serve():
     try:
@@ -50,7 +48,7 @@ class ServePolicy:
 
     def __init__(self, kind: str = "enova", *, profile: dict | None = None, workload: dict | None = None,
                  memory_bytes: int | None = None, max_batch: int = 16, replicas: int = 1,
-                 interval_s: float = 10.0, **options: Any) -> None:
+                 interval_s: float = 5.0, **options: Any) -> None:
         if kind == "enova":
             if profile is None or workload is None or memory_bytes is None:
                 raise ConfigError("the ENOVA policy needs profile, workload and memory_bytes "
@@ -98,7 +96,7 @@ class LLMDeployReplica:
     """One replica: ``llmdeploy serve``'s app for ``model``, with its metrics window for the
     autoscaler (Ray Serve calls :meth:`record_autoscaling_stats`)."""
 
-    def __init__(self, model: str, served_model_name: str | None = None, window_s: float = 10.0,
+    def __init__(self, model: str, served_model_name: str | None = None, window_s: float = 5.0,
                  engine_options: dict | None = None) -> None:
         from ..io import load
         from ..serve.app import build_app
@@ -116,7 +114,7 @@ class LLMDeployReplica:
 
 def ray_app(model: str, *, served_model_name: str | None = None, policy: ServePolicy | dict | None = None,
             min_replicas: int = 1, max_replicas: int = 4, initial_replicas: int | None = None,
-            interval_s: float = 10.0, ray_actor_options: dict | None = None, deployment_name: str = "llmdeploy",
+            interval_s: float = 5.0, ray_actor_options: dict | None = None, deployment_name: str = "llmdeploy",
             **engine_options: Any):
     """A Ray Serve application serving ``model`` (a name or path :func:`llmdeploy.load` takes),
     scaled between ``min_replicas`` and ``max_replicas`` by ``policy`` — the keyword arguments of
