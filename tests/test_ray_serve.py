@@ -176,3 +176,26 @@ def test_cli_serves_replicas_on_ray(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(30)
+
+
+def test_a_replica_is_llmdeploy_serve_with_its_options_and_reports_its_window():
+    """What every Ray Serve replica runs, without Ray: ``load_app`` with the server's options, and
+    the metrics window the autoscaler reads (one request in: one arrival, one first token)."""
+    import http.client
+    import json
+
+    from llmdeploy.deploy.ray_serve import LLMDeployReplica
+    from llmdeploy.serve import BackgroundServer
+
+    template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    rep = LLMDeployReplica("tiny-llama", "tiny", 30.0, {"max_batch": 3, "chat_template": template})
+    assert rep._app.state.engine.max_batch == 3 and rep.__serve_build_asgi_app__() is rep._app
+    assert rep.record_autoscaling_stats()["request_rate"] == 0.0
+    with BackgroundServer(rep._app) as url:
+        conn = http.client.HTTPConnection(url.removeprefix("http://"), timeout=60)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "tiny", "max_tokens": 3, "messages": [
+            {"role": "user", "content": "hi"}]}), {"Content-Type": "application/json"})
+        assert conn.getresponse().status == 200
+        stats = rep.record_autoscaling_stats()
+    assert stats["request_rate"] == pytest.approx(1 / 30) and stats["ttft_p95_s"] > 0
+    assert stats["running"] == stats["waiting"] == 0 and stats["kv_usage"] == 0

@@ -168,15 +168,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         lo, sep, hi = args.replicas.partition(":")
         if not (lo.isdigit() and (not sep or hi.isdigit())):
             raise ConfigError(f"--replicas takes MIN:MAX or N (got {args.replicas!r})")
-        if tenants or args.drafter or template:
-            raise ConfigError("--tenants, --drafter and --chat-template are not available with --replicas yet: "
-                              "serve one replica, or use the tokenizer's template")
         workload = Workload(request_rate=1.0, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
                             ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
         memory = int(args.replica_memory_gib * 2**30) if args.replica_memory_gib else None
         serve_replicas(args.model, min_replicas=int(lo), max_replicas=int(hi or lo), autoscale=args.autoscale,
                        host=args.host, port=args.port, served_model_name=args.served_model_name, workload=workload,
-                       replica_memory_bytes=memory, **options)
+                       replica_memory_bytes=memory, chat_template=template, tenants=tenants or None,
+                       drafter=args.drafter, **options)
         return 0
     serve(args.model, host=args.host, port=args.port, served_model_name=args.served_model_name,
           chat_template=template, tenants=tenants or None, drafter=args.drafter, **options)

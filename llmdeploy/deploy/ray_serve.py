@@ -97,12 +97,10 @@ class LLMDeployReplica:
     autoscaler (Ray Serve calls :meth:`record_autoscaling_stats`)."""
 
     def __init__(self, model: str, served_model_name: str | None = None, window_s: float = 5.0,
-                 engine_options: dict | None = None) -> None:
-        from ..io import load
-        from ..serve.app import build_app
+                 options: dict | None = None) -> None:
+        from ..serve import load_app
 
-        m, tok = load(model)
-        self._app = build_app(m, tok, model_name=served_model_name or model, **(engine_options or {}))
+        self._app = load_app(model, served_model_name=served_model_name, **(options or {}))
         self.window = window_s
 
     def __serve_build_asgi_app__(self):
@@ -115,11 +113,12 @@ class LLMDeployReplica:
 def ray_app(model: str, *, served_model_name: str | None = None, policy: ServePolicy | dict | None = None,
             min_replicas: int = 1, max_replicas: int = 4, initial_replicas: int | None = None,
             interval_s: float = 5.0, ray_actor_options: dict | None = None, deployment_name: str = "llmdeploy",
-            **engine_options: Any):
+            **options: Any):
     """A Ray Serve application serving ``model`` (a name or path :func:`llmdeploy.load` takes),
     scaled between ``min_replicas`` and ``max_replicas`` by ``policy`` — the keyword arguments of
     :class:`ServePolicy` (default: ``{"kind": "static", "replicas": min_replicas}``). Run it with
-    ``ray.serve.run(app)``; ``engine_options`` go to the server (``max_batch``, ``kv_blocks``...)."""
+    ``ray.serve.run(app)``; ``options`` go to every replica's server (:func:`llmdeploy.serve.load_app`:
+    ``tenants``, ``drafter``, ``chat_template``, ``max_batch``, ``kv_blocks``...)."""
     serve = _serve()
     if isinstance(policy, ServePolicy):
         raise ConfigError("pass the policy as ServePolicy's keyword arguments (a dict): Ray Serve builds it "
@@ -137,7 +136,7 @@ def ray_app(model: str, *, served_model_name: str | None = None, policy: ServePo
     cls = serve.ingress()(LLMDeployReplica)
     deployment = serve.deployment(cls, name=deployment_name, autoscaling_config=autoscaling,
                                   ray_actor_options=ray_actor_options or {"num_cpus": 1})
-    return deployment.bind(model, served_model_name, interval_s, engine_options)
+    return deployment.bind(model, served_model_name, interval_s, options)
 
 
 def enova_policy(profile: Profile, workload: Workload, memory_bytes: int, **options: Any) -> dict:
@@ -149,13 +148,15 @@ def enova_policy(profile: Profile, workload: Workload, memory_bytes: int, **opti
 def serve_replicas(model: str, *, min_replicas: int, max_replicas: int, autoscale: str = "enova",
                    host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
                    workload: Workload | None = None, replica_memory_bytes: int | None = None,
-                   interval_s: float = 5.0, blocking: bool = True, **engine_options: Any):
+                   interval_s: float = 5.0, blocking: bool = True, **options: Any):
     """What ``llmdeploy serve MODEL --replicas MIN:MAX`` runs: a local Ray instance (or the one
     ``RAY_ADDRESS`` names), Ray Serve's proxy on ``host:port``, and :func:`ray_app` scaled by
     ``autoscale`` — ``"enova"`` measures the model on this machine first
     (:func:`~llmdeploy.deploy.measure_profile`) for the recommender, against ``workload``'s mean
     prompt and output lengths and SLOs and ``replica_memory_bytes`` per replica (default: the
-    machine's available memory shared by ``max_replicas``)."""
+    machine's available memory shared by ``max_replicas``). ``options`` go to every replica's
+    server (:func:`llmdeploy.serve.load_app`); the files they name (tenants' deltas, a drafter)
+    must be readable where the replicas run."""
     import psutil
 
     serve = _serve()
@@ -171,7 +172,7 @@ def serve_replicas(model: str, *, min_replicas: int, max_replicas: int, autoscal
         policy = enova_policy(profile, workload or Workload(request_rate=1.0), memory)
         del m
     elif autoscale == "rules":
-        policy = {"kind": "rules", "max_batch": int(engine_options.get("max_batch", 16))}
+        policy = {"kind": "rules", "max_batch": int(options.get("max_batch", 16))}
     elif autoscale == "static":
         policy = {"kind": "static", "replicas": min_replicas}
     else:
@@ -180,5 +181,5 @@ def serve_replicas(model: str, *, min_replicas: int, max_replicas: int, autoscal
         ray.init(configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     app = ray_app(model, served_model_name=served_model_name or model, policy=policy, min_replicas=min_replicas,
-                  max_replicas=max_replicas, interval_s=interval_s, **engine_options)
+                  max_replicas=max_replicas, interval_s=interval_s, **options)
     return serve.run(app, name="llmdeploy", route_prefix="/", blocking=blocking)

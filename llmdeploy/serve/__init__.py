@@ -10,7 +10,7 @@ Prometheus metrics under vLLM's names.
 from .app import build_app
 from .engine import Finished, SamplingParams, ServingEngine, kv_bytes_per_token
 from .metrics import ServerMetrics
-from .server import BackgroundServer, free_port, serve
+from .server import BackgroundServer, free_port, load_app, serve
 
 __all__ = ["BackgroundServer", "Finished", "SamplingParams", "ServerMetrics", "ServingEngine", "build_app",
-           "free_port", "kv_bytes_per_token", "serve"]
+           "free_port", "kv_bytes_per_token", "load_app", "serve"]

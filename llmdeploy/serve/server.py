@@ -13,13 +13,13 @@ from ..errors import ConfigError
 from .app import build_app
 
 
-def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model_name: str | None = None,
-          chat_template: str | None = None, tenants: dict[str, str] | None = None, log_level: str = "info",
-          drafter: str | None = None, **engine_options) -> None:
+def load_app(model: str, *, served_model_name: str | None = None, chat_template: str | None = None,
+             tenants: dict[str, str] | None = None, drafter: str | None = None, **engine_options):
     """Load ``model`` (any name or path :func:`llmdeploy.load` takes: dense or compressed) and
-    serve it until interrupted; ``tenants`` maps served names to BitDelta delta files of it
+    build the server's app; ``tenants`` maps served names to BitDelta delta files of it
     (``delta.save_delta``), each answered when a request names it; ``drafter``: a folder holding
-    a trained drafter (``llmdeploy drafter train``) for speculative decoding."""
+    a trained drafter (``llmdeploy drafter train``) for speculative decoding. What ``llmdeploy
+    serve`` runs, in one process or on every Ray Serve replica."""
     from ..decode import load_drafter
     from ..delta import load_delta
     from ..io import load
@@ -28,9 +28,13 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, served_model
     loaded = {name: load_delta(m, path) for name, path in (tenants or {}).items()}
     if drafter is not None:
         engine_options["drafter"] = load_drafter(drafter)
-    app = build_app(m, tok, model_name=served_model_name or model, chat_template=chat_template,
-                    tenants=loaded or None, **engine_options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    return build_app(m, tok, model_name=served_model_name or model, chat_template=chat_template,
+                     tenants=loaded or None, **engine_options)
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", **options) -> None:
+    """:func:`load_app` (``options``: its arguments), served by uvicorn until interrupted."""
+    uvicorn.run(load_app(model, **options), host=host, port=port, log_level=log_level)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
