@@ -246,3 +246,20 @@ def test_docs_quote_the_autoscale_benchmark():
     assert f"it costs {span('poisson')}×" in doc
     assert f"With 30 s cold starts it meets the SLO on {met('bursty', '30 s')} of the 3 bursty traces" in doc
     assert len(seeds) == 3 and all(g[k]["cost_vs_cheapest_static"] > 0 for k in g)
+
+
+def test_the_detector_keeps_the_score_order_when_scores_are_negative():
+    """Members' scores are divided by their thresholds: a negative ELBO (possible with small learned
+    variances) must not flip the order — the same scores minus 100 flag the same steps."""
+    torch.set_num_threads(1)
+
+    class Shifted(VAEDetector):
+        def _score(self, model, x):
+            return super()._score(model, x) - 100.0
+
+    t, test = synthetic_trace(600, seed=7), synthetic_trace(600, seed=8)
+    labels = semi_supervised_labels(t, 0.2, seed=7)
+    plain = VAEDetector(epochs=40, members=2).fit(t, labels)
+    shifted = Shifted(epochs=40, members=2).fit(t, labels)
+    assert all(o == 0 for o in plain.offsets) and all(o > 0 for o in shifted.offsets)
+    assert np.array_equal(plain.predict(test), shifted.predict(test)) and plain.predict(test).any()

@@ -192,13 +192,17 @@ class VAEDetector:
         ref = logv[labels != 1]
         self.mean, self.std = ref.mean(0), ref.std(0) + 1e-6
         x = self._windows(trace)
-        self.models, self.thresholds = [], []
+        self.models, self.thresholds, self.offsets = [], [], []
         for k in range(self.members):
             model = self._train(x, torch.tensor(labels == 1), self.seed + k)
             scores = self._score(model, x)
             normal = scores[labels == 0] if (labels == 0).any() else scores[labels == -1]
+            # a negative ELBO can be below zero: shift so that normal scores are >= 0 before the
+            # division by the threshold keeps the order (no shift when they already are)
+            offset = max(0.0, -float(normal.min()))
             self.models.append(model)
-            self.thresholds.append(float(np.quantile(normal, self.quantile)))
+            self.offsets.append(offset)
+            self.thresholds.append(float(np.quantile(normal, self.quantile)) + offset)
         self.threshold = 1.0  # on the averaged, per-member normalised score
         return self
 
@@ -234,7 +238,8 @@ class VAEDetector:
     def score(self, trace: Trace) -> np.ndarray:
         """Per step: the members' scores, each divided by its threshold, averaged (flagged above 1)."""
         x = self._windows(trace)
-        return np.mean([self._score(m, x) / t for m, t in zip(self.models, self.thresholds)], axis=0)
+        return np.mean([(self._score(m, x) + o) / t for m, o, t in zip(self.models, self.offsets, self.thresholds)],
+                       axis=0)
 
     def predict(self, trace: Trace) -> np.ndarray:
         return (self.score(trace) > self.threshold).astype(np.int64)
