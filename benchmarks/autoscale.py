@@ -1,7 +1,7 @@
 """Autoscaling policies on replayed traces, with service times measured on this machine (issue #19).
 
     python -m benchmarks.autoscale                  # measures smollm2-135m, then simulates
-    python -m benchmarks.autoscale --duration 3600
+    python -m benchmarks.autoscale --duration 7200 --seeds 0 1 2 3
 
 The profile (prefill seconds per token, decode step t(b) = a + c·b, KV bytes per token, weight
 bytes) is measured on ``smollm2-135m`` with the paged engine (``llmdeploy.deploy.measure_profile``,
@@ -11,7 +11,7 @@ medians of 3) and saved in the JSON; so is a replica's cold start: `llmdeploy se
 of 64 tokens, SLO: p95 time to first token ≤ 2 s) is replayed against: the cheapest static
 allocation whose SLO attainment is ≥ 95 % (searched), the static allocation the recommender gives
 for the mean rate, ENOVA's open-code rules, and the ENOVA-style policy; the autoscaled ones start
-at the recommendation for the mean rate. Replicas have ``--memory-gib`` each, are billed from the
+at the recommendation for the mean rate and observe the metrics every 5 s. Replicas have ``--memory-gib`` each, are billed from the
 moment they are asked for until their last request ends, and start in the measured cold start —
 and, as a second scenario, in 30 s (a bigger model, or one loaded from GGUF, which takes ~40 s
 here). Writes ``results/autoscale/autoscale.json``, ``AUTOSCALE.md`` and ``autoscale.png``.
