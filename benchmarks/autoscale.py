@@ -110,14 +110,13 @@ def cold_start(checkpoint: str, repeats: int = 3, timeout: float = 300.0) -> lis
     """Seconds from launching ``llmdeploy serve CHECKPOINT`` to its first answer on /v1/models."""
     import http.client
     import shutil
-    import socket
     import subprocess
+
+    from llmdeploy.serve import free_port
 
     out = []
     for _ in range(repeats):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         t0 = time.perf_counter()
         proc = subprocess.Popen([shutil.which("llmdeploy") or "llmdeploy", "serve", checkpoint, "--port", str(port)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

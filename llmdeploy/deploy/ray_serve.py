@@ -22,6 +22,7 @@ assumes. ``ray`` is an optional dependency (``pip install "ray[serve]"``).
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import asdict
 from typing import Any
 
@@ -64,7 +65,7 @@ class ServePolicy:
         self.interval = interval_s
         self._last: float | None = None
         self._decision: int | None = None
-        self.observations: list[Observation] = []
+        self.observations: deque[Observation] = deque(maxlen=10_000)  # the recent ones, for inspection
 
     def observe(self, ctx) -> Observation:
         """The interval's :class:`Observation` from a Ray Serve ``AutoscalingContext``."""
