@@ -5,7 +5,8 @@
 Each of the training traces (seeds 0–3, 2000 steps of 10 s) trains one
 ``llmdeploy.deploy.VAEDetector`` with 20% of its labels (``semi_supervised_labels``) and fits
 ENOVA's rules (``RuleDetector``); each detector is scored on every held-out test trace (seeds
-100–103, which played no part in choosing the detector's settings: those were chosen on seeds 0–8).
+100–103, which played no part in choosing the detector's settings: those were chosen on training seeds 0–15 and
+validation seeds 200–203).
 Scores: point-wise precision/recall and event recall, with the steps of a fault's draining backlog
 ignored (the default of ``evaluate_detector``) and, stricter, counted as normal. Writes
 ``results/deploy/anomaly.json`` and ``ANOMALY.md``; the goal (precision and recall ≥ 0.9) is

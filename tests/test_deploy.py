@@ -183,10 +183,6 @@ def test_docs_quote_the_anomaly_benchmark():
     assert s["vae"]["event_recall"]["min"] == 1.0
     assert f"holds on {s['goal_met_pairs']} of {n} train × test pairs" in doc
     assert s["goal_met_pairs"] == sum(p["vae"]["precision"] >= 0.9 and p["vae"]["recall"] >= 0.9 for p in res["pairs"])
-    misses = sorted((p for p in res["pairs"] if not (p["vae"]["precision"] >= 0.9 and p["vae"]["recall"] >= 0.9)),
-                    key=lambda p: p["vae"]["recall"])
-    assert {p["train_seed"] for p in misses} <= {2}  # "the misses are the detector trained on seed 2"
-    assert "(recall " + " and ".join(f"{p['vae']['recall']:.3f}" for p in misses) + ")" in doc
     assert f"Counting the aftermath as normal, precision is {s['vae_strict']['precision']['mean']:.3f}" in doc
     assert f"(recall {s['rules']['recall']['mean']:.3f})" in doc
 
@@ -250,7 +246,8 @@ def test_docs_quote_the_autoscale_benchmark():
 
 def test_the_detector_keeps_the_score_order_when_scores_are_negative():
     """Members' scores are divided by their thresholds: a negative ELBO (possible with small learned
-    variances) must not flip the order — the same scores minus 100 flag the same steps."""
+    variances) must not flip the order — one member's scores minus 100 flag the same steps (with
+    several members the shift changes their weights in the average, not the order of one's)."""
     torch.set_num_threads(1)
 
     class Shifted(VAEDetector):
@@ -259,7 +256,21 @@ def test_the_detector_keeps_the_score_order_when_scores_are_negative():
 
     t, test = synthetic_trace(600, seed=7), synthetic_trace(600, seed=8)
     labels = semi_supervised_labels(t, 0.2, seed=7)
-    plain = VAEDetector(epochs=40, members=2).fit(t, labels)
-    shifted = Shifted(epochs=40, members=2).fit(t, labels)
+    plain = VAEDetector(epochs=40, members=1).fit(t, labels)
+    shifted = Shifted(epochs=40, members=1).fit(t, labels)
     assert all(o == 0 for o in plain.offsets) and all(o > 0 for o in shifted.offsets)
     assert np.array_equal(plain.predict(test), shifted.predict(test)) and plain.predict(test).any()
+
+
+def test_the_detector_threshold_is_the_tail_of_normal_scores():
+    """POT: a generalised Pareto tail fitted to the excesses of normal scores gives the score that a
+    normal step exceeds with probability ``risk`` — for exponential scores, -ln(risk)."""
+    rng = np.random.default_rng(0)
+    scores = rng.exponential(1.0, 20000)
+    det = VAEDetector(risk=1e-3)
+    assert det._threshold(scores) == pytest.approx(-np.log(1e-3), rel=0.1)
+    assert det._threshold(scores + 5.0) == pytest.approx(det._threshold(scores) + 5.0)
+    assert (scores > det._threshold(scores)).mean() == pytest.approx(1e-3, abs=6e-4)
+    assert VAEDetector(quantile=0.99)._threshold(scores) == pytest.approx(np.quantile(scores, 0.99))
+    with pytest.raises(ConfigError, match="risk"):
+        VAEDetector(risk=0.5)

@@ -28,8 +28,15 @@ Detectors (``fit(trace, labels)`` then ``predict(trace) -> 0/1 per step``):
   step's largest standardised squared residual — a fault that shows in one metric (KV usage
   climbing, latency tripling) stands out there even when the others fit, which the summed ELBO
   dilutes; without it, a detector whose few labels held no such fault missed up to a fifth of their
-  steps (weight chosen on traces of seeds 0–7, not the benchmark's test traces); threshold = the ``quantile`` (0.98) of the
-  scores of steps labelled normal (of all steps when none is). ``members`` VAEs of different seeds
+  steps (weight chosen on traces of seeds 0–7, not the benchmark's test traces). Threshold: peaks
+  over threshold (POT, as in SPOT, Siffer et al., KDD 2017) on the scores of steps labelled normal
+  (of all steps when none is) — a generalised Pareto tail fitted by moments to their excesses over
+  the ``tail_quantile`` (0.8), read where a normal step is flagged with probability ``risk`` (1e-3).
+  Empirical quantiles did worse: with a few hundred labelled steps the 0.998 quantile is about the
+  second-highest score and moved with the labels drawn (0.9/0.9 on 53 of 64 train × validation
+  pairs, against 62 with POT), and the 0.98 quantile flagged many normal steps (precision 0.82 on
+  average); chosen on train seeds 0–15 × validation seeds 200–203, not the benchmark's test
+  traces. ``quantile=`` uses the empirical quantile instead. ``members`` VAEs of different seeds
   (3) average their scores, each divided by its own threshold, and a step is flagged above 1: one
   small VAE's result varies with its seed (recall 0.72–0.92 on one trace over three seeds), the
   average of three much less. The paper gives no architecture; this one is ours and documented here.
@@ -170,10 +177,15 @@ class VAEDetector:
     """The semi-supervised VAE detector (see the module docstring)."""
 
     def __init__(self, window: int = 3, hidden: int = 64, latent: int = 4, epochs: int = 400, lr: float = 3e-3,
-                 margin: float = 10.0, trim: float = 0.1, quantile: float = 0.98, members: int = 3,
-                 residual_weight: float = 3.0, seed: int = 0) -> None:
+                 margin: float = 10.0, trim: float = 0.1, risk: float = 1e-3, tail_quantile: float = 0.8,
+                 quantile: float | None = None, members: int = 3, residual_weight: float = 3.0,
+                 seed: int = 0) -> None:
         if members < 1 or window < 1:
             raise ConfigError(f"members and window must be >= 1, got {members} and {window}")
+        if not 0 < risk < 1 - tail_quantile or not 0 < tail_quantile < 1:
+            raise ConfigError(f"need 0 < tail_quantile < 1 and 0 < risk < 1 - tail_quantile, got {tail_quantile} "
+                              f"and {risk}")
+        self.risk, self.tail_quantile = risk, tail_quantile
         self.window, self.hidden, self.latent, self.epochs, self.lr = window, hidden, latent, epochs, lr
         self.margin, self.trim, self.quantile, self.members, self.seed = margin, trim, quantile, members, seed
         self.residual_weight = residual_weight
@@ -202,9 +214,23 @@ class VAEDetector:
             offset = max(0.0, -float(normal.min()))
             self.models.append(model)
             self.offsets.append(offset)
-            self.thresholds.append(float(np.quantile(normal, self.quantile)) + offset)
+            self.thresholds.append(self._threshold(normal) + offset)
         self.threshold = 1.0  # on the averaged, per-member normalised score
         return self
+
+    def _threshold(self, normal: np.ndarray) -> float:
+        """The score a normal step exceeds with probability ``risk``: POT (a generalised Pareto tail
+        fitted by moments to the excesses over the ``tail_quantile``), or the empirical ``quantile``."""
+        if self.quantile is not None:
+            return float(np.quantile(normal, self.quantile))
+        t = float(np.quantile(normal, self.tail_quantile))
+        y = normal[normal > t] - t
+        if len(y) < 2 or y.var() == 0:
+            return float(normal.max())
+        m, v = float(y.mean()), float(y.var())
+        xi, sigma = 0.5 * (1 - m * m / v), 0.5 * m * (m * m / v + 1)
+        r = self.risk * len(normal) / len(y)  # the risk among the excesses
+        return t + (sigma / xi * (r ** -xi - 1) if abs(xi) > 1e-6 else -sigma * math.log(r))
 
     def _train(self, x: torch.Tensor, known_bad: torch.Tensor, seed: int) -> _VAE:
         torch.manual_seed(seed)
@@ -268,14 +294,19 @@ def evaluate_detector(pred: np.ndarray, trace: Trace, *, aftermath: str = "ignor
 
 
 def semi_supervised_labels(trace: Trace, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
-    """Labels as an operator would have them: ``fraction`` of the anomalous segments and as many
-    normal stretches marked, everything else unknown (-1)."""
+    """Labels as an operator would have them: ``fraction`` of the anomalous segments and of the
+    normal steps marked, everything else unknown (-1). Steps of a fault's aftermath (a backlog
+    still draining) are never marked normal: an operator reviewing an incident would not call them
+    normal operation (marking them inflated the threshold above the early steps of slow faults)."""
     rng = np.random.default_rng(seed)
     labels = np.full(len(trace.labels), -1)
     for s, e, _ in trace.kinds:
         if rng.random() < fraction:
             labels[s:e] = 1
-    normal = np.flatnonzero(trace.labels == 0)
+    normal = trace.labels == 0
+    if trace.aftermath is not None:
+        normal &= trace.aftermath == 0
+    normal = np.flatnonzero(normal)
     keep = rng.choice(normal, size=int(fraction * len(normal)), replace=False)
     labels[keep] = 0
     return labels
