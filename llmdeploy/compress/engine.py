@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import CalibrationDataError, ConfigError
+from ..errors import CalibrationDataError, ConfigError, UnsupportedArchitectureError
 from ..models.adapters import ModelAdapter, get_adapter
 from .activations import ActivationStore
 from .distributed import all_reduce_, all_reduce_int, shard_windows, world
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 
 
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
+
+
+#: (block type, linears) -> which linear shares its input with an earlier one (see collect_stats)
+_STATS_PLANS: dict[tuple, dict[str, str]] = {}
 
 
 class StopForward(Exception):
@@ -155,29 +159,60 @@ class BlockContext:
         return self.adapter.block_linears(self.block)
 
     def collect_stats(self, names: Iterable[str] | None = None) -> dict[str, LinearStats]:
-        """Run the block once with hooks and return XᵀX of each named linear's input (float32),
-        summed over every calibration window (of every process)."""
+        """Run the block with hooks and return XᵀX of each named linear's input (float32), summed
+        over every calibration window (of every process).
+
+        The first pass over a block of a new type learns its plan: whether each named linear runs
+        exactly once per forward, and which ones are fed the very same input tensor (q/k/v,
+        gate/up). With such a plan, linears sharing an input share one :class:`LinearStats`
+        (computed once), and each pass stops as soon as all of them have run — for the first group
+        of a block, the attention and the MLP are skipped."""
         linears = self.linears()
         names = list(linears) if names is None else list(names)
-        stats: dict[str, LinearStats] = {}
-        specs = []
-        for n in names:
-            lin = linears[n]
-            stats[n] = LinearStats(
-                torch.zeros(lin.in_features, lin.in_features, device=self.device, dtype=torch.float32)
-            )
+        key = (type(self.block), tuple(names))
+        plan = _STATS_PLANS.get(key)  # (alias: linear -> owner of the same input) or None: plain
+        stats = {n: LinearStats(torch.zeros(linears[n].in_features, linears[n].in_features, device=self.device,
+                                            dtype=torch.float32)) for n in names}
+        seen: list[tuple[torch.Tensor, str]] = []  # this pass's inputs, in call order
+        calls: dict[str, int] = {}
+        learned: dict[str, str] = {}
 
-            def hook(_mod, args, _out, s=stats[n]):
-                x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
-                s.xtx.addmm_(x.T, x)
-                s.n_rows += x.shape[0]
+        def hook(_mod, args, _out, n):
+            x = args[0]
+            owner = next((o for t, o in seen if t is x and o != n), None)
+            seen.append((x, n))
+            calls[n] = calls.get(n, 0) + 1
+            if plan is None:
+                if owner is not None:
+                    learned.setdefault(n, owner)
+            elif plan.get(n) != owner:
+                raise UnsupportedArchitectureError(
+                    f"{self.name}.{n}: which linears share an input changed between forwards of "
+                    f"{type(self.block).__name__}; the block must run the same way on every batch")
+            if plan is None or n not in plan:
+                s, xf = stats[n], x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+                s.xtx.addmm_(xf.T, xf)
+                s.n_rows += xf.shape[0]
+            if plan is not None and len(calls) == len(names):
+                raise StopForward  # every named linear has its input: the rest is not needed
 
-            specs.append((lin, "post", hook))
+        specs = [(linears[n], "post", lambda m, a, o, n=n: hook(m, a, o, n)) for n in names]
         with hooks(*specs):
-            self._run(self.block, keep=False)
-        for s in stats.values():
-            all_reduce_(s.xtx)
-            s.n_rows = all_reduce_int(s.n_rows)
+            for x, kw in zip(self.inputs, self.kwargs):
+                seen.clear()
+                calls.clear()
+                run_until_stop(lambda x=x, kw=kw: self.block(x.to(self.device), **to_device(kw, self.device)))
+                if plan is None and sorted(calls) == sorted(names) and all(c == 1 for c in calls.values()):
+                    # a full pass showed the plan; the owners' statistics already hold this pass
+                    # for their sharers (the same tensor), so the sharers' own sums are dropped
+                    plan = _STATS_PLANS[key] = dict(learned)
+        shared = plan or {}
+        for n, s in stats.items():
+            if n not in shared:
+                all_reduce_(s.xtx)
+                s.n_rows = all_reduce_int(s.n_rows)
+        for n, owner in shared.items():
+            stats[n] = stats[owner]
         return stats
 
     def input_moments(self, module: nn.Module, dtype: torch.dtype = torch.float64) -> torch.Tensor:

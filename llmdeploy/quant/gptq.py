@@ -40,6 +40,7 @@ from ..compress.engine import BlockContext, run_blockwise
 from ..compress.hessian import inverse_hessian_factor
 from ..compress.modules import CompressedModule
 from ..errors import ConfigError, TrainingDivergedError
+from ..kernels import gptq as gptq_kernel
 from ..models.adapters import get_adapter
 from .packing import pack
 from .rtn import SUPPORTED_BITS, QuantReport, RTNLinear, dequantize_groupwise, quantize_groupwise
@@ -57,11 +58,26 @@ def _round(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int) 
     return torch.clamp(torch.round(w / scale) + zero, 0, qmax)
 
 
+def _walk_order(xtx: torch.Tensor, act_order: bool) -> torch.Tensor:
+    """The order GPTQ walks the columns in: decreasing diag(XᵀX) with ``act_order``, else natural."""
+    if act_order:
+        return torch.argsort(xtx.diagonal(), descending=True)
+    return torch.arange(xtx.shape[0], device=xtx.device)
+
+
+def gptq_hinv(xtx: torch.Tensor, act_order: bool = False, percdamp: float = 0.01) -> torch.Tensor:
+    """The upper Cholesky factor of the damped inverse Hessian in GPTQ's walk order (fp32)."""
+    perm = _walk_order(xtx, act_order)
+    return inverse_hessian_factor(xtx.to(torch.float32)[perm][:, perm], percdamp).to(torch.float32)
+
+
 def gptq_quantize(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size: int, *,
                   symmetric: bool = False, act_order: bool = False, percdamp: float = 0.01,
-                  blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  blocksize: int = 128, hinv: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` (out, in) given ``xtx = XᵀX`` of its inputs. Returns RTN's storage:
-    codes (uint8, out × in), fp16 scales and uint8 zero points (out × in/group_size)."""
+    codes (uint8, out × in), fp16 scales and uint8 zero points (out × in/group_size). ``hinv``
+    may pass :func:`gptq_hinv` of the same ``xtx`` (linears fed the same inputs share it)."""
     device = xtx.device
     W = weight.detach().to(device=device, dtype=torch.float32).clone()
     rows, cols = W.shape
@@ -78,34 +94,42 @@ def gptq_quantize(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size
     if act_order:  # static groups: every group's grid from the original weights, before any update
         for g in range(n_groups):
             scales[:, g], zeros[:, g] = _grid(W[:, g * gs:(g + 1) * gs], bits, symmetric)
-        perm = torch.argsort(H.diagonal(), descending=True)
-    else:
-        perm = torch.arange(cols, device=device)
+    perm = _walk_order(H, act_order)
     W = W[:, perm]
-    U = inverse_hessian_factor(H[perm][:, perm], percdamp).to(torch.float32)
+    U = gptq_hinv(H, act_order, percdamp) if hinv is None else hinv.to(device=device, dtype=torch.float32)
     group_of = perm // gs  # the (original) group of each column in walk order
     Q = torch.zeros_like(W)
+    use_c = gptq_kernel.usable(W, U.contiguous(), scales, zeros)  # the column walk in C: bitwise the loop below
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        U1 = U[i1:i2, i1:i2].contiguous()
+        i = 0
+        while i < i2 - i1:  # segments of columns sharing a grid: a group (or the block, act_order)
             col = i1 + i
-            g = int(group_of[col])
             if not act_order and col % gs == 0:  # the group's grid from the weights as updated so far
+                g = int(group_of[col])
                 cur = W1[:, i:i + gs]
                 need = gs - cur.shape[1]
                 if need > 0:  # columns past this lazy block: add the updates still pending from it
                     cur = torch.cat([cur, W[:, i2:i2 + need] - Err1[:, :i] @ U[i1:i1 + i, i2:i2 + need]], dim=1)
                 scales[:, g], zeros[:, g] = _grid(cur, bits, symmetric)
-            w = W1[:, i]
-            q = (_round(w, scales[:, g], zeros[:, g], qmax) - zeros[:, g]) * scales[:, g]
-            Q1[:, i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+            end = i2 - i1 if act_order else min(i2 - i1, (col // gs + 1) * gs - i1)
+            if use_c and W1.is_contiguous():
+                gptq_kernel.gptq_columns(W1, Q1, Err1, U1, i, end, scales, zeros, group_of[i1 + i:i1 + end], qmax)
+                i = end
+                continue
+            for j in range(i, end):
+                g = int(group_of[i1 + j])
+                w = W1[:, j]
+                q = (_round(w, scales[:, g], zeros[:, g], qmax) - zeros[:, g]) * scales[:, g]
+                Q1[:, j] = q
+                err = (w - q) / U1[j, j]
+                W1[:, j:] -= err.unsqueeze(1) * U1[j, j:].unsqueeze(0)
+                Err1[:, j] = err
+            i = end
         Q[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
     if not torch.isfinite(Q).all():
@@ -137,9 +161,10 @@ def gptq_quantize_shared(weight: torch.Tensor, xtx: torch.Tensor, bits: int, gro
 
 
 def layer_error(weight: torch.Tensor, approx: torch.Tensor, xtx: torch.Tensor) -> float:
-    """``‖(W − Ŵ)X‖² = tr((W − Ŵ) XᵀX (W − Ŵ)ᵀ)``: the layer-wise objective GPTQ minimises."""
-    d = (weight.detach().float() - approx.detach().float()).to(xtx.device, torch.float64)
-    return float(((d @ xtx.double()) * d).sum())
+    """``‖(W − Ŵ)X‖² = tr((W − Ŵ) XᵀX (W − Ŵ)ᵀ)``: the layer-wise objective GPTQ minimises
+    (products in fp32, the sum in fp64: a report, within 1e-5 relative of an fp64 product)."""
+    d = (weight.detach().float() - approx.detach().float()).to(xtx.device)
+    return float(((d @ xtx.float()) * d).sum(dtype=torch.float64))
 
 
 @dataclass
@@ -217,14 +242,20 @@ class GPTQ(Compressor):
             groups = [g for g in groups if g]
             if not self.true_sequential:
                 groups = [[p for g in groups for p in g]]
+            rank, size = world()
             for group in groups:
                 stats = ctx.collect_stats(group)
-                for path in group:
+                hinvs: dict[int, torch.Tensor] = {}  # linears fed the same inputs share XᵀX and its factor
+                errors = torch.zeros(2, len(group), dtype=torch.float64)
+                for k, path in enumerate(group):
                     lin = ctx.block.get_submodule(path)
                     xtx = stats[path].xtx
+                    if id(xtx) not in hinvs:
+                        hinvs[id(xtx)] = gptq_hinv(xtx, self.act_order, self.percdamp)
                     codes, scales, zeros = gptq_quantize_shared(
                         lin.weight, xtx, self.bits, self.group_size, symmetric=self.symmetric,
-                        act_order=self.act_order, percdamp=self.percdamp, blocksize=self.blocksize)
+                        act_order=self.act_order, percdamp=self.percdamp, blocksize=self.blocksize,
+                        hinv=hinvs[id(xtx)])
                     gs = lin.in_features if self.group_size in (-1, 0, None) else self.group_size
                     new = RTNLinear(lin.in_features, lin.out_features, self.bits, gs, self.symmetric,
                                     lin.bias is not None, dtype=lin.weight.dtype)
@@ -233,13 +264,17 @@ class GPTQ(Compressor):
                         new.zeros = zeros
                     if lin.bias is not None:
                         new.bias.data.copy_(lin.bias.data)
-                    name = f"{ctx.name}.{path}"
-                    q_rtn, s_rtn, z_rtn = quantize_groupwise(lin.weight, self.bits, gs, self.symmetric)
-                    rtn_w = dequantize_groupwise(q_rtn, s_rtn, z_rtn, gs, torch.float32)
-                    report.error[name] = layer_error(lin.weight, new.dequantize(), xtx)
-                    report.rtn_error[name] = layer_error(lin.weight, rtn_w, xtx)
-                    report.quantized[name] = [self.bits, gs]
+                    if k % size == rank:  # the report's errors: each process computes its share
+                        q_rtn, s_rtn, z_rtn = quantize_groupwise(lin.weight, self.bits, gs, self.symmetric)
+                        rtn_w = dequantize_groupwise(q_rtn, s_rtn, z_rtn, gs, torch.float32)
+                        errors[0, k] = layer_error(lin.weight, new.dequantize(), xtx)
+                        errors[1, k] = layer_error(lin.weight, rtn_w, xtx)
+                    report.quantized[f"{ctx.name}.{path}"] = [self.bits, gs]
                     ctx.block.set_submodule(path, new.to(lin.weight.device))
+                ctx.reduce(errors)
+                for k, path in enumerate(group):
+                    report.error[f"{ctx.name}.{path}"] = float(errors[0, k])
+                    report.rtn_error[f"{ctx.name}.{path}"] = float(errors[1, k])
 
         run_blockwise(model, calib, process, device=self.device, batch_size=self.batch_size, desc="GPTQ",
                       key=self.to_dict(), report=report)
