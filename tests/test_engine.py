@@ -72,3 +72,52 @@ def test_calibration_must_be_token_ids():
         check_calibration(torch.tensor([1, 2, 3]), "x")
     with pytest.raises(CalibrationDataError, match="needs calibration"):
         check_calibration(None, "x")
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_collect_stats_shares_inputs_and_stops_early_without_changing_xtx(name):
+    """Linears fed the same tensor share one LinearStats; once a block type's plan is known each
+    pass stops after the group's last linear (the next group's first linear never runs) — and
+    XᵀX equals hooks on a full plain forward."""
+    from llmdeploy.compress import engine
+
+    model, tok = llmdeploy.load(name)
+    calib = ids_for(tok, n=5, seq=24)  # 3 batches of 2
+    adapter = get_adapter(model)
+    groups = adapter.linear_groups(adapter.blocks()[0])
+    ref, got, later_calls = {}, {}, {}
+
+    def process(ctx):
+        if ctx.index > 1:
+            return
+        for gi, group in enumerate(groups):
+            xs = {p: [] for p in group}
+            handles = [ctx.block.get_submodule(p).register_forward_hook(lambda m, a, o, p=p, xs=xs: xs[p].append(a[0]))
+                       for p in group]
+            ctx.forward()
+            for h in handles:
+                h.remove()
+            for p in group:
+                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs[p]])
+                ref[ctx.index, p] = x.T @ x
+            calls = []
+            if gi + 1 < len(groups):
+                nxt = ctx.block.get_submodule(groups[gi + 1][0])
+                h = nxt.register_forward_hook(lambda m, a, o, calls=calls: calls.append(1))
+            stats = ctx.collect_stats(group)
+            if gi + 1 < len(groups):
+                h.remove()
+                later_calls[ctx.index, gi] = len(calls)
+            got.update({(ctx.index, p): stats[p] for p in group})
+
+    engine._STATS_PLANS.clear()
+    run_blockwise(model, calib, process, batch_size=2)
+    for key, xtx in ref.items():
+        torch.testing.assert_close(got[key].xtx, xtx, rtol=1e-4, atol=1e-3)
+        assert got[key].n_rows == calib.numel()
+    q, *rest = groups[0]
+    assert rest and all(got[0, p] is got[0, q] for p in rest)  # q/k/v: one XᵀX
+    assert len(engine._STATS_PLANS) == len(groups)
+    for gi in range(len(groups) - 1):
+        assert later_calls[0, gi] == 1  # block 0: the first pass runs whole, to learn the plan
+        assert later_calls[1, gi] == 0  # block 1: every pass stops after the group's last linear

@@ -10,6 +10,7 @@ from llmdeploy.quant import (
     RTN,
     RTNLinear,
     dequantize_groupwise,
+    gptq_hinv,
     gptq_quantize,
     layer_error,
     quantize_groupwise,
@@ -137,3 +138,28 @@ def test_readme_quotes_the_gptq_benchmark():
     for bits in (4, 3):
         g, r = rows[f"gptq-w{bits}-g64"]["ppl"], rows[f"rtn-w{bits}-g64"]["ppl"]
         assert f"{bits}-bit: GPTQ {g:.2f} ({g / dense:.3f}x dense) against RTN {r:.2f}" in readme
+
+
+@pytest.mark.parametrize("rows,cols,gs,act_order,symmetric,bits,blocksize", [
+    (48, 128, 32, False, False, 4, 128),   # groups inside one lazy block
+    (37, 128, 64, False, False, 3, 40),    # groups straddling lazy blocks (pending updates)
+    (5, 136, 8, True, True, 2, 48),        # act_order: columns of every group in one segment
+    (64, 320, -1, False, True, 8, 128),    # one group per row
+    (1, 64, 16, True, False, 4, 16),       # one row
+])
+def test_the_c_column_walk_is_bitwise_the_torch_loop(rows, cols, gs, act_order, symmetric, bits, blocksize):
+    from llmdeploy.kernels import gptq as gptq_kernel
+    from llmdeploy.kernels import use_reference
+
+    if not gptq_kernel.usable(torch.zeros(1)):
+        pytest.skip("the C kernels do not build here")
+    w, xtx = _layer(rows, cols, seed=rows)
+    xtx[:, 3] = xtx[3, :] = 0  # a dead input
+    kw = dict(act_order=act_order, symmetric=symmetric, blocksize=blocksize)
+    fast = gptq_quantize(w, xtx, bits, gs, **kw)
+    with use_reference():
+        ref = gptq_quantize(w, xtx, bits, gs, **kw)
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    shared = gptq_quantize(w, xtx, bits, gs, hinv=gptq_hinv(xtx, act_order, 0.01), **kw)
+    assert all(torch.equal(a, b) for a, b in zip(shared, ref))  # a shared factor changes nothing

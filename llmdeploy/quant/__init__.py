@@ -5,7 +5,7 @@ from .aqlm import AQLM, beam_search_codes, quantize_layer
 from .aqlm_linear import AQLMLinear
 from .dynamic_int8 import DynamicInt8, DynamicInt8Linear
 from .embedding import EmbeddingRTN, RTNEmbedding, RTNTiedHead
-from .gptq import GPTQ, gptq_quantize, layer_error
+from .gptq import GPTQ, gptq_hinv, gptq_quantize, layer_error
 from .packing import pack, unpack
 from .pv_tuning import PVTuning
 from .rtn import RTN, RTNLinear, dequantize_groupwise, quantize_groupwise
@@ -24,6 +24,7 @@ __all__ = [
     "RTNLinear",
     "beam_search_codes",
     "dequantize_groupwise",
+    "gptq_hinv",
     "gptq_quantize",
     "layer_error",
     "pack",
