@@ -18,7 +18,11 @@ STEPS = {"gptq": lambda: GPTQ(bits=4, group_size=32), "sparsegpt": lambda: Spars
          "slicegpt": lambda: SliceGPT(sparsity=0.25),
          # the beam search split by output groups between the processes
          "aqlm": lambda: AQLM(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, max_iter=2, steps_per_round=5,
-                              kmeans_iters=4, finetune_blocks=False)}
+                              kmeans_iters=4, finetune_blocks=False),
+         # block fine-tuning: losses and gradients summed over the processes
+         "aqlm_ft": lambda: AQLM(num_codebooks=1, nbits_per_codebook=4, in_group_size=8, max_iter=2,
+                                 steps_per_round=5, kmeans_iters=4, finetune_epochs=2, finetune_batch_size=4,
+                                 batch_size=2)}
 
 
 def digest(sd):
@@ -35,10 +39,13 @@ if __name__ == "__main__":
     rank = dist.get_rank()
     src, out, calib_file = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
     calib = torch.load(calib_file, weights_only=True)
-    digests = {}
+    digests, histories = {}, {}
     for name, make in STEPS.items():
         model, _ = llmdeploy.load(src)
-        model = make()(model, calib)
+        step = make()
+        model = step(model, calib)
+        if name == "aqlm_ft":
+            histories = step.report_.finetune
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         digests[name] = digest(sd)
         if rank == 0:
@@ -46,5 +53,6 @@ if __name__ == "__main__":
     streamed = llmdeploy.compress_streaming(src, [GPTQ(bits=4, group_size=32)], calib, out / "streamed",
                                             work_dir=out / "work")
     (out / f"digests-{rank}.json").write_text(json.dumps(digests))
+    (out / f"finetune-{rank}.json").write_text(json.dumps(histories))
     dist.barrier()
     dist.destroy_process_group()

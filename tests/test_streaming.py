@@ -227,6 +227,15 @@ def test_two_processes_compute_what_one_process_computes(tmp_path):
     spec = importlib.util.spec_from_file_location("tc", script)
     tc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tc)
+    # AQLM's block fine-tuning on 2 processes: the same Adam steps as one process — the relative
+    # output errors before and after each epoch agree (and fall), on both processes
+    h0, h1 = (json.loads((out / f"finetune-{r}.json").read_text()) for r in (0, 1))
+    step = tc.STEPS["aqlm_ft"]()
+    step(llmdeploy.load(src)[0], calib)
+    assert h0 == h1 and set(h0) == set(step.report_.finetune)
+    for block, hist in step.report_.finetune.items():
+        assert hist[-1] < hist[0]
+        assert h0[block] == pytest.approx(hist, rel=1e-3)
     for name, make in tc.STEPS.items():
         ref = _in_memory(src, [make()], calib)
         got = load_file(str(out / f"{name}.safetensors"))

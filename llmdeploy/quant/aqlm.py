@@ -352,9 +352,6 @@ class AQLM(Compressor):
             raise ConfigError("aqlm: resume=True needs checkpoint_dir (where the finished blocks were saved)")
         if streaming(model) and self.checkpoint_dir:
             raise ConfigError("aqlm: a streamed run checkpoints every finished block itself; leave checkpoint_dir unset")
-        if world()[1] > 1 and self.finetune_blocks:
-            raise ConfigError("aqlm: block fine-tuning does not run on several processes (its Adam steps would see "
-                              "different windows on each); pass finetune_blocks=False or run in one process")
         if compressed_modules(model):
             raise ConfigError("aqlm: the model already holds compressed modules; quantize the dense model")
         adapter = get_adapter(model)
@@ -432,7 +429,8 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
     ``finetune_batch_size`` windows (gradients accumulated over the engine's batches),
     ``finetune_max_samples`` windows at most; ``finetune_early_stop`` epochs without improvement
     end it and ``finetune_keep_best`` restores the best epoch. Returns the relative output error
-    before and after each epoch."""
+    before and after each epoch. Several processes: each runs the batches it holds of every Adam
+    step's chunk; gradients and losses are summed before the step (the single-process step)."""
     block = ctx.block
     params = finetune_parameters(ctx)
     if not params:
@@ -445,12 +443,25 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    n = len(ctx.inputs)
-    order = list(range(n))
+    # the windows' batches of every process, in rank order: the same list the single process has
+    # (each process holds a contiguous share); each process runs the batches it holds, and the
+    # losses and gradients are summed over the processes, so every Adam step is the single-process
+    # one (up to the order of the sums) and the processes stay identical
+    rank, size = world()
+    counts = torch.zeros(size, dtype=torch.int64)
+    counts[rank] = len(ctx.inputs)
+    ctx.reduce(counts)
+    first = int(counts[:rank].sum())
+    owned = {first + i: i for i in range(len(ctx.inputs))}  # global batch -> local batch
+    windows = torch.tensor(float(sum(t.shape[0] for t in ctx.inputs)), dtype=torch.float64)
+    bs = min(cfg.batch_size, int(ctx.reduce(windows)))
+    order = list(range(int(counts.sum())))
     if cfg.finetune_max_samples is not None:
-        order = order[: max(1, cfg.finetune_max_samples // max(1, ctx.inputs[0].shape[0]))]
-    denom = sum(float((t.float() ** 2).mean()) for t in (target[i] for i in order)) / len(order)
-    per_step = max(1, cfg.finetune_batch_size // max(1, ctx.inputs[0].shape[0]))
+        order = order[: max(1, cfg.finetune_max_samples // max(1, bs))]
+    mine = [b for b in order if b in owned]
+    denom_t = torch.tensor(sum(float((target[owned[b]].float() ** 2).mean()) for b in mine), dtype=torch.float64)
+    denom = float(ctx.reduce(denom_t)) / len(order)
+    per_step = max(1, cfg.finetune_batch_size // max(1, bs))
 
     def run(i: int) -> torch.Tensor:
         x = ctx.inputs[i].to(ctx.device).float()
@@ -459,7 +470,8 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
 
     def error() -> float:
         with torch.no_grad():
-            return sum(float(run(i)) for i in order) / len(order)
+            local = torch.tensor(sum(float(run(owned[b])) for b in mine), dtype=torch.float64)
+        return float(ctx.reduce(local)) / len(order)
 
     history = [error()]
     best = (history[0], [p.detach().clone() for p in params])
@@ -474,7 +486,13 @@ def finetune_block(ctx: BlockContext, target: list[torch.Tensor], cfg: AQLM) -> 
                 chunk = perm[start:start + per_step]
                 opt.zero_grad(set_to_none=True)
                 for b in chunk:
-                    (run(order[b]) / len(chunk)).backward()
+                    if order[b] in owned:
+                        (run(owned[order[b]]) / len(chunk)).backward()
+                if size > 1:
+                    for p in params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        ctx.reduce(p.grad)
                 opt.step()
             history.append(error())
             if history[-1] < best[0]:
