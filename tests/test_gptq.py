@@ -163,3 +163,10 @@ def test_the_c_column_walk_is_bitwise_the_torch_loop(rows, cols, gs, act_order, 
         assert torch.equal(a, b)
     shared = gptq_quantize(w, xtx, bits, gs, hinv=gptq_hinv(xtx, act_order, 0.01), **kw)
     assert all(torch.equal(a, b) for a, b in zip(shared, ref))  # a shared factor changes nothing
+
+
+def test_layer_error_matches_fp64_products():
+    w, xtx = _layer(96, 256, seed=3)
+    q = _deq(*quantize_groupwise(w, 3, 64), 64)
+    d = (w - q).double()
+    assert layer_error(w, q, xtx) == pytest.approx(float(((d @ xtx.double()) * d).sum()), rel=1e-6)

@@ -44,10 +44,6 @@ log = logging.getLogger(__name__)
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "cache")
 
 
-#: (block type, linears) -> which linear shares its input with an earlier one (see collect_stats)
-_STATS_PLANS: dict[tuple, dict[str, str]] = {}
-
-
 class StopForward(Exception):
     """Raised by a capturing hook once it has what it needs: the rest of the forward is skipped
     (see :func:`run_until_stop`)."""
@@ -134,6 +130,9 @@ class BlockContext:
     kwargs: list[dict[str, Any]]
     device: torch.device
     extras: dict[str, Any] = field(default_factory=dict)
+    #: (block type, linears) -> which linear shares its input with an earlier one, learned by
+    #: :meth:`collect_stats` and shared by the blocks of one walk (one model)
+    plans: dict[tuple, dict[str, str]] = field(default_factory=dict)
     carry: dict[str, Any] = field(default_factory=dict)
 
     def _run(self, block: nn.Module, keep: bool) -> ActivationStore | None:
@@ -162,7 +161,7 @@ class BlockContext:
         """Run the block with hooks and return XᵀX of each named linear's input (float32), summed
         over every calibration window (of every process).
 
-        The first pass over a block of a new type learns its plan: whether each named linear runs
+        The first pass over a block of a new type (in this walk) learns its plan: whether each named linear runs
         exactly once per forward, and which ones are fed the very same input tensor (q/k/v,
         gate/up). With such a plan, linears sharing an input share one :class:`LinearStats`
         (computed once), and each pass stops as soon as all of them have run — for the first group
@@ -170,7 +169,7 @@ class BlockContext:
         linears = self.linears()
         names = list(linears) if names is None else list(names)
         key = (type(self.block), tuple(names))
-        plan = _STATS_PLANS.get(key)  # (alias: linear -> owner of the same input) or None: plain
+        plan = self.plans.get(key)  # (alias: linear -> owner of the same input) or None: plain
         stats = {n: LinearStats(torch.zeros(linears[n].in_features, linears[n].in_features, device=self.device,
                                             dtype=torch.float32)) for n in names}
         seen: list[tuple[torch.Tensor, str]] = []  # this pass's inputs, in call order
@@ -205,7 +204,7 @@ class BlockContext:
                 if plan is None and sorted(calls) == sorted(names) and all(c == 1 for c in calls.values()):
                     # a full pass showed the plan; the owners' statistics already hold this pass
                     # for their sharers (the same tensor), so the sharers' own sums are dropped
-                    plan = _STATS_PLANS[key] = dict(learned)
+                    plan = self.plans[key] = dict(learned)
         shared = plan or {}
         for n, s in stats.items():
             if n not in shared:
@@ -402,6 +401,7 @@ def run_blockwise(
             inputs.release()
             inputs = ActivationStore.load(state["acts"], state["n_batches"], spill=opts.spill_dir, device=store_device)
             log.info("%s: resuming at block %d of %d from %s", desc, start, len(blocks), ckpt.folder)
+        plans: dict[tuple, dict[str, str]] = {}  # collect_stats' plans, per block type (this model)
         for i in tqdm(range(start, len(blocks)), desc=desc, leave=False, disable=world()[0] != 0):
             block = blocks[i]
             for x in inputs:
@@ -418,7 +418,7 @@ def run_blockwise(
             dev = homes[i] if mapped else compute
             if not mapped:
                 block.to(dev)
-            ctx = BlockContext(i, f"{prefix}.{i}", block, adapter, inputs, kwargs, dev, carry=carry)
+            ctx = BlockContext(i, f"{prefix}.{i}", block, adapter, inputs, kwargs, dev, carry=carry, plans=plans)
             if process is not None:
                 process(ctx)
             outputs = ctx.forward(blocks[i])  # the (possibly replaced) block's outputs
