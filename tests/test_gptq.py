@@ -167,6 +167,6 @@ def test_the_c_column_walk_is_bitwise_the_torch_loop(rows, cols, gs, act_order, 
 
 def test_layer_error_matches_fp64_products():
     w, xtx = _layer(96, 256, seed=3)
-    q = _deq(*quantize_groupwise(w, 3, 64), 64)
+    q = _deq(*quantize_groupwise(w, 3, 64, False), 64)
     d = (w - q).double()
     assert layer_error(w, q, xtx) == pytest.approx(float(((d @ xtx.double()) * d).sum()), rel=1e-6)
