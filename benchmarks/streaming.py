@@ -150,6 +150,54 @@ if is_main():
 """
 
 
+PHASES_CHILD = SPEED_CHILD.replace("t0 = time.perf_counter()", """import collections, functools
+from llmdeploy.compress import engine
+from llmdeploy.quant import gptq as G
+T = collections.Counter()
+def timed(obj, name, label):
+    f = getattr(obj, name)
+    @functools.wraps(f)
+    def w(*a, **k):
+        t = time.perf_counter(); r = f(*a, **k); T[label] += time.perf_counter() - t; return r
+    setattr(obj, name, w)
+for obj, name, label in [(engine.BlockContext, "collect_stats", "statistics (XtX, incl. all-reduce)"),
+                         (engine, "all_reduce_", "of which all-reduce"),
+                         (engine.BlockContext, "forward", "block outputs"),
+                         (G, "gptq_hinv", "inverse-Hessian factors"), (G, "gptq_quantize", "column walk"),
+                         (G, "gather_rows", "gathering rows"), (G, "layer_error", "report errors")]:
+    timed(obj, name, label)
+t0 = time.perf_counter()""").replace(
+    """if is_main():
+    print(json.dumps({"seconds": time.perf_counter() - t0}))""",
+    """T["total"] = time.perf_counter() - t0
+print(json.dumps({"rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+                  "phases": dict(T)}), flush=True)""")
+
+
+def phases(n: int, seq: int) -> list[dict]:
+    """One instrumented run of each setup: seconds per phase, per process (where the time goes)."""
+    from llmdeploy.kv.distributed import free_port
+
+    src = _sources()["smollm2-135m"]
+    script = CACHE / "phases_child.py"
+    script.write_text(PHASES_CHILD)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = []
+    for name, cmd in (("1 process x 2 threads", [sys.executable, str(script), "2", str(src), str(n), str(seq)]),
+                      ("2 processes x 1 thread (gloo)",
+                       [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(free_port()), str(script), "1", str(src), str(n), str(seq)])):
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
+        if res.returncode:
+            raise RuntimeError(res.stderr[-3000:])
+        for line in res.stdout.splitlines():
+            if line.startswith("{"):
+                d = json.loads(line)
+                out.append({"setup": name, "rank": d["rank"], "phases": d["phases"]})
+                print(name, d, flush=True)
+    return sorted(out, key=lambda r: (r["setup"], r["rank"]))
+
+
 def speed(repeats: int, n: int, seq: int) -> list[dict]:
     from llmdeploy.kv.distributed import free_port
 
@@ -201,6 +249,17 @@ def write(result: dict) -> None:
                   "| setup | median seconds | runs |", "|---|---:|---|"]
         for s in result["speed"]:
             lines.append(f"| {s['setup']} | {s['median']:.1f} | {', '.join(f'{x:.1f}' for x in s['seconds'])} |")
+    if result.get("phases"):
+        order = ["statistics (XtX, incl. all-reduce)", "of which all-reduce", "block outputs", "inverse-Hessian factors",
+                 "column walk", "gathering rows", "report errors", "total"]
+        keys = [k for k in order if any(k in r["phases"] for r in result["phases"])]
+        lines += ["", "Where the time goes (one instrumented run of each setup, seconds per process; timers "
+                  "nest: the all-reduces are also counted inside the statistics, where almost all of them happen; "
+                  "the column walk excludes the factors, which GPTQ computes once per shared XtX):", "",
+                  "| setup | process | " + " | ".join(keys) + " |", "|---|---|" + "---:|" * len(keys)]
+        for r in result["phases"]:
+            lines.append(f"| {r['setup']} | {r['rank']} | " + " | ".join(f"{r['phases'].get(k, 0):.1f}" for k in keys)
+                         + " |")
     (RESULTS / "STREAMING.md").write_text("\n".join(lines) + "\n")
     if mem:
         import matplotlib
@@ -259,7 +318,7 @@ def readme_paragraph(res: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--child", nargs=6, metavar=("MODE", "METHOD", "SRC", "OUT", "N", "SEQ"))
-    p.add_argument("--part", choices=["memory", "speed", "all"], default="all")
+    p.add_argument("--part", choices=["memory", "speed", "phases", "all"], default="all")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=256)
@@ -272,13 +331,16 @@ def main() -> None:
     old = json.loads((RESULTS / "streaming.json").read_text()) if (RESULTS / "streaming.json").exists() else {}
     result = {"machine": f"{os.cpu_count()} CPU cores", "n_samples": args.n_samples, "seq_len": args.seq_len,
               "memory": old.get("memory", []), "speed": old.get("speed", []),
-              "speed_n_samples": old.get("speed_n_samples"), "sources": old.get("sources", {})}
+              "speed_n_samples": old.get("speed_n_samples"), "sources": old.get("sources", {}),
+              "phases": old.get("phases", [])}
     if args.part in ("memory", "all"):
         result["memory"] = memory(args.n_samples, args.seq_len)
         result["sources"] = sources_info()
     if args.part in ("speed", "all"):
         result["speed"] = speed(args.repeats, args.speed_n_samples, args.seq_len)
         result["speed_n_samples"] = args.speed_n_samples
+    if args.part in ("phases", "all"):
+        result["phases"] = phases(args.speed_n_samples, args.seq_len)
     write(result)
 
 

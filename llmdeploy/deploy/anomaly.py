@@ -34,9 +34,10 @@ Detectors (``fit(trace, labels)`` then ``predict(trace) -> 0/1 per step``):
   the ``tail_quantile`` (0.8), read where a normal step is flagged with probability ``risk`` (1e-3).
   Empirical quantiles did worse: with a few hundred labelled steps the 0.998 quantile is about the
   second-highest score and moved with the labels drawn (0.9/0.9 on 53 of 64 train × validation
-  pairs, against 62 with POT), and the 0.98 quantile flagged many normal steps (precision 0.82 on
+  pairs, against 62 with POT), and the 0.98 quantile flagged many normal steps (precision 0.794 on
   average); chosen on train seeds 0–15 × validation seeds 200–203, not the benchmark's test
-  traces. ``quantile=`` uses the empirical quantile instead. ``members`` VAEs of different seeds
+  traces (``benchmarks/anomaly.py`` regenerates that comparison in ANOMALY.md). ``quantile=`` uses
+  the empirical quantile instead. ``members`` VAEs of different seeds
   (3) average their scores, each divided by its own threshold, and a step is flagged above 1: one
   small VAE's result varies with its seed (recall 0.72–0.92 on one trace over three seeds), the
   average of three much less. The paper gives no architecture; this one is ours and documented here.

@@ -1,10 +1,9 @@
 """GPTQ's column walk in C (``csrc/gptq.c``): the per-column loop of one lazy block, row-parallel.
 
 The torch loop in :func:`llmdeploy.quant.gptq.gptq_quantize` issues ~10 small tensor operations per
-column, so a layer costs the same ~0.1 s whatever its row count (per-operation overhead, measured
-on a 576 x 576 layer with 288 and 576 rows). The C walk does the same float operations in the same
-order, row by row — bitwise equal to the torch loop (tested) — and its cost scales with the rows,
-so rows shared among threads or processes are real savings. Used on CPU fp32 tensors when the
+column, so its cost is mostly per-operation overhead. The C walk does the same float operations in
+the same order, row by row — bitwise equal to the torch loop (tested) — and its cost scales with
+the rows; ``python -m benchmarks.gptq_walk`` times both on SmolLM2's layer shapes. Used on CPU fp32 tensors when the
 kernel builds (see :mod:`.native`); :func:`~llmdeploy.kernels.use_reference` forces the torch loop.
 """
 
