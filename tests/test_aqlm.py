@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import llmdeploy
 from llmdeploy.compress.engine import run_blockwise
 from llmdeploy.errors import CheckpointError, ConfigError
-from llmdeploy.kernels import aqlm_cpu, aqlm_triton, use_reference
+from llmdeploy.kernels import aqlm_cpu, aqlm_triton, importable, native, use_reference
 from llmdeploy.quant import AQLM, RTN, AQLMLinear, beam_search_codes
 from llmdeploy.quant import aqlm as aqlm_mod
 from llmdeploy.quant.aqlm import init_aq, layer_error
@@ -75,17 +75,25 @@ def test_code_packing_matches_the_aqlm_package():
 
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[3] == 1])
 @pytest.mark.parametrize("tokens", [1, 3])
-def test_cpu_kernel_equals_reference(cfg, tokens):
+@pytest.mark.parametrize("out_f", [46, 150])  # tails of the 4-row and 64-output steps; full 64-output tiles
+def test_cpu_kernel_equals_reference(cfg, tokens, out_f):
     if not aqlm_cpu.available():
-        pytest.skip("numba not installed")
-    m = random_layer(*cfg, out_f=46)  # not a multiple of the kernel's 4-row step: the tail runs too
+        pytest.skip("no C compiler and numba not installed")
+    m = random_layer(*cfg, out_f=out_f)
     x = torch.randn(tokens, 64)
     with torch.no_grad():
         ref = m.forward_reference(x)
         out = aqlm_cpu.aqlm_gemv(x, m)
         auto = m(x)  # the dispatch picks the CPU kernel for a few fp32 tokens
+        paths = {"numba": aqlm_cpu.aqlm_gemv_numba(x, m) if importable("numba") else None}
+        for isa in native.available_isas():  # every SIMD path of the C kernel this CPU runs
+            with native.isa(isa):
+                paths[isa] = aqlm_cpu.aqlm_gemv_c(x, m) if aqlm_cpu._c("aqlm_simd") is not None else None
     assert torch.allclose(out, ref, atol=1e-4, rtol=1e-5)
     assert torch.allclose(auto, out)
+    for name, got in paths.items():
+        if got is not None:
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5), name
 
 
 def test_cpu_kernel_follows_code_changes():

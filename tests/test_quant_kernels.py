@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import llmdeploy
+from llmdeploy.kernels import native, use_reference
 from llmdeploy.kernels import quant as Q
-from llmdeploy.kernels import use_reference
 from llmdeploy.quant import RTN, RTNLinear
 from llmdeploy.quant.rtn import quantize_groupwise
 
@@ -14,13 +14,35 @@ from .conftest import assert_logits_same_on_every_path, ids_for
 pytestmark = pytest.mark.skipif(not Q.available(), reason="no C compiler here")
 
 
-LAYOUTS = [("planes", b) for b in (2, 3, 4, 5, 8)] + [("nibble", 3), ("nibble", 4), ("byte", 8)]
+LAYOUTS = [("planes", b) for b in (2, 3, 4, 5, 8)] + [("nibble", b) for b in (1, 2, 3, 4)] + [("byte", 8)]
+#: the SIMD paths of the C kernels this CPU can run: AVX-512 (native here or not), AVX2, portable C
+ISAS = native.available_isas()
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_instruction_set_builds_its_own_path(isa):
+    from llmdeploy.kernels import int8
+    with native.isa(isa):
+        simd, simd8 = Q.simd(), int8.simd()
+    flags = native._cpu_flags()
+    expect = {"avx2": 256, "portable": 0}.get(isa, 512 if "avx512f" in flags else 256 if "avx2" in flags else 0)
+    assert simd == expect
+    assert simd8 == (0 if simd == 0 else 2 if isa == "native" and "avx512_vnni" in flags else 1)
+    with pytest.raises(ValueError, match="unknown instruction set"):
+        with native.isa("sse9"):
+            pass
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout,bits", LAYOUTS)
 @pytest.mark.parametrize("out_f,in_f,gs", [(7, 64, 32), (33, 192, 64), (48, 64, 64), (161, 96, 96)])
 @pytest.mark.parametrize("rows", [1, 4, 64])
-def test_kernel_layouts_equal_reference(layout, bits, out_f, in_f, gs, rows):
+def test_kernel_layouts_equal_reference(isa, layout, bits, out_f, in_f, gs, rows):
+    with native.isa(isa):
+        _check_layout(layout, bits, out_f, in_f, gs, rows)
+
+
+def _check_layout(layout, bits, out_f, in_f, gs, rows):
     g = torch.Generator().manual_seed(bits * 100 + in_f + rows)
     w = torch.randn(out_f, in_f, generator=g)
     q, s, z = quantize_groupwise(w, bits, gs, symmetric=False)
@@ -40,7 +62,8 @@ def test_kernel_layouts_equal_reference(layout, bits, out_f, in_f, gs, rows):
 
 def test_layout_choice_and_refusals():
     assert Q.choose_layout(4, 64) == "nibble" and Q.choose_layout(3, 32) == "nibble"
-    assert Q.choose_layout(8, 16) == "byte" and Q.choose_layout(2, 64) == "planes"
+    assert Q.choose_layout(2, 64) == "nibble" and Q.choose_layout(1, 32) == "nibble"
+    assert Q.choose_layout(8, 16) == "byte" and Q.choose_layout(5, 64) == "planes"
     assert Q.choose_layout(4, 16) == "planes" and Q.choose_layout(4, 8) is None
     q = torch.zeros(4, 64, dtype=torch.uint8)
     s, z = torch.ones(4, 4, dtype=torch.float16), torch.zeros(4, 4, dtype=torch.uint8)
@@ -78,27 +101,40 @@ def test_training_through_a_quantized_layer_uses_autograd():
     torch.testing.assert_close(x.grad, mod.dequantize().sum(0).expand(2, 64), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("out_f,in_f", [(7, 13), (33, 200), (64, 64), (130, 300)])
 @pytest.mark.parametrize("rows", [1, 3, 4, 9, 64])
-def test_w8a8_kernel_is_bit_identical_to_the_reference(out_f, in_f, rows):
+def test_w8a8_kernel_is_bit_identical_to_the_reference(isa, out_f, in_f, rows):
     from llmdeploy.kernels import int8
     from llmdeploy.quant.dynamic_int8 import DynamicInt8Linear
-    if not int8.available():
-        pytest.skip("no AVX512-VNNI here")
     g = torch.Generator().manual_seed(out_f + rows)
-    for bias in (True, False):
-        lin = torch.nn.Linear(in_f, out_f, bias=bias)
-        mod = DynamicInt8Linear.from_linear(lin)
-        x = 3 * torch.randn(in_f, rows, generator=g).T  # non-contiguous
-        with torch.no_grad():
-            got = mod(x)
-            with use_reference():
+    with native.isa(isa):
+        if int8.simd() < 0:
+            pytest.skip("the W8A8 kernel did not build here")
+        for bias in (True, False):  # the kernel itself, whichever path this build has (portable C included)
+            lin = torch.nn.Linear(in_f, out_f, bias=bias)
+            mod = DynamicInt8Linear.from_linear(lin)
+            x = 3 * torch.randn(in_f, rows, generator=g).T
+            with torch.no_grad(), use_reference():
                 ref = mod(x)
+            got = int8.w8a8_linear(x, mod.qweight, mod.wscale.float().contiguous(), int8.row_sums(mod.qweight),
+                                   None if mod.bias is None else mod.bias.detach())
             assert torch.equal(got, ref)
-            x3 = torch.randn(2, rows, in_f, generator=g)
-            got3 = mod(x3)
-            with use_reference():
-                assert torch.equal(got3, mod(x3))
+        if not int8.available():
+            return  # the layer itself takes torch's path without a SIMD build
+        for bias in (True, False):  # the layer's kernel path
+            lin = torch.nn.Linear(in_f, out_f, bias=bias)
+            mod = DynamicInt8Linear.from_linear(lin)
+            x = 3 * torch.randn(in_f, rows, generator=g).T  # non-contiguous
+            with torch.no_grad():
+                got = mod(x)
+                with use_reference():
+                    ref = mod(x)
+                assert torch.equal(got, ref)
+                x3 = torch.randn(2, rows, in_f, generator=g)
+                got3 = mod(x3)
+                with use_reference():
+                    assert torch.equal(got3, mod(x3))
 
 
 def test_w8a8_model_logits_identical_with_and_without_the_kernel():

@@ -1,4 +1,9 @@
-"""CPU matrix-vector kernels for AQLM layers (numba), for batch-1 decoding.
+"""CPU matrix-vector kernels for AQLM layers (C, or numba without a compiler), for batch-1 decoding.
+
+``csrc/aqlm.c`` (built by :mod:`.native`) is used when it builds: AVX2 gathers of eight table
+entries for codebooks of at most 256 entries, and a codeword-streaming kernel (4 outputs at a time,
+prefetching later codewords) for larger ones such as 1x16. Without a compiler the numba kernels
+below compute the same sums.
 
 For codebooks of at most 4096 entries (2x8, 1x8, 4x8...) the kernel first builds a lookup table
 ``lut[b, j, c, k] = x[b, group j] · codebooks[c, k]`` (small: in/in_group_size x C x K floats),
@@ -25,7 +30,29 @@ LUT_MAX_CODEBOOK = 4096
 
 
 def available() -> bool:
-    return importable("numba")
+    """Whether a CPU kernel is here: the C one (built on first use) or numba's."""
+    return _c("aqlm_simd") is not None or importable("numba")
+
+
+def _c(symbol: str):
+    from .native import current_isa
+    return _c_isa(symbol, current_isa())
+
+
+@functools.cache
+def _c_isa(symbol: str, isa: str):
+    import ctypes
+
+    from .native import function
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    sig = {"aqlm_simd": (), "aqlm_build_lut": (p, p, p, i64, i64, i64, i64, i64, i32),
+           "aqlm_gemv_lut": (p, p, p, p, i64, i64, i64, i64, i64, i32, i32),
+           "aqlm_gemv_direct": (p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32)}[symbol]
+    return function("aqlm", symbol, sig, ctypes.c_int if symbol == "aqlm_simd" else None)
+
+
+#: codebooks up to this size take the C table kernel (one byte per code); larger ones stream codewords
+C_LUT_MAX_CODEBOOK = 256
 
 
 @functools.cache
@@ -129,8 +156,55 @@ def transposed_books(module) -> np.ndarray:
     return module._cpu_books_t[1]
 
 
+def _codes_u16(module) -> torch.Tensor:
+    """The codes (out, groups, codebooks) as int16 storage whose bits the C kernel reads as uint16
+    (cached like the transposed codes; 8-bit storage widened with its sign, masked in the kernel)."""
+    codes = module.codes
+    key = (codes.data_ptr(), codes._version, tuple(codes.shape))
+    cached = getattr(module, "_cpu_codes_u16", None)
+    if cached is None or cached[0] != key:
+        module._cpu_codes_u16 = (key, codes.detach().to(torch.int16).contiguous())
+    return module._cpu_codes_u16[1]
+
+
+def aqlm_gemv_c(x: torch.Tensor, module) -> torch.Tensor:
+    """``module(x)`` with the C kernels (see the module docstring)."""
+    shape = x.shape
+    xb = x.detach().reshape(-1, module.in_features).contiguous()
+    n_b, g = xb.shape[0], module.in_group_size
+    n_c, k, n_o = module.num_codebooks, module.codebook_size, module.out_features
+    n_g = module.in_features // g
+    scales = module.scales.detach().reshape(-1).float().contiguous()
+    out = torch.empty(n_b, n_o, dtype=torch.float32)
+    threads = torch.get_num_threads()
+    mask = k - 1
+    if k <= C_LUT_MAX_CODEBOOK and module.codes.dtype == torch.int8:
+        lut = torch.empty(n_b, n_g, n_c, k, dtype=torch.float32)
+        books_t = transposed_books(module)
+        _c("aqlm_build_lut")(xb.data_ptr(), books_t.ctypes.data, lut.data_ptr(), n_b, n_g, g, n_c, k, threads)
+        codes_t = transposed_codes(module)
+        _c("aqlm_gemv_lut")(lut.data_ptr(), codes_t.ctypes.data, scales.data_ptr(), out.data_ptr(), n_b, n_g, n_c, k,
+                            n_o, mask, threads)
+    else:
+        books = module.codebooks.detach().reshape(n_c, k, g).contiguous()
+        codes = _codes_u16(module)
+        _c("aqlm_gemv_direct")(xb.data_ptr(), books.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
+                               n_b, n_g, g, n_c, k, n_o, mask, threads)
+    if module.bias is not None:
+        out += module.bias.detach()
+    return out.view(*shape[:-1], n_o)
+
+
 def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
-    """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1)."""
+    """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1): the C kernel when it
+    builds here, else numba's."""
+    if _c("aqlm_simd") is not None:
+        return aqlm_gemv_c(x, module)
+    return aqlm_gemv_numba(x, module)
+
+
+def aqlm_gemv_numba(x: torch.Tensor, module) -> torch.Tensor:
+    """``module(x)`` with the numba kernels."""
     build_lut, gemv_lut, gemv_lut_masked, gemv_direct = _kernels()
     shape = x.shape
     xb = x.reshape(-1, module.in_features).contiguous()

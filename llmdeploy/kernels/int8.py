@@ -1,10 +1,11 @@
-"""W8A8 dynamic int8 linear on CPU: an exact int8 x int8 product with AVX512-VNNI (``csrc/w8a8.c``).
+"""W8A8 dynamic int8 linear on CPU: an exact int8 x int8 product (``csrc/w8a8.c``), AVX512-VNNI or AVX2.
 
 The activations are quantized per row as the torch reference does (symmetric, ``round(x / s)``,
 ``s = max|x| / 127``), made unsigned by adding 128 for ``vpdpbusd`` (64 byte products per
 instruction, int32 accumulation), and ``128 · Σ_i w[o, i]`` is subtracted; every fp32 step matches
 the reference, so outputs are bit-identical to :class:`~llmdeploy.quant.DynamicInt8Linear`'s torch
-path. Used only where the compiled kernel has VNNI (else torch's path is faster than scalar C).
+path. Without VNNI, AVX2 multiplies int16-widened operands with ``vpmaddwd`` (exact as well). Used
+only where the compiled kernel has one of these (else torch's path is faster than scalar C).
 """
 
 from __future__ import annotations
@@ -17,21 +18,31 @@ import torch
 from . import row_call_buffers
 
 
-@functools.cache
 def _fn(symbol: str):
+    from .native import current_isa
+    return _fn_isa(symbol, current_isa())
+
+
+@functools.cache
+def _fn_isa(symbol: str, isa: str):
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sig = {"w8a8_linear": ((p, p, p, p, p, p, i64, i64, i64, i32), ctypes.c_int),
            "w8a8_row_sums": ((p, p, i64, i64), None),
-           "w8a8_has_vnni": ((), ctypes.c_int)}[symbol]
+           "w8a8_has_vnni": ((), ctypes.c_int),
+           "w8a8_simd": ((), ctypes.c_int)}[symbol]
     return function("w8a8", symbol, *sig)
 
 
-@functools.cache
+def simd() -> int:
+    """The product path of the current build: 2 (AVX512-VNNI), 1 (AVX2), 0 (portable C), -1 (none built)."""
+    fn = _fn("w8a8_simd")
+    return -1 if fn is None else fn()
+
+
 def available() -> bool:
-    """Whether the C kernel built here with AVX512-VNNI."""
-    fn = _fn("w8a8_has_vnni")
-    return fn is not None and fn() == 1
+    """Whether the C kernel built here with a SIMD product (AVX512-VNNI or AVX2)."""
+    return simd() >= 1
 
 
 def row_sums(qweight: torch.Tensor) -> torch.Tensor:

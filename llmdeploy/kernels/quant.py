@@ -6,15 +6,20 @@ kernel layout (:class:`KernelWeights`, blocks of 8 outputs that share every load
 scales and zero points are widened to fp32 (``csrc/qmatmul.c``). Up to :data:`MAX_KERNEL_ROWS`
 token rows (decoding):
 
-- ``nibble`` (3- and 4-bit codes, groups of a multiple of 32): one code per nibble; per output and
-  group a 16-entry table ``(code − z)·s`` and ``vpermps`` (which reads only an index's low 4 bits)
-  turn 16 codes into 16 weights, then one FMA. 3-bit codes take 4 bits in this layout (a third
-  more memory than the checkpoint), which is faster than their bit planes;
+- ``nibble`` (1- to 4-bit codes, groups of a multiple of 32): one code per nibble. With AVX-512,
+  per output and group a 16-entry table ``(code − z)·s`` and ``vpermps`` (which reads only an
+  index's low 4 bits) turn 16 codes into 16 weights, then one FMA; with AVX2 (no 16-entry
+  permute) nibbles are widened to floats, a dot product per group, then ``s·(Σ c·x − z·Σ x)``.
+  Codes of 1-3 bits take 4 bits in this layout (more memory than the checkpoint), which is faster
+  than their bit planes (``benchmarks.speed``: int2 in planes was slower than int4 in nibbles);
 - ``byte`` (8-bit codes): bytes widened to floats, a dot product per group, then
   ``s·(Σ c·x − z·Σ x)``;
 - ``planes`` (any width, groups of a multiple of 16): one bit plane per code bit; two bytes of a
-  plane are the AVX-512 lane mask of 16 inputs, so ``Σ code·x = Σ_k 2^k·(masked sum of plane k)``,
-  ``bits/16`` masked adds per weight.
+  plane are the AVX-512 lane mask of 16 inputs (AVX2: the word broadcast, each lane testing its
+  bit), so ``Σ code·x = Σ_k 2^k·(masked sum of plane k)``.
+
+Each has an AVX-512, an AVX2+FMA and a portable C path (:func:`simd` says which one this build
+has; :func:`llmdeploy.kernels.native.isa` builds another, which is how the tests reach all three).
 
 More rows (prefill): the C kernel writes the dense fp32 weight (bit-identical to the reference's
 dequantization) and one BLAS matmul follows: one dequantization per call.
@@ -63,7 +68,7 @@ class KernelWeights:
 
 def choose_layout(bits: int, group_size: int) -> str | None:
     """The fastest layout the kernel has for these codes, or None (the reference only)."""
-    if bits in (3, 4) and group_size % 32 == 0:
+    if bits <= 4 and group_size % 32 == 0:
         return "nibble"
     if bits == 8 and group_size % 16 == 0:
         return "byte"
@@ -104,11 +109,16 @@ def to_kernel_layout(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
                          zeros.float().reshape(out_f, ng).contiguous(), bits, group_size, in_f, out_f)
 
 
-@functools.cache
 def _fn(symbol: str):
+    from .native import current_isa
+    return _fn_isa(symbol, current_isa())
+
+
+@functools.cache
+def _fn_isa(symbol: str, isa: str):
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    sig = {"qmatmul_planes": ((p, p, p, p, p, p, i64, i64, i64, i32, i64, i32), ctypes.c_int),
+    sig = {"qmatmul_simd": ((), ctypes.c_int),"qmatmul_planes": ((p, p, p, p, p, p, i64, i64, i64, i32, i64, i32), ctypes.c_int),
            "dequant_planes": ((p, p, p, p, i64, i64, i32, i64, i32), None),
            "qmatmul_nibble": ((p, p, p, p, p, p, i64, i64, i64, i64, i32), ctypes.c_int),
            "qmatmul_byte": ((p, p, p, p, p, p, i64, i64, i64, i64, i32), ctypes.c_int),
@@ -120,6 +130,12 @@ def _fn(symbol: str):
 def available() -> bool:
     """Whether the C kernel built on this machine (a C compiler is present, ``LLMDEPLOY_NATIVE`` is not 0)."""
     return _fn("qmatmul_planes") is not None
+
+
+def simd() -> int:
+    """The SIMD path of the current build: 512 (AVX-512), 256 (AVX2+FMA), 0 (portable C), -1 (none built)."""
+    fn = _fn("qmatmul_simd")
+    return -1 if fn is None else fn()
 
 
 def dequantize_kernel_weights(w: KernelWeights) -> torch.Tensor:

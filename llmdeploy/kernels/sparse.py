@@ -48,8 +48,13 @@ def _fn(symbol: str):
     return _fns().get(symbol)
 
 
-@functools.cache
 def _fns() -> dict:
+    from .native import current_isa
+    return _fns_isa(current_isa())
+
+
+@functools.cache
+def _fns_isa(isa: str) -> dict:
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sigs = {"sparse_bitmask_matmul": (p, p, p, p, p, p, i64, i64, i64, i32),

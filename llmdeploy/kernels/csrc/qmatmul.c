@@ -17,9 +17,33 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define QM_AVX2 1
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+/* 8 unsigned bytes at p as 8 floats */
+static inline __m256 u8x8_ps(const uint8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#endif
+
+/* which SIMD path this build compiled: 512 (AVX-512), 256 (AVX2+FMA) or 0 (portable C) */
+int qmatmul_simd(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(QM_AVX2)
+    return 256;
+#else
+    return 0;
+#endif
+}
 
 #define OB 8 /* outputs per block: 8 independent accumulators hide the add latency, x loads are shared */
 
@@ -95,6 +119,34 @@ int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, c
                     tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
             }
             for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
+#elif defined(QM_AVX2)
+            /* no mask registers: the 16-bit word is broadcast and each lane tests its own bit */
+            const __m256i sel_lo = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            const __m256i sel_hi = _mm256_setr_epi32(256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
+            __m256 tot[OB];
+            for (int r = 0; r < OB; r++) tot[r] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m256 acc[OB];
+                for (int r = 0; r < OB; r++) acc[r] = _mm256_setzero_ps();
+                const uint8_t *pg = wb + g * bits * nc * OB * 2;
+                for (int k = 0; k < bits; k++) {
+                    const float *xg = xr + k * n_in + g * gs;
+                    for (int64_t c = 0; c < nc; c++) {
+                        __m256 xa = _mm256_loadu_ps(xg + c * 16), xb = _mm256_loadu_ps(xg + c * 16 + 8);
+                        const uint8_t *m = pg + (k * nc + c) * OB * 2;
+                        for (int r = 0; r < OB; r++) {
+                            __m256i mv = _mm256_set1_epi32(m[2 * r] | (m[2 * r + 1] << 8));
+                            __m256 la = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(mv, sel_lo), sel_lo));
+                            __m256 lb = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(mv, sel_hi), sel_hi));
+                            acc[r] = _mm256_add_ps(acc[r], _mm256_and_ps(la, xa));
+                            acc[r] = _mm256_add_ps(acc[r], _mm256_and_ps(lb, xb));
+                        }
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
+            }
+            for (int r = 0; r < nr; r++) res[r] = hsum256(tot[r]);
 #else
             for (int64_t g = 0; g < ng; g++) {
                 const uint8_t *pg = wb + g * bits * nc * OB * 2;
@@ -169,6 +221,12 @@ int qmatmul_nibble(const float *x, const uint8_t *codes, const float *scales, co
                    int threads) {
     int64_t ng = n_in / gs, nc = gs / 32, n_ob = (n_out + OB - 1) / OB;
     int64_t block_bytes = ng * nc * OB * 16;
+#ifdef QM_AVX2
+    /* AVX2 has no 16-entry permute: codes become floats (s * sum code * x per group), and the zero
+     * points enter through the group sums of x, as in the byte kernel */
+    float *xsum = group_sums(x, n_rows, n_in, gs);
+    if (!xsum) return -2;
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t ob = 0; ob < n_ob; ob++) {
         const uint8_t *wb = codes + ob * block_bytes;
@@ -198,6 +256,33 @@ int qmatmul_nibble(const float *x, const uint8_t *codes, const float *scales, co
                 }
             }
             for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
+#elif defined(QM_AVX2)
+            const __m128i low4 = _mm_set1_epi8(15);
+            __m256 tot[OB];
+            for (int r = 0; r < OB; r++) tot[r] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m256 acc[OB];
+                for (int r = 0; r < OB; r++) acc[r] = _mm256_setzero_ps();
+                const uint8_t *pg = wb + g * nc * OB * 16;
+                for (int64_t c = 0; c < nc; c++) {
+                    const float *xc = xr + g * gs + c * 32;
+                    __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
+                    __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
+                    const uint8_t *p = pg + c * OB * 16;
+                    for (int r = 0; r < OB; r++) {
+                        __m128i b = _mm_loadu_si128((const __m128i *)(p + r * 16));
+                        __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, acc[r]);
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
+            }
+            for (int r = 0; r < nr; r++)
+                res[r] = finish(hsum256(tot[r]), scales, zeros, xsum + n * ng, ng, NULL, o0 + r);
 #else
             for (int r = 0; r < nr; r++) {
                 int64_t o = o0 + r;
@@ -219,6 +304,9 @@ int qmatmul_nibble(const float *x, const uint8_t *codes, const float *scales, co
                 out[n * n_out + o0 + r] = res[r] + (bias ? bias[o0 + r] : 0.0f);
         }
     }
+#ifdef QM_AVX2
+    free(xsum);
+#endif
     return 0;
 }
 
@@ -282,6 +370,25 @@ int qmatmul_byte(const float *x, const uint8_t *codes, const float *scales, cons
                     tot[r] = _mm512_fmadd_ps(_mm512_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
             }
             for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
+#elif defined(QM_AVX2)
+            __m256 tot[OB];
+            for (int r = 0; r < OB; r++) tot[r] = _mm256_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m256 acc[OB];
+                for (int r = 0; r < OB; r++) acc[r] = _mm256_setzero_ps();
+                const uint8_t *pg = wb + g * nc * OB * 16;
+                for (int64_t c = 0; c < nc; c++) {
+                    __m256 x0 = _mm256_loadu_ps(xr + g * gs + c * 16), x1 = _mm256_loadu_ps(xr + g * gs + c * 16 + 8);
+                    const uint8_t *p = pg + c * OB * 16;
+                    for (int r = 0; r < OB; r++) {
+                        acc[r] = _mm256_fmadd_ps(u8x8_ps(p + r * 16), x0, acc[r]);
+                        acc[r] = _mm256_fmadd_ps(u8x8_ps(p + r * 16 + 8), x1, acc[r]);
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
+            }
+            for (int r = 0; r < nr; r++) res[r] = hsum256(tot[r]);
 #else
             for (int r = 0; r < nr; r++)
                 for (int64_t g = 0; g < ng; g++) {

@@ -12,22 +12,61 @@
  * byte is q + 128), and 128 * sum_i w[o, i] (precomputed per output) is subtracted afterwards.
  * Tiles: 8 outputs x 1 row for decoding (x stays in registers' reach, the weight streams once),
  * 4 outputs x 4 rows for longer inputs (each load feeds 4 products). OpenMP over output blocks.
+ *
+ * With AVX2 (no VNNI): both operands sign-extended to int16 and vpmaddwd (16 products, summed in
+ * pairs into 8 int32 lanes; |q w| <= 127 * 127, so pairs and sums are exact in int32); tiles of
+ * 8 outputs x 1 row, or 4 outputs x 2 rows for longer inputs. The portable loop is the same sum.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define W8_VNNI 1
+#elif defined(__AVX2__)
+#define W8_AVX2 1
 #endif
 
 int w8a8_has_vnni(void) {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef W8_VNNI
     return 1;
 #else
     return 0;
 #endif
 }
+
+/* which path this build has: 2 (AVX512-VNNI), 1 (AVX2), 0 (portable C) */
+int w8a8_simd(void) {
+#if defined(W8_VNNI)
+    return 2;
+#elif defined(W8_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#ifdef W8_AVX2
+static inline int32_t hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+/* 16 signed bytes at p as 16 int16 */
+static inline __m256i s8x16_epi16(const int8_t *p) {
+    return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+}
+/* the first n (< 16) signed bytes at p as int16, zeros after */
+static inline __m256i s8_tail_epi16(const int8_t *p, int64_t n) {
+    int8_t buf[16] = {0};
+    memcpy(buf, p, (size_t)n);
+    return s8x16_epi16(buf);
+}
+#endif
 
 /* sum_i w[o, i] for each output (int32), used to undo the +128 shift of the activations */
 void w8a8_row_sums(const int8_t *w, int32_t *sums, int64_t n_out, int64_t k) {
@@ -38,7 +77,7 @@ void w8a8_row_sums(const int8_t *w, int32_t *sums, int64_t n_out, int64_t k) {
     }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef W8_VNNI
 static inline int32_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
 #endif
 
@@ -68,7 +107,7 @@ int w8a8_linear(const float *x, const int8_t *w, const float *wscale, const int3
         }
         memset(xq + r * kp + k, 128, (size_t)(kp - k)); /* padding: q = 0 */
     }
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(W8_VNNI)
     int64_t full = k / 64 * 64;
     __mmask64 tail = (k - full) ? (((__mmask64)1 << (k - full)) - 1) : 0;
     if (n < 4) {
@@ -129,6 +168,75 @@ int w8a8_linear(const float *x, const int8_t *w, const float *wscale, const int3
             }
         }
     }
+#elif defined(W8_AVX2)
+    /* q as int16 (the stored byte minus 128), padded with zeros to a multiple of 16 */
+    int64_t kp16 = (k + 15) / 16 * 16, full = k / 16 * 16, rest = k - full;
+    int16_t *x16 = malloc(sizeof(int16_t) * (size_t)(n > 0 ? n : 1) * kp16);
+    if (!x16) {
+        free(xq);
+        free(xs);
+        return -2;
+    }
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t i = 0; i < kp16; i++) x16[r * kp16 + i] = i < k ? (int16_t)((int)xq[r * kp + i] - 128) : 0;
+    if (n < 4) {
+        int64_t n_ob = (n_out + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            int64_t o0 = ob * 8, nr = n_out - o0 < 8 ? n_out - o0 : 8;
+            const int8_t *wr[8];
+            for (int j = 0; j < 8; j++) wr[j] = w + (o0 + (j < nr ? j : 0)) * k; /* ragged: recomputed, not stored */
+            for (int64_t r = 0; r < n; r++) {
+                const int16_t *xr = x16 + r * kp16;
+                __m256i acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+                for (int64_t i = 0; i < full; i += 16) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + i));
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8x16_epi16(wr[j] + i), xv));
+                }
+                if (rest) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + full));
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8_tail_epi16(wr[j] + full, rest), xv));
+                }
+                for (int j = 0; j < nr; j++) {
+                    int64_t o = o0 + j;
+                    out[r * n_out + o] = ((float)hsum8_epi32(acc[j]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    } else {
+        int64_t n_ob = (n_out + 3) / 4, n_rb = (n + 1) / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            for (int64_t rb = 0; rb < n_rb; rb++) {
+                int64_t o0 = ob * 4, r0 = rb * 2;
+                int64_t no = n_out - o0 < 4 ? n_out - o0 : 4, nrw = n - r0 < 2 ? n - r0 : 2;
+                const int8_t *wr[4];
+                const int16_t *xr[2];
+                for (int j = 0; j < 4; j++) wr[j] = w + (o0 + (j < no ? j : 0)) * k;
+                for (int j = 0; j < 2; j++) xr[j] = x16 + (r0 + (j < nrw ? j : 0)) * kp16;
+                __m256i acc[4][2];
+                for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_si256();
+                for (int64_t i = 0; i < kp16; i += 16) {
+                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr[0] + i));
+                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr[1] + i));
+                    for (int a = 0; a < 4; a++) {
+                        __m256i wv = i < full ? s8x16_epi16(wr[a] + i) : s8_tail_epi16(wr[a] + i, rest);
+                        acc[a][0] = _mm256_add_epi32(acc[a][0], _mm256_madd_epi16(wv, x0));
+                        acc[a][1] = _mm256_add_epi32(acc[a][1], _mm256_madd_epi16(wv, x1));
+                    }
+                }
+                for (int a = 0; a < no; a++)
+                    for (int b = 0; b < nrw; b++) {
+                        int64_t o = o0 + a, r = r0 + b;
+                        out[r * n_out + o] = ((float)hsum8_epi32(acc[a][b]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                    }
+            }
+        }
+    }
+    free(x16);
 #else
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < n_out; o++)

@@ -1,0 +1,185 @@
+/* AQLM matrix-vector products for a few tokens of fp32 input (out_group_size 1).
+ *
+ *   out[b, o] = scale[o] * sum_j sum_c codebook_c[code[o, j, c]] . x[b, group j]
+ *
+ * Codebooks of at most 256 entries (2x8, 1x8, 4x8...): a lookup table
+ *   lut[b, j, c, k] = codebook_c[k] . x[b, group j]        (in/g x C x K floats per token)
+ * is built first, then every output is a sum of in/g x C table entries read through its codes:
+ * one byte per code instead of g fp32 weights. Codes come transposed, (groups, codebooks, out), so
+ * that 8 consecutive outputs' codes of one (group, codebook) are 8 adjacent bytes: one gather of 8
+ * table entries (AVX2; scalar loads measured ~2x slower). Table rows are visited in blocks of JB
+ * groups (JB x C x K floats stay in L1) while tiles of 64 outputs accumulate in registers; each
+ * thread owns an equal share of whole tiles.
+ *
+ * Larger codebooks (1x16: 65536 entries, the table would be larger than the weight): each output
+ * reads its codewords (g floats each) and multiplies them with x, NQ outputs at a time so that
+ * their codebook loads (a 2 MiB fp32 codebook: mostly L2 misses) overlap. Software prefetching of
+ * later groups' codewords measured slower on this kernel and is not used.
+ *
+ * Sums are in fp32 in a different order than the reference's dequantize-then-matmul, so results
+ * agree to fp32 rounding (tested), not bit for bit.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#ifndef JB
+#define JB 8 /* groups whose table rows stay in L1 while a chunk of outputs accumulates */
+#endif
+#define TILE 64
+#ifndef NQ
+#define NQ 8 /* outputs whose codeword loads overlap (1x16; 8 measured better than 4 and 12) */
+#endif  /* outputs accumulated in registers (8 vectors of 8) */
+
+int aqlm_simd(void) {
+#if defined(__AVX2__) && defined(__FMA__)
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+/* lut (n_b, G, C, K): lut[b, j, c, k] = sum_t x[b, j*g + t] * books_t[c, t, k]; books_t (C, g, K) */
+void aqlm_build_lut(const float *x, const float *books_t, float *lut, int64_t n_b, int64_t n_g, int64_t g,
+                    int64_t n_c, int64_t n_k, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t task = 0; task < n_b * n_g; task++) {
+        int64_t b = task / n_g, j = task % n_g;
+        const float *xj = x + b * n_g * g + j * g;
+        for (int64_t c = 0; c < n_c; c++) {
+            float *row = lut + ((b * n_g + j) * n_c + c) * n_k;
+            const float *bt = books_t + c * g * n_k;
+            int64_t k = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+            for (; k + 8 <= n_k; k += 8) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int64_t t = 0; t < g; t++)
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(xj[t]), _mm256_loadu_ps(bt + t * n_k + k), acc);
+                _mm256_storeu_ps(row + k, acc);
+            }
+#endif
+            for (; k < n_k; k++) {
+                float acc = 0.0f;
+                for (int64_t t = 0; t < g; t++) acc += xj[t] * bt[t * n_k + k];
+                row[k] = acc;
+            }
+        }
+    }
+}
+
+/* out (n_b, n_o) = scales * sum over (j, c) of lut[b, j, c, codes_t[j, c, o] & mask]; codes_t (G, C, n_o)
+ * u8 (the signed storage read as unsigned: for fewer than 8 bits the mask K - 1 recovers the code).
+ * Each thread owns an equal share of the outputs (whole tiles), walked in chunks of CHUNK outputs
+ * whose partial sums (in out) stay in L1 beside the JB table rows being read. */
+#ifndef CHUNK
+#define CHUNK 2048
+#endif
+void aqlm_gemv_lut(const float *lut, const uint8_t *codes_t, const float *scales, float *out, int64_t n_b,
+                   int64_t n_g, int64_t n_c, int64_t n_k, int64_t n_o, int mask, int threads) {
+    int64_t n_t = (n_o + TILE - 1) / TILE;
+    for (int64_t b = 0; b < n_b; b++) {
+        const float *lb = lut + b * n_g * n_c * n_k;
+        float *ob = out + b * n_o;
+        memset(ob, 0, sizeof(float) * (size_t)n_o);
+#pragma omp parallel num_threads(threads)
+        {
+#ifdef _OPENMP
+            int nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+            int nth = 1, me = 0;
+#endif
+            int64_t t0 = n_t * me / nth, t1 = n_t * (me + 1) / nth;
+            for (int64_t c0 = t0 * TILE; c0 < t1 * TILE && c0 < n_o; c0 += CHUNK) {
+                int64_t c1 = c0 + CHUNK < t1 * TILE ? c0 + CHUNK : t1 * TILE;
+                if (c1 > n_o) c1 = n_o;
+                for (int64_t j0 = 0; j0 < n_g; j0 += JB) {
+                    int64_t j1 = j0 + JB < n_g ? j0 + JB : n_g;
+                    for (int64_t i0 = c0; i0 < c1; i0 += TILE) {
+                        int64_t n = c1 - i0 < TILE ? c1 - i0 : TILE;
+#if defined(__AVX2__) && defined(__FMA__)
+                        if (n == TILE) {
+                            const __m256i mv = _mm256_set1_epi32(mask);
+                            __m256 acc[TILE / 8];
+                            for (int v = 0; v < TILE / 8; v++) acc[v] = _mm256_loadu_ps(ob + i0 + 8 * v);
+                            for (int64_t j = j0; j < j1; j++)
+                                for (int64_t c = 0; c < n_c; c++) {
+                                    const float *row = lb + (j * n_c + c) * n_k;
+                                    const uint8_t *cj = codes_t + (j * n_c + c) * n_o + i0;
+                                    for (int v = 0; v < TILE / 8; v++) {
+                                        __m256i idx = _mm256_and_si256(
+                                            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cj + 8 * v))), mv);
+                                        acc[v] = _mm256_add_ps(acc[v], _mm256_i32gather_ps(row, idx, 4));
+                                    }
+                                }
+                            for (int v = 0; v < TILE / 8; v++) _mm256_storeu_ps(ob + i0 + 8 * v, acc[v]);
+                            continue;
+                        }
+#endif
+                        for (int64_t j = j0; j < j1; j++)
+                            for (int64_t c = 0; c < n_c; c++) {
+                                const float *row = lb + (j * n_c + c) * n_k;
+                                const uint8_t *cj = codes_t + (j * n_c + c) * n_o + i0;
+                                for (int64_t i = 0; i < n; i++) ob[i0 + i] += row[cj[i] & mask];
+                            }
+                    }
+                }
+                for (int64_t i = c0; i < c1; i++) ob[i] *= scales[i];
+            }
+        }
+    }
+}
+
+/* out (n_b, n_o) = scales * sum_j sum_c books[c, code] . x[b, group j], code = codes[o, j, c] & mask, for any
+ * codebook size; codes (n_o, G, C) u16 (the signed storage read as unsigned); books (C, K, g). */
+void aqlm_gemv_direct(const float *x, const float *books, const uint16_t *codes, const float *scales, float *out,
+                      int64_t n_b, int64_t n_g, int64_t g, int64_t n_c, int64_t n_k, int64_t n_o, int mask,
+                      int threads) {
+    int64_t n_q = (n_o + NQ - 1) / NQ;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t q = 0; q < n_q; q++) {
+        int64_t o0 = q * NQ, nr = n_o - o0 < NQ ? n_o - o0 : NQ;
+        for (int64_t b = 0; b < n_b; b++) {
+            const float *xb = x + b * n_g * g;
+#if defined(__AVX2__) && defined(__FMA__)
+            if (nr == NQ && g % 8 == 0) {
+                __m256 acc[NQ];
+                for (int r = 0; r < NQ; r++) acc[r] = _mm256_setzero_ps();
+                const uint16_t *cr[NQ];
+                for (int r = 0; r < NQ; r++) cr[r] = codes + (o0 + r) * n_g * n_c;
+                for (int64_t j = 0; j < n_g; j++) {
+                    for (int64_t c = 0; c < n_c; c++)
+                        for (int64_t t = 0; t < g; t += 8) {
+                            __m256 xv = _mm256_loadu_ps(xb + j * g + t);
+                            for (int r = 0; r < NQ; r++)
+                                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(books + (c * n_k + (cr[r][j * n_c + c] & mask)) * g + t),
+                                                         xv, acc[r]);
+                        }
+                }
+                for (int r = 0; r < NQ; r++) {
+                    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+                    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                    out[b * n_o + o0 + r] = _mm_cvtss_f32(s) * scales[o0 + r];
+                }
+                continue;
+            }
+#endif
+            for (int r = 0; r < nr; r++) {
+                const uint16_t *co = codes + (o0 + r) * n_g * n_c;
+                float acc = 0.0f;
+                for (int64_t j = 0; j < n_g; j++)
+                    for (int64_t c = 0; c < n_c; c++) {
+                        const float *w = books + (c * n_k + (co[j * n_c + c] & mask)) * g;
+                        for (int64_t t = 0; t < g; t++) acc += w[t] * xb[j * g + t];
+                    }
+                out[b * n_o + o0 + r] = acc * scales[o0 + r];
+            }
+        }
+    }
+}
