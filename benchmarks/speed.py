@@ -11,7 +11,8 @@ format, then dense again…) so that machine noise hits every row alike; medians
   forward, at Llama-2-7B's MLP shape (11008 x 4096) and smollm2's (1536 x 576); achieved GB/s =
   bytes of the stored weight / time;
 - **model**: batch-1 greedy decode tokens/s (median step of ``--new-tokens`` steps after a 64-token
-  prompt) and prefill of 512 tokens, for ``smollm2-135m`` dense and compressed; the "floor" row
+  prompt) and prefill of 512 tokens, for ``smollm2-135m`` dense and compressed (AQLM layers with
+  seeded random codes: the kernels' speed does not depend on the values); the "floor" row
   replaces every decoder linear by a stub returning zeros — the time per token spent outside them
   (norms, attention, the head, PyTorch's eager dispatch), which no linear kernel can remove.
 
@@ -61,6 +62,30 @@ def _pruned(lin: torch.nn.Linear, sparsity: float = 0.0, n: int = 0, m: int = 0)
     return SparseLinear.from_linear(pruned, n=n, m=m)
 
 
+def _aqlm(lin: torch.nn.Linear, num_codebooks: int, nbits: int, seed: int = 0) -> torch.nn.Module:
+    """An AQLM layer of ``lin``'s shape with seeded random codes, codebooks and scales: the kernels'
+    speed does not depend on the values."""
+    from llmdeploy.quant.aqlm_linear import AQLMLinear, pack_codes
+
+    g = torch.Generator().manual_seed(seed)
+    m = AQLMLinear(lin.in_features, lin.out_features, num_codebooks, nbits, 8, bias=lin.bias is not None)
+    with torch.no_grad():
+        m.codebooks.copy_(torch.randn(m.codebooks.shape, generator=g) * 0.05)
+        m.scales.copy_(torch.rand(m.scales.shape, generator=g) + 0.5)
+        m.codes.copy_(pack_codes(torch.randint(0, 2**nbits, m.codes.shape, generator=g), nbits))
+        if lin.bias is not None:
+            m.bias.copy_(lin.bias)
+    return m
+
+
+def aqlm_random(model, num_codebooks: int, nbits: int):
+    """Every decoder linear of ``model`` replaced by a random-coded AQLM layer (speed only: see :func:`_aqlm`)."""
+    from llmdeploy.models.adapters import get_adapter
+    for i, name in enumerate(get_adapter(model).linear_names()):
+        model.set_submodule(name, _aqlm(model.get_submodule(name), num_codebooks, nbits, seed=i))
+    return model
+
+
 def layer_formats() -> dict[str, Callable[[torch.nn.Linear], torch.nn.Module]]:
     from llmdeploy.quant import RTNLinear
     from llmdeploy.quant.dynamic_int8 import DynamicInt8Linear
@@ -74,6 +99,8 @@ def layer_formats() -> dict[str, Callable[[torch.nn.Linear], torch.nn.Module]]:
         "sparse 50%": lambda lin: _pruned(lin, 0.5),
         "sparse 70%": lambda lin: _pruned(lin, 0.7),
         "sparse 2:4": lambda lin: _pruned(lin, n=2, m=4),
+        "aqlm 2x8 g8": lambda lin: _aqlm(lin, 2, 8),
+        "aqlm 1x16 g8": lambda lin: _aqlm(lin, 1, 16),
     }
 
 
@@ -144,6 +171,8 @@ def model_formats() -> dict[str, Callable]:
         "sparse 50%": lambda m: Magnitude(sparsity=0.5)(m, None),
         "sparse 70%": lambda m: Magnitude(sparsity=0.7)(m, None),
         "sparse 2:4": lambda m: Magnitude(pattern="2:4")(m, None),
+        "aqlm 2x8 g8 (random codes)": lambda m: aqlm_random(m, 2, 8),
+        "aqlm 1x16 g8 (random codes)": lambda m: aqlm_random(m, 1, 16),
     }
 
 

@@ -28,6 +28,11 @@ def test_each_instruction_set_builds_its_own_path(isa):
     expect = {"avx2": 256, "portable": 0}.get(isa, 512 if "avx512f" in flags else 256 if "avx2" in flags else 0)
     assert simd == expect
     assert simd8 == (0 if simd == 0 else 2 if isa == "native" and "avx512_vnni" in flags else 1)
+    from llmdeploy.kernels import aqlm_cpu
+    from llmdeploy.kernels import sparse as S
+    with native.isa(isa):
+        assert S.simd() == simd
+        assert aqlm_cpu._c("aqlm_simd")() == (0 if simd == 0 else 256)  # the AQLM kernel's widest path is AVX2
     with pytest.raises(ValueError, match="unknown instruction set"):
         with native.isa("sse9"):
             pass

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import llmdeploy
+from llmdeploy.kernels import native, use_reference
 from llmdeploy.kernels import sparse as S
-from llmdeploy.kernels import use_reference
 from llmdeploy.prune import Magnitude, SparseLinear
 
 from .conftest import assert_logits_same_on_every_path
@@ -27,10 +27,16 @@ def _pruned(out_f, in_f, pattern, seed=0):
     return w * keep, keep
 
 
+@pytest.mark.parametrize("isa", native.available_isas())  # every SIMD path this CPU runs
 @pytest.mark.parametrize("pattern", [0.5, 0.7, 0.95, "2:4"])
 @pytest.mark.parametrize(("out_f", "in_f"), [(13, 48), (64, 16), (200, 96)])
 @pytest.mark.parametrize("rows", [1, 4, 64])
-def test_sparse_kernel_equals_reference(pattern, out_f, in_f, rows):
+def test_sparse_kernel_equals_reference(isa, pattern, out_f, in_f, rows):
+    with native.isa(isa):
+        _check_kernel(pattern, out_f, in_f, rows)
+
+
+def _check_kernel(pattern, out_f, in_f, rows):
     w, keep = _pruned(out_f, in_f, pattern)
     kw = S.to_kernel_layout(keep, w[keep])
     assert torch.equal(S.dense_weight(kw), w)
@@ -46,7 +52,7 @@ def test_sparse_kernel_equals_reference(pattern, out_f, in_f, rows):
 def test_layout_reads_only_kept_values_and_refuses_bad_shapes():
     w, keep = _pruned(32, 64, 0.75)
     kw = S.to_kernel_layout(keep, w[keep])
-    assert kw.values.numel() == int(keep.sum())
+    assert kw.values.numel() == int(keep.sum()) + S.VALUE_PADDING and not kw.values[-S.VALUE_PADDING:].any()
     assert kw.nbytes < 0.35 * w.numel() * 4  # 1 bit + 25% of 32 per weight, plus row offsets
     with pytest.raises(ValueError, match="divisible by 16"):
         S.to_kernel_layout(keep[:, :40], w[:, :40][keep[:, :40]])

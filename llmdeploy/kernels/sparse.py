@@ -3,7 +3,8 @@
 A pruned layer (:class:`~llmdeploy.prune.SparseLinear`, bitmask or N:M) is repacked once into
 :class:`SparseKernelWeights`: one bit per weight as 16-bit words per row, the kept values
 row-major in fp32, and where each row's values start. ``csrc/sparse.c`` expands one word of the
-mask and the next ``popcount`` kept values into 16 lanes (AVX-512 ``vexpandps``) and multiplies:
+mask and the next ``popcount`` kept values into 16 lanes (AVX-512 ``vexpandps``; with AVX2 a
+table of ``vpermps`` permutations per byte) and multiplies:
 the memory traffic is ``1 + 32·(1 − s)`` bits per weight against 32 for the dense matvec, which
 is what decoding on a CPU pays for. An N:M layer (2:4) goes through the same kernel with a fixed
 count per row: its 2-bit positions become the bitmask, its values are already the compressed
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 from . import row_call_buffers
 
 MAX_KERNEL_ROWS = 16
+#: zeros after the kept values (never read as weights; the AVX2 expansion loads 8 floats at a time)
+VALUE_PADDING = 8
 
 
 @dataclass
@@ -57,12 +60,13 @@ def _fns() -> dict:
 def _fns_isa(isa: str) -> dict:
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    sigs = {"sparse_bitmask_matmul": (p, p, p, p, p, p, i64, i64, i64, i32),
+    sigs = {"sparse_simd": (),
+            "sparse_bitmask_matmul": (p, p, p, p, p, p, i64, i64, i64, i32),
             "sparse_bitmask_dense": (p, p, p, p, i64, i64, i32),
             "evict_from_cache": (p, i64)}
     out = {}
     for name, args in sigs.items():
-        fn = function("sparse", name, args, None)
+        fn = function("sparse", name, args, ctypes.c_int if name == "sparse_simd" else None)
         if fn is None:
             return {}
         out[name] = fn
@@ -72,6 +76,12 @@ def _fns_isa(isa: str) -> dict:
 def available() -> bool:
     """Whether the C kernel built on this machine."""
     return bool(_fns())
+
+
+def simd() -> int:
+    """The path of the current build: 512 (AVX-512 expand), 256 (AVX2 permutes), 0 (portable C), -1 (none built)."""
+    fn = _fn("sparse_simd")
+    return -1 if fn is None else fn()
 
 
 def to_kernel_layout(keep: torch.Tensor, values: torch.Tensor) -> SparseKernelWeights:
@@ -88,7 +98,8 @@ def to_kernel_layout(keep: torch.Tensor, values: torch.Tensor) -> SparseKernelWe
     vals = values.detach().reshape(-1).to(torch.float32).contiguous()
     if vals.numel() != int(row_start[-1]):
         raise ValueError(f"{vals.numel()} values for {int(row_start[-1])} kept positions")
-    return SparseKernelWeights(mask, vals, row_start, in_f, out_f)
+    # 8 padding floats: the AVX2 path loads 8 values wherever a byte of the mask starts
+    return SparseKernelWeights(mask, torch.cat([vals, vals.new_zeros(VALUE_PADDING)]), row_start, in_f, out_f)
 
 
 def dense_weight(w: SparseKernelWeights) -> torch.Tensor:

@@ -9,8 +9,13 @@
  * popcount(word) consecutive kept values into the kept lanes (zeros elsewhere): one FMA per 16
  * inputs, and only the kept values and one bit per weight cross the memory bus. An N:M layer is
  * the same thing with a fixed count per row (the repacking builds its bitmask). Rows are processed
- * 4 at a time so that their value pointers' popcount chains overlap. Without AVX-512 a portable
- * loop computes the same sums.
+ * 4 at a time so that their value pointers' popcount chains overlap.
+ *
+ * With AVX2 (no expand instruction) each byte of the word expands 8 lanes: 8 values are loaded from
+ * the value pointer, vpermps moves value k to the lane of the k-th set bit (a 256-entry table of
+ * permutations, one per byte), and the lanes whose bit is clear are zeroed. The value array is
+ * padded by 8 floats (see kernels/sparse.py) so that these loads never leave it. Without either a
+ * portable loop computes the same sums.
  */
 #include <stdint.h>
 #include <string.h>
@@ -19,6 +24,38 @@
 #endif
 
 #define RB 4 /* rows interleaved */
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define SP_AVX2 1
+/* EXPAND[b][lane] = how many set bits of b lie below lane: where lane's value sits in the packed run */
+static int32_t EXPAND[256][8];
+__attribute__((constructor)) static void init_expand(void) {
+    for (int b = 0; b < 256; b++) {
+        int k = 0;
+        for (int lane = 0; lane < 8; lane++) {
+            EXPAND[b][lane] = ((b >> lane) & 1) ? k : 0;
+            k += (b >> lane) & 1;
+        }
+    }
+}
+/* the next popcount(bits) values at *v expanded into the lanes of the set bits of bits (8 lanes) */
+static inline __m256 expand8(const float **v, unsigned bits, __m256i sel) {
+    __m256 vals = _mm256_permutevar8x32_ps(_mm256_loadu_ps(*v), _mm256_loadu_si256((const __m256i *)EXPAND[bits]));
+    __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), sel), sel);
+    *v += _mm_popcnt_u32(bits);
+    return _mm256_and_ps(vals, _mm256_castsi256_ps(lanes));
+}
+#endif
+
+int sparse_simd(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(SP_AVX2)
+    return 256;
+#else
+    return 0;
+#endif
+}
 
 /* x (n_rows, n_in) f32 contiguous; out (n_rows, n_out). n_in must be a multiple of 16. */
 void sparse_bitmask_matmul(const float *x, const uint16_t *mask, const float *values, const int64_t *row_start,
@@ -49,6 +86,31 @@ void sparse_bitmask_matmul(const float *x, const uint16_t *mask, const float *va
                 }
             }
             for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(acc[r]);
+#elif defined(SP_AVX2)
+            const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            __m256 acc[RB];
+            const float *vp[RB];
+            const uint16_t *mp[RB];
+            for (int r = 0; r < RB; r++) {
+                int64_t o = o0 + (r < nr ? r : 0);
+                acc[r] = _mm256_setzero_ps();
+                vp[r] = values + row_start[o];
+                mp[r] = mask + o * nc;
+            }
+            for (int64_t c = 0; c < nc; c++) {
+                __m256 xa = _mm256_loadu_ps(xr + c * 16), xb = _mm256_loadu_ps(xr + c * 16 + 8);
+                for (int r = 0; r < RB; r++) {
+                    unsigned m = mp[r][c];
+                    acc[r] = _mm256_fmadd_ps(expand8(&vp[r], m & 255u, sel), xa, acc[r]);
+                    acc[r] = _mm256_fmadd_ps(expand8(&vp[r], m >> 8, sel), xb, acc[r]);
+                }
+            }
+            for (int r = 0; r < nr; r++) {
+                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+                res[r] = _mm_cvtss_f32(s4);
+            }
 #else
             for (int r = 0; r < nr; r++) {
                 int64_t o = o0 + r;
@@ -79,6 +141,10 @@ void sparse_bitmask_dense(const uint16_t *mask, const float *values, const int64
 #ifdef __AVX512F__
             _mm512_storeu_ps(w + o * n_in + c * 16, _mm512_maskz_expandloadu_ps((__mmask16)m, v));
             v += _mm_popcnt_u32(m);
+#elif defined(SP_AVX2)
+            const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+            _mm256_storeu_ps(w + o * n_in + c * 16, expand8(&v, m & 255u, sel));
+            _mm256_storeu_ps(w + o * n_in + c * 16 + 8, expand8(&v, m >> 8, sel));
 #else
             for (int j = 0; j < 16; j++) w[o * n_in + c * 16 + j] = ((m >> j) & 1) ? *v++ : 0.0f;
 #endif
