@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import llmdeploy
 from llmdeploy.delta import BitDelta, BitDeltaLinear, MultiTenant, load_delta, save_delta
 from llmdeploy.errors import CheckpointError, ConfigError
+from llmdeploy.kernels import native
 from llmdeploy.kernels.binary import (
     multi_binary_matmul,
     multi_binary_matmul_reference,
@@ -43,13 +44,22 @@ def test_multi_binary_matmul_equals_reference(rows, in_f, out_f):
     torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("isa", native.available_isas())  # every SIMD path this CPU runs
 @pytest.mark.parametrize("rows", [1, 7, 40])
 @pytest.mark.parametrize("in_f,out_f", [(13, 7), (64, 160), (200, 33), (576, 48)])
-def test_native_binary_matmul_equals_reference(rows, in_f, out_f):
-    from llmdeploy.kernels.binary import multi_binary_matmul_native, native_available
+def test_native_binary_matmul_equals_reference(isa, rows, in_f, out_f):
+    with native.isa(isa):
+        _check_native_binary(rows, in_f, out_f)
+
+
+def _check_native_binary(rows, in_f, out_f):
+    from llmdeploy.kernels.binary import merge_signs, multi_binary_matmul_native, native_available
     if not native_available():
         pytest.skip("no C compiler here")
     g = torch.Generator().manual_seed(rows * 7 + in_f)
+    w = torch.randn(out_f, in_f, generator=g)
+    signs = pack_signs(torch.randn(out_f, in_f, generator=g))
+    assert torch.equal(merge_signs(w, signs, 0.25), w + 0.25 * unpack_signs(signs, in_f))
     packed = torch.stack([pack_signs(torch.randn(out_f, in_f, generator=g)) for _ in range(3)])
     x = torch.randn(in_f, rows, generator=g).T  # non-contiguous
     tenant = torch.randint(0, 3, (rows,), generator=g)

@@ -3,8 +3,8 @@
 Signs are packed 8 per byte along the input dimension, bit ``k`` of byte ``j`` holding input
 ``8j + k`` (1 = +1, 0 = −1; a zero delta counts as +1). Since ``x·s = 2·Σ_{bit=1} x − Σ x``, the
 C kernel (``csrc/binary.c``, built on first use, see :mod:`.native`) computes each output as a
-masked sum where two packed bytes are the AVX-512 lane mask of 16 inputs: one bit per weight is
-what it reads, instead of 32. The numba kernel (used where no C compiler is) builds per token a
+masked sum where two packed bytes are the AVX-512 lane mask of 16 inputs (with AVX2, a broadcast
+byte tested per lane): one bit per weight is what it reads, instead of 32. The numba kernel (used where no C compiler is) builds per token a
 lookup table of the 256 partial sums of every 8 inputs and reads ``in/8`` table entries per
 output. Both take a tenant index per row, so one call applies a different delta to each row of a
 batch; both are checked against :func:`binary_matmul_reference`.
@@ -158,7 +158,7 @@ def multi_binary_linear(x: torch.Tensor, base: torch.nn.Linear, packed: torch.Te
 
 
 def native_available() -> bool:
-    """Whether the C kernel (AVX-512 masked adds where the CPU has them) built on this machine."""
+    """Whether the C kernel (AVX-512 masked adds, or AVX2 lane masks, where the CPU has them) built on this machine."""
     return _native() is not None
 
 

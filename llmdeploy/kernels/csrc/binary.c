@@ -3,15 +3,34 @@
  *
  * Since x.s = 2 * (sum of the x_i whose bit is set) - sum(x), each output is a masked sum: with
  * AVX-512 two packed bytes are directly the lane mask of 16 inputs, so one masked add consumes 16
- * weights while reading 2 bytes of them. Without AVX-512 a portable loop does the same per bit.
+ * weights while reading 2 bytes of them. With AVX2 a byte is broadcast and each of 8 lanes tests its
+ * own bit (the lane mask), then an and + add; without either a portable loop does it per bit.
  * Parallel over outputs (OpenMP); x rows stay in L1 while the codes stream through.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#if !defined(__AVX512F__) && defined(__AVX2__)
+#define BIN_AVX2 1
+/* all-ones in the lanes whose bit of b is set (lane k: bit k) */
+static inline __m256 lanes_of(unsigned b, __m256i sel) {
+    __m256i v = _mm256_and_si256(_mm256_set1_epi32((int)b), sel);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel));
+}
+#endif
+
+int binary_simd(void) {
+#if defined(__AVX512F__)
+    return 512;
+#elif defined(BIN_AVX2)
+    return 256;
+#else
+    return 0;
+#endif
+}
 
 static float masked_sum(const float *x, const uint8_t *codes, int64_t n_in) {
     int64_t i = 0;
@@ -36,6 +55,24 @@ static float masked_sum(const float *x, const uint8_t *codes, int64_t n_in) {
         a0 = _mm512_mask_add_ps(a0, (__mmask16)m, a0, _mm512_loadu_ps(x + i));
     }
     acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+#elif defined(BIN_AVX2)
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    for (; i + 32 <= n_in; i += 32) { /* four independent accumulators hide the add latency */
+        const uint8_t *c = codes + i / 8;
+        a0 = _mm256_add_ps(a0, _mm256_and_ps(lanes_of(c[0], sel), _mm256_loadu_ps(x + i)));
+        a1 = _mm256_add_ps(a1, _mm256_and_ps(lanes_of(c[1], sel), _mm256_loadu_ps(x + i + 8)));
+        a2 = _mm256_add_ps(a2, _mm256_and_ps(lanes_of(c[2], sel), _mm256_loadu_ps(x + i + 16)));
+        a3 = _mm256_add_ps(a3, _mm256_and_ps(lanes_of(c[3], sel), _mm256_loadu_ps(x + i + 24)));
+    }
+    for (; i + 8 <= n_in; i += 8)
+        a0 = _mm256_add_ps(a0, _mm256_and_ps(lanes_of(codes[i / 8], sel), _mm256_loadu_ps(x + i)));
+    __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    acc = _mm_cvtss_f32(s4);
 #endif
     for (; i < n_in; i++)
         if ((codes[i >> 3] >> (i & 7)) & 1) acc += x[i];
@@ -85,6 +122,13 @@ void merge_signs(const float *w, const uint8_t *packed, float scale, float *out,
             memcpy(&m, codes + i / 8, 2);
             __m512 s = _mm512_mask_blend_ps((__mmask16)m, minus, plus);
             _mm512_storeu_ps(orow + i, _mm512_add_ps(_mm512_loadu_ps(wr + i), s));
+        }
+#elif defined(BIN_AVX2)
+        const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
+        const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        for (; i + 8 <= n_in; i += 8) { /* a byte of signs selects +scale or -scale for 8 inputs */
+            __m256 s = _mm256_blendv_ps(minus, plus, lanes_of(codes[i / 8], sel));
+            _mm256_storeu_ps(orow + i, _mm256_add_ps(_mm256_loadu_ps(wr + i), s));
         }
 #endif
         for (; i < n_in; i++)
