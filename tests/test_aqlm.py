@@ -96,6 +96,24 @@ def test_cpu_kernel_equals_reference(cfg, tokens, out_f):
             assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5), name
 
 
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[3] == 1])
+def test_cpu_prefill_decodes_the_reference_weight(cfg):
+    """Many tokens on CPU: the weight decoded in C (bit for bit the reference's up to 4 codebooks), one matmul."""
+    if not aqlm_cpu.c_available():
+        pytest.skip("no C compiler here")
+    m = random_layer(*cfg, out_f=46)
+    x = torch.randn(2, 20, 64)  # 40 tokens: above the matrix-vector kernel's limit
+    with torch.no_grad():
+        for isa in native.available_isas():
+            with native.isa(isa):
+                if m.num_codebooks <= 4:  # torch sums 8 codebooks in another order
+                    assert torch.equal(aqlm_cpu.dequantize_c(m), m.dequantize())
+                torch.testing.assert_close(aqlm_cpu.dequantize_c(m), m.dequantize(), atol=1e-6, rtol=1e-6)
+        auto = m(x)
+        ref = m.forward_reference(x)
+    torch.testing.assert_close(auto, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_cpu_kernel_follows_code_changes():
     if not aqlm_cpu.available():
         pytest.skip("numba not installed")
@@ -404,6 +422,7 @@ def test_cuda_inputs_with_shapes_triton_cannot_take_fall_back():
 
     class CudaLike:  # what the dispatcher reads of a CUDA tensor
         is_cuda = True
+        is_cpu = False
         device = torch.device("cuda")
         dtype = torch.float16
 

@@ -1,6 +1,6 @@
 """Kernels for quantized matmuls, each tested against a plain-torch reference.
 
-``aqlm_kernel_for(module, x, tokens)`` picks the kernel an ``AQLMLinear`` uses for input ``x``
+``aqlm_kernel_for(module, x, tokens)`` picks the kernel (``kernel(x, module)``) an ``AQLMLinear`` uses for input ``x``
 (or None: the reference); RTN/GPTQ layers use :mod:`.quant` for fp32 CPU inputs.
 :func:`use_reference` or ``LLMDEPLOY_KERNELS=reference`` (environment, read at import) forces the
 plain-torch reference everywhere; ``LLMDEPLOY_AQLM_KERNEL=reference`` only for AQLM.
@@ -20,6 +20,7 @@ _FORCE_REFERENCE = False
 #: read once at import: the layers check it on every call, and ``os.environ`` costs a microsecond
 #: (use :func:`use_reference` to switch at run time)
 _ENV_REFERENCE = os.environ.get("LLMDEPLOY_KERNELS", "auto") == "reference"
+_ENV_AQLM_REFERENCE = os.environ.get("LLMDEPLOY_AQLM_KERNEL", "auto") == "reference"
 
 
 @functools.cache
@@ -56,11 +57,21 @@ def row_call_buffers(x: torch.Tensor, bias: torch.Tensor | None, out_features: i
     return x, out, bias
 
 
-def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The fastest available kernel for ``module(x)``, or None for the reference."""
-    if forced_reference() or os.environ.get("LLMDEPLOY_AQLM_KERNEL", "auto") == "reference":
+def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Tensor, object], torch.Tensor] | None:
+    """The fastest available kernel for ``module(x)``, called as ``kernel(x, module)``, or None for
+    the reference. Called on every
+    forward (~200 times per decoded token), so the CPU decode case is checked first and cheaply."""
+    if _FORCE_REFERENCE or _ENV_REFERENCE or _ENV_AQLM_REFERENCE or module.out_group_size != 1:
         return None
-    if module.out_group_size != 1:
+    if x.is_cpu:
+        if x.dtype is not torch.float32 or module._parameters["codebooks"].dtype is not torch.float32:
+            return None
+        from . import aqlm_cpu
+
+        if tokens <= aqlm_cpu.GEMV_MAX_TOKENS and aqlm_cpu.available():
+            return aqlm_cpu.aqlm_gemv
+        if tokens > aqlm_cpu.GEMV_MAX_TOKENS and aqlm_cpu.c_available():
+            return aqlm_cpu.aqlm_dequant_matmul
         return None
     if x.is_cuda:
         from . import aqlm_triton
@@ -68,13 +79,8 @@ def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Ten
         if not aqlm_triton.available() or not aqlm_triton.supports(module):
             return None  # the reference (decode + matmul) takes every shape
         if tokens <= aqlm_triton.GEMV_MAX_TOKENS:
-            return lambda inp: aqlm_triton.aqlm_gemv(inp, module)
-        return lambda inp: aqlm_triton.aqlm_dequant_matmul(inp, module)
-    if x.device.type == "cpu" and x.dtype == torch.float32 and module.codebooks.dtype == torch.float32:
-        from . import aqlm_cpu
-
-        if aqlm_cpu.available() and tokens <= aqlm_cpu.GEMV_MAX_TOKENS:
-            return lambda inp: aqlm_cpu.aqlm_gemv(inp, module)
+            return aqlm_triton.aqlm_gemv
+        return aqlm_triton.aqlm_dequant_matmul
     return None
 
 

@@ -31,7 +31,19 @@ LUT_MAX_CODEBOOK = 4096
 
 def available() -> bool:
     """Whether a CPU kernel is here: the C one (built on first use) or numba's."""
-    return _c("aqlm_simd") is not None or importable("numba")
+    from .native import current_isa
+    return _available(current_isa())
+
+
+def c_available() -> bool:
+    """Whether the C kernel built here (the numba kernels have no many-token path)."""
+    from .native import _ISA
+    return _c_isa("aqlm_simd", _ISA) is not None
+
+
+@functools.cache
+def _available(isa: str) -> bool:
+    return _c_isa("aqlm_simd", isa) is not None or importable("numba")
 
 
 def _c(symbol: str):
@@ -45,10 +57,14 @@ def _c_isa(symbol: str, isa: str):
 
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    matvec = (p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32)
     sig = {"aqlm_simd": (), "aqlm_build_lut": (p, p, p, i64, i64, i64, i64, i64, i32),
            "aqlm_gemv_lut": (p, p, p, p, i64, i64, i64, i64, i64, i32, i32),
-           "aqlm_gemv_direct": (p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32)}[symbol]
-    return function("aqlm", symbol, sig, ctypes.c_int if symbol == "aqlm_simd" else None)
+           "aqlm_gemv_direct": (p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32),
+           "aqlm_lut_matvec": matvec, "aqlm_direct_matvec": matvec,
+           "aqlm_dequantize": (p, i32, p, p, p, i64, i64, i64, i64, i64, i32, i32)}[symbol]
+    returns_int = symbol in ("aqlm_simd", "aqlm_lut_matvec", "aqlm_direct_matvec")
+    return function("aqlm", symbol, sig, ctypes.c_int if returns_int else None)
 
 
 #: codebooks up to this size take the C table kernel (one byte per code); larger ones stream codewords
@@ -167,38 +183,72 @@ def _codes_u16(module) -> torch.Tensor:
     return module._cpu_codes_u16[1]
 
 
-def aqlm_gemv_c(x: torch.Tensor, module) -> torch.Tensor:
-    """``module(x)`` with the C kernels (see the module docstring)."""
-    shape = x.shape
-    xb = x.detach().reshape(-1, module.in_features).contiguous()
-    n_b, g = xb.shape[0], module.in_group_size
-    n_c, k, n_o = module.num_codebooks, module.codebook_size, module.out_features
+def _c_plan(module) -> tuple:
+    """What every C call for ``module`` passes, resolved once: (function, weight pointers, shape
+    arguments, tensors kept alive). Rebuilt when codes, codebooks, scales or bias change (in place
+    included) or another instruction-set variant is asked for; a decode step calls this ~200 times."""
+    from .native import _ISA
+    ps = module._parameters  # not module.codes: nn.Module's __getattr__ costs ~1 us per name
+    codes, books, scales, bias = ps["codes"], ps["codebooks"], ps["scales"], ps.get("bias")
+    key = (_ISA, codes.data_ptr(), codes._version, books.data_ptr(), books._version, scales.data_ptr(),
+           scales._version, None if bias is None else (bias.data_ptr(), bias._version))
+    cached = module.__dict__.get("_cpu_c_plan")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    g, n_c, k, n_o = module.in_group_size, module.num_codebooks, module.codebook_size, module.out_features
     n_g = module.in_features // g
     scales = module.scales.detach().reshape(-1).float().contiguous()
-    out = torch.empty(n_b, n_o, dtype=torch.float32)
-    threads = torch.get_num_threads()
-    mask = k - 1
+    bias = None if module.bias is None else module.bias.detach().float().contiguous()
     if k <= C_LUT_MAX_CODEBOOK and module.codes.dtype == torch.int8:
-        lut = torch.empty(n_b, n_g, n_c, k, dtype=torch.float32)
-        books_t = transposed_books(module)
-        _c("aqlm_build_lut")(xb.data_ptr(), books_t.ctypes.data, lut.data_ptr(), n_b, n_g, g, n_c, k, threads)
-        codes_t = transposed_codes(module)
-        _c("aqlm_gemv_lut")(lut.data_ptr(), codes_t.ctypes.data, scales.data_ptr(), out.data_ptr(), n_b, n_g, n_c, k,
-                            n_o, mask, threads)
+        books, codes = torch.from_numpy(transposed_books(module)), torch.from_numpy(transposed_codes(module))
+        fn = _c("aqlm_lut_matvec")
     else:
-        books = module.codebooks.detach().reshape(n_c, k, g).contiguous()
-        codes = _codes_u16(module)
-        _c("aqlm_gemv_direct")(xb.data_ptr(), books.data_ptr(), codes.data_ptr(), scales.data_ptr(), out.data_ptr(),
-                               n_b, n_g, g, n_c, k, n_o, mask, threads)
-    if module.bias is not None:
-        out += module.bias.detach()
-    return out.view(*shape[:-1], n_o)
+        books, codes = module.codebooks.detach().reshape(n_c, k, g).float().contiguous(), _codes_u16(module)
+        fn = _c("aqlm_direct_matvec")
+    ptrs = (books.data_ptr(), codes.data_ptr(), scales.data_ptr(), None if bias is None else bias.data_ptr())
+    plan = (fn, ptrs, (n_g, g, n_c, k, n_o, k - 1), (books, codes, scales, bias))
+    module._cpu_c_plan = (key, plan)
+    return plan
+
+
+def aqlm_gemv_c(x: torch.Tensor, module) -> torch.Tensor:
+    """``module(x)`` with the C kernels (see the module docstring)."""
+    fn, ptrs, dims, _ = _c_plan(module)
+    n_o = dims[4]
+    if not x.is_contiguous():
+        x = x.contiguous()
+    out = torch.empty((*x.shape[:-1], n_o), dtype=torch.float32)
+    if fn(x.data_ptr(), *ptrs, out.data_ptr(), x.numel() // x.shape[-1], *dims, torch.get_num_threads()) != 0:
+        raise MemoryError("the AQLM kernel could not allocate its lookup table")
+    return out
+
+
+def dequantize_c(module) -> torch.Tensor:
+    """The dense fp32 weight (out, in) of an AQLM layer (out_group_size 1), decoded in C: what
+    :func:`~llmdeploy.quant.aqlm_linear.dequantize` computes: codewords summed in codebook order, then
+    scaled (bit for bit up to 4 codebooks; torch reduces more in another order)."""
+    ps = module._parameters
+    codes = ps["codes"].detach().contiguous()
+    g, n_c, k, n_o = module.in_group_size, module.num_codebooks, module.codebook_size, module.out_features
+    books = ps["codebooks"].detach().reshape(n_c, k, g).float().contiguous()
+    scales = ps["scales"].detach().reshape(-1).float().contiguous()
+    w = torch.empty(n_o, module.in_features, dtype=torch.float32)
+    _c("aqlm_dequantize")(codes.data_ptr(), codes.element_size(), books.data_ptr(), scales.data_ptr(), w.data_ptr(),
+                          n_o, module.in_features // g, g, n_c, k, k - 1, torch.get_num_threads())
+    return w
+
+
+def aqlm_dequant_matmul(x: torch.Tensor, module) -> torch.Tensor:
+    """``module(x)`` for many tokens on CPU (prefill): the weight decoded once in C, one BLAS matmul."""
+    bias = module._parameters.get("bias")
+    return torch.nn.functional.linear(x, dequantize_c(module), None if bias is None else bias.detach().float())
 
 
 def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
     """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1): the C kernel when it
     builds here, else numba's."""
-    if _c("aqlm_simd") is not None:
+    from .native import current_isa
+    if _c_isa("aqlm_simd", current_isa()) is not None:
         return aqlm_gemv_c(x, module)
     return aqlm_gemv_numba(x, module)
 

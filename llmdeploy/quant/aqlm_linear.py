@@ -28,6 +28,7 @@ from torch import nn
 
 from ..compress.modules import CompressedModule, register_hf_loader, register_module
 from ..errors import CheckpointError, ConfigError
+from ..kernels import aqlm_kernel_for
 from ..models.adapters import get_adapter
 
 #: at most this many tokens (rows of the flattened input) take the matrix-vector kernels
@@ -152,16 +153,14 @@ class AQLMLinear(CompressedModule):
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # self._parameters, not self.codebooks: a decode step runs ~200 of these, and nn.Module's
+        # __getattr__ costs about a microsecond per name
         needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or self.codebooks.requires_grad or self.scales.requires_grad
-            or (self.bias is not None and self.bias.requires_grad))
+            x.requires_grad or any(p is not None and p.requires_grad for p in self._parameters.values()))
         if not needs_grad:
-            tokens = math.prod(x.shape[:-1])
-            from ..kernels import aqlm_kernel_for
-
-            kernel = aqlm_kernel_for(self, x, tokens)
+            kernel = aqlm_kernel_for(self, x, math.prod(x.shape[:-1]))
             if kernel is not None:
-                return kernel(x)
+                return kernel(x, self)
         return self.forward_reference(x)
 
     def extra_repr(self) -> str:

@@ -57,6 +57,16 @@ void aqlm_build_lut(const float *x, const float *books_t, float *lut, int64_t n_
             const float *bt = books_t + c * g * n_k;
             int64_t k = 0;
 #if defined(__AVX2__) && defined(__FMA__)
+            for (; k + 64 <= n_k; k += 64) { /* 8 independent FMA chains: one chain would wait on its latency */
+                __m256 acc[8];
+                for (int v = 0; v < 8; v++) acc[v] = _mm256_setzero_ps();
+                for (int64_t t = 0; t < g; t++) {
+                    __m256 xv = _mm256_set1_ps(xj[t]);
+                    for (int v = 0; v < 8; v++)
+                        acc[v] = _mm256_fmadd_ps(xv, _mm256_loadu_ps(bt + t * n_k + k + 8 * v), acc[v]);
+                }
+                for (int v = 0; v < 8; v++) _mm256_storeu_ps(row + k + 8 * v, acc[v]);
+            }
             for (; k + 8 <= n_k; k += 8) {
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t t = 0; t < g; t++)
@@ -180,6 +190,71 @@ void aqlm_gemv_direct(const float *x, const float *books, const uint16_t *codes,
                     }
                 out[b * n_o + o0 + r] = acc * scales[o0 + r];
             }
+        }
+    }
+}
+
+/* One call for a few tokens (what a decode step needs): the table into a scratch buffer, the
+ * lookups, then the bias. Returns 0, or -2 when the table cannot be allocated. */
+int aqlm_lut_matvec(const float *x, const float *books_t, const uint8_t *codes_t, const float *scales,
+                    const float *bias, float *out, int64_t n_b, int64_t n_g, int64_t g, int64_t n_c, int64_t n_k,
+                    int64_t n_o, int mask, int threads) {
+    float *lut = malloc(sizeof(float) * (size_t)(n_b * n_g * n_c * n_k > 0 ? n_b * n_g * n_c * n_k : 1));
+    if (!lut) return -2;
+    aqlm_build_lut(x, books_t, lut, n_b, n_g, g, n_c, n_k, threads);
+    aqlm_gemv_lut(lut, codes_t, scales, out, n_b, n_g, n_c, n_k, n_o, mask, threads);
+    free(lut);
+    if (bias)
+        for (int64_t b = 0; b < n_b; b++)
+            for (int64_t o = 0; o < n_o; o++) out[b * n_o + o] += bias[o];
+    return 0;
+}
+
+/* aqlm_gemv_direct, then the bias */
+int aqlm_direct_matvec(const float *x, const float *books, const uint16_t *codes, const float *scales,
+                       const float *bias, float *out, int64_t n_b, int64_t n_g, int64_t g, int64_t n_c, int64_t n_k,
+                       int64_t n_o, int mask, int threads) {
+    aqlm_gemv_direct(x, books, codes, scales, out, n_b, n_g, g, n_c, n_k, n_o, mask, threads);
+    if (bias)
+        for (int64_t b = 0; b < n_b; b++)
+            for (int64_t o = 0; o < n_o; o++) out[b * n_o + o] += bias[o];
+    return 0;
+}
+
+/* The dense weight w (n_o, G * g) = scales[o] * sum_c books[c, code[o, j, c] & mask] for many tokens
+ * (prefill: one decoding per call, then one BLAS matmul). codes (n_o, G, C) in their storage width
+ * (code_bytes 1 or 2, read as unsigned); books (C, K, g). */
+void aqlm_dequantize(const void *codes, int code_bytes, const float *books, const float *scales, float *w,
+                     int64_t n_o, int64_t n_g, int64_t g, int64_t n_c, int64_t n_k, int mask, int threads) {
+    const uint8_t *c8 = (const uint8_t *)codes;
+    const uint16_t *c16 = (const uint16_t *)codes;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < n_o; o++) {
+        float s = scales[o];
+        for (int64_t j = 0; j < n_g; j++) {
+            float *dst = w + o * n_g * g + j * g;
+            int64_t at = (o * n_g + j) * n_c;
+#if defined(__AVX2__)
+            if (g == 8) { /* one codeword is one vector */
+                __m256 v = _mm256_setzero_ps();
+                for (int64_t c = 0; c < n_c; c++) {
+                    int code = (code_bytes == 1 ? c8[at + c] : c16[at + c]) & mask;
+                    __m256 cw = _mm256_loadu_ps(books + (c * n_k + code) * 8);
+                    v = c == 0 ? cw : _mm256_add_ps(v, cw);
+                }
+                _mm256_storeu_ps(dst, _mm256_mul_ps(v, _mm256_set1_ps(s)));
+                continue;
+            }
+#endif
+            for (int64_t c = 0; c < n_c; c++) {
+                int code = (code_bytes == 1 ? c8[at + c] : c16[at + c]) & mask;
+                const float *src = books + (c * n_k + code) * g;
+                if (c == 0)
+                    for (int64_t t = 0; t < g; t++) dst[t] = src[t];
+                else
+                    for (int64_t t = 0; t < g; t++) dst[t] += src[t];
+            }
+            for (int64_t t = 0; t < g; t++) dst[t] *= s;
         }
     }
 }
