@@ -34,15 +34,32 @@ def _fn_isa(symbol: str, isa: str):
     return function("w8a8", symbol, *sig)
 
 
+#: without VNNI, inputs of more rows than this (prefill) take torch's exact fp32-GEMM path, which
+#: is faster there than int16 products (``benchmarks.speed``: prefill 0.67x dense through the kernel)
+AVX2_MAX_ROWS = 16
+
+
 def simd() -> int:
     """The product path of the current build: 2 (AVX512-VNNI), 1 (AVX2), 0 (portable C), -1 (none built)."""
-    fn = _fn("w8a8_simd")
+    from .native import _ISA
+    return _simd(_ISA)
+
+
+@functools.cache
+def _simd(isa: str) -> int:
+    fn = _fn_isa("w8a8_simd", isa)
     return -1 if fn is None else fn()
 
 
 def available() -> bool:
     """Whether the C kernel built here with a SIMD product (AVX512-VNNI or AVX2)."""
     return simd() >= 1
+
+
+def serves(rows: int) -> bool:
+    """Whether the kernel is the faster path for an input of ``rows`` token rows here."""
+    s = simd()
+    return s == 2 or (s == 1 and rows <= AVX2_MAX_ROWS)
 
 
 def row_sums(qweight: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """Dynamic int8 quantization: int8 weights (per output channel, symmetric) and activations
 quantized per token at run time, multiplied in integer arithmetic (int32 accumulation).
 
-On CPUs with AVX512-VNNI the layer runs the C kernel of :mod:`llmdeploy.kernels.int8`
-(bit-identical to the torch path below, which stays the reference and the fallback)."""
+On CPUs with AVX512-VNNI, or AVX2 for up to ``AVX2_MAX_ROWS`` token rows, the layer runs the C
+kernel of :mod:`llmdeploy.kernels.int8` (bit-identical to the torch path below, which stays the
+reference and the fallback)."""
 
 from __future__ import annotations
 
@@ -101,7 +102,7 @@ class DynamicInt8Linear(CompressedModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the decode path is called ~200 times per token: every check here is a cheap one
         if x.is_cpu and x.dtype is torch.float32 and not forced_reference() and \
-                not (torch.is_grad_enabled() and x.requires_grad) and int8_kernel.available():
+                not (torch.is_grad_enabled() and x.requires_grad) and int8_kernel.serves(x.numel() // self.in_features):
             args = self._kernel_args()
             if args is not None:
                 return int8_kernel.w8a8_linear(x, *args, self._parameters.get("bias"))
