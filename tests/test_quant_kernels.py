@@ -193,6 +193,19 @@ def test_readme_quotes_the_speed_benchmark():
     for k, label in (("rtn int4 g64 + int8 embedding/head", "int4"), ("w8a8 dynamic + int8 embedding/head", "W8A8"),
                      ("sparse 50%", "pruned 50%"), ("sparse 70%", "70%"), ("sparse 2:4", "2:4")):
         assert f"{label} {res['model'][k]['decode_x_dense']:.2f}x" in readme, k
+    for k, label in (("aqlm 2x8 g8", "AQLM 2x8"), ("aqlm 1x16 g8", "AQLM 1x16")):
+        assert f"{label} {layer[k]['x_dense']:.2f}x" in readme, k
+    m = res["model"]
+    assert (f"AQLM 2x8 {m['aqlm 2x8 g8 (random codes)']['decode_x_dense']:.2f}x and 1x16 "
+            f"{m['aqlm 1x16 g8 (random codes)']['decode_x_dense']:.2f}x") in readme
+    pre = [r["prefill_x_dense"] for k, r in m.items() if k not in ("dense fp32", "floor: decoder linears removed")]
+    assert f"prefill of 512 tokens {min(pre):.2f}x–{max(pre):.2f}x dense" in readme
     floor = res["model"]["floor: decoder linears removed"]
     assert f"more than {floor['decode_x_dense']:.2f}x faster" in readme
+    kern = {(r["config"], r["kernel"]): r for r in
+            json.loads((root / "benchmarks/results/kernels/aqlm_cpu.json").read_text())["rows"]}
+    a28, a16 = kern[("2x8 g8", "llmdeploy kernel")], kern[("1x16 g8", "llmdeploy kernel")]
+    assert (f"runs in {a28['ms']:.2f} ms: {a28['speedup_vs_dense']:.2f}x torch's dense fp32 matvec and "
+            f"{a28['speedup_vs_aqlm_package']:.2f}x the `aqlm` package's") in readme
+    assert f"{a16['speedup_vs_dense']:.2f}x dense and {a16['speedup_vs_aqlm_package']:.1f}x the package's" in readme
     assert f"dense {res['model']['dense fp32']['decode_tok_s']:.1f} tok/s" in readme
