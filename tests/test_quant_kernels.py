@@ -38,6 +38,13 @@ def test_each_instruction_set_builds_its_own_path(isa):
             pass
 
 
+def test_a_bad_instruction_set_from_the_environment_is_a_clear_error(monkeypatch):
+    from llmdeploy.errors import ConfigError
+    monkeypatch.setattr(native, "_ISA", "sse9")  # as LLMDEPLOY_NATIVE_ISA=sse9 would set it
+    with pytest.raises(ConfigError, match="LLMDEPLOY_NATIVE_ISA='sse9'"):
+        native.library("qmatmul")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("layout,bits", LAYOUTS)
 @pytest.mark.parametrize("out_f,in_f,gs", [(7, 64, 32), (33, 192, 64), (48, 64, 64), (161, 96, 96)])

@@ -1,9 +1,9 @@
 """CPU matrix-vector kernels for AQLM layers (C, or numba without a compiler), for batch-1 decoding.
 
 ``csrc/aqlm.c`` (built by :mod:`.native`) is used when it builds: AVX2 gathers of eight table
-entries for codebooks of at most 256 entries, and a codeword-streaming kernel (4 outputs at a time,
-prefetching later codewords) for larger ones such as 1x16. Without a compiler the numba kernels
-below compute the same sums.
+entries for codebooks of at most 256 entries, and a codeword-streaming kernel (8 outputs at a time)
+for larger ones such as 1x16; for many tokens (prefill) it decodes the weight once and one BLAS
+matmul follows. Without a compiler the numba kernels below compute the same decode-step sums.
 
 For codebooks of at most 4096 entries (2x8, 1x8, 4x8...) the kernel first builds a lookup table
 ``lut[b, j, c, k] = x[b, group j] · codebooks[c, k]`` (small: in/in_group_size x C x K floats),

@@ -99,6 +99,10 @@ library.cache_clear = lambda: _library.cache_clear()  # type: ignore[attr-define
 
 @functools.cache
 def _library(name: str, isa_name: str) -> ctypes.CDLL | None:
+    if isa_name not in ISA_FLAGS:
+        from ..errors import ConfigError
+        raise ConfigError(f"LLMDEPLOY_NATIVE_ISA={isa_name!r} is not an instruction-set variant; "
+                          f"use one of {sorted(ISA_FLAGS)} (or unset it)")
     if os.environ.get("LLMDEPLOY_NATIVE", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
