@@ -172,6 +172,19 @@ def transposed_books(module) -> np.ndarray:
     return module._cpu_books_t[1]
 
 
+#: outputs per tile of the C table kernel (csrc/aqlm.c TILE)
+C_TILE = 64
+
+
+def tiled_codes(codes: torch.Tensor) -> torch.Tensor:
+    """8-bit codes (out, groups, codebooks) in the C table kernel's layout (ceil(out / 64), groups,
+    codebooks, 64) as unsigned bytes; the last tile padded with zeros (never read as outputs)."""
+    out_f = codes.shape[0]
+    u8 = codes.contiguous().view(torch.uint8)
+    u8 = torch.nn.functional.pad(u8, (0, 0, 0, 0, 0, (-out_f) % C_TILE))
+    return u8.reshape(-1, C_TILE, *codes.shape[1:]).permute(0, 2, 3, 1).contiguous()
+
+
 def _codes_u16(module) -> torch.Tensor:
     """The codes (out, groups, codebooks) as int16 storage whose bits the C kernel reads as uint16
     (cached like the transposed codes; 8-bit storage widened with its sign, masked in the kernel)."""
@@ -200,7 +213,7 @@ def _c_plan(module) -> tuple:
     scales = module.scales.detach().reshape(-1).float().contiguous()
     bias = None if module.bias is None else module.bias.detach().float().contiguous()
     if k <= C_LUT_MAX_CODEBOOK and module.codes.dtype == torch.int8:
-        books, codes = torch.from_numpy(transposed_books(module)), torch.from_numpy(transposed_codes(module))
+        books, codes = torch.from_numpy(transposed_books(module)), tiled_codes(codes.detach())
         fn = _c("aqlm_lut_matvec")
     else:
         books, codes = module.codebooks.detach().reshape(n_c, k, g).float().contiguous(), _codes_u16(module)
