@@ -35,7 +35,7 @@ def _fn_isa(symbol: str, isa: str):
 
 
 #: without VNNI, inputs of more rows than this (prefill) take torch's exact fp32-GEMM path, which
-#: is faster there than int16 products (``benchmarks.speed``: prefill 0.67x dense through the kernel)
+#: measured faster there than int16 products (a 512-token prefill was slower than dense through the kernel)
 AVX2_MAX_ROWS = 16
 
 

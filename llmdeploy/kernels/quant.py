@@ -11,7 +11,7 @@ token rows (decoding):
   index's low 4 bits) turn 16 codes into 16 weights, then one FMA; with AVX2 (no 16-entry
   permute) nibbles are widened to floats, a dot product per group, then ``s·(Σ c·x − z·Σ x)``.
   Codes of 1-3 bits take 4 bits in this layout (more memory than the checkpoint), which is faster
-  than their bit planes (``benchmarks.speed``: int2 in planes was slower than int4 in nibbles);
+  than their bit planes (on an AVX-512 CPU, 2-bit planes measured slower than 4-bit nibbles);
 - ``byte`` (8-bit codes): bytes widened to floats, a dot product per group, then
   ``s·(Σ c·x − z·Σ x)``;
 - ``planes`` (any width, groups of a multiple of 16): one bit plane per code bit; two bytes of a
@@ -118,7 +118,8 @@ def _fn(symbol: str):
 def _fn_isa(symbol: str, isa: str):
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    sig = {"qmatmul_simd": ((), ctypes.c_int),"qmatmul_planes": ((p, p, p, p, p, p, i64, i64, i64, i32, i64, i32), ctypes.c_int),
+    sig = {"qmatmul_simd": ((), ctypes.c_int),
+           "qmatmul_planes": ((p, p, p, p, p, p, i64, i64, i64, i32, i64, i32), ctypes.c_int),
            "dequant_planes": ((p, p, p, p, i64, i64, i32, i64, i32), None),
            "qmatmul_nibble": ((p, p, p, p, p, p, i64, i64, i64, i64, i32), ctypes.c_int),
            "qmatmul_byte": ((p, p, p, p, p, p, i64, i64, i64, i64, i32), ctypes.c_int),
