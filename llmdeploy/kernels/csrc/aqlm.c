@@ -85,7 +85,7 @@ void aqlm_build_lut(const float *x, const float *books_t, float *lut, int64_t n_
 
 /* out (n_b, n_o) = scales * sum over (j, c) of lut[b, j, c, code(o, j, c) & mask]; codes_t tile-major,
  * (ceil(n_o / TILE), G, C, TILE) u8: the codes of one tile for one (group, codebook) are TILE adjacent
- * bytes and a tile's group block is contiguous (measured 15% faster on 11008x4096 than (G, C, n_o)); the
+ * bytes and a tile's group block is contiguous (measured faster on 11008x4096 than (G, C, n_o)); the
  * signed storage read as unsigned (for fewer than 8 bits the mask K - 1 recovers the code).
  * Each thread owns an equal share of the outputs (whole tiles), walked in chunks of CHUNK outputs
  * whose partial sums (in out) stay in L1 beside the JB table rows being read. */
