@@ -114,6 +114,23 @@ def test_cpu_prefill_decodes_the_reference_weight(cfg):
     torch.testing.assert_close(auto, ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [(2, 8), (1, 16)])
+def test_aqlm_model_logits_same_on_every_path(cfg):
+    """A model whose decoder linears are all AQLM layers: decode-sized inputs (table / codeword
+    kernels) and a prefill (weight decoded in C) give the reference's logits."""
+    from llmdeploy.models.adapters import get_adapter
+
+    from .conftest import assert_logits_same_on_every_path
+    if not aqlm_cpu.available():
+        pytest.skip("no C compiler and numba not installed")
+    model, tok = llmdeploy.load("tiny-llama")
+    for i, name in enumerate(get_adapter(model).linear_names()):
+        lin = model.get_submodule(name)
+        model.set_submodule(name, random_layer(*cfg, 8, 1, out_f=lin.out_features, in_f=lin.in_features,
+                                               bias=lin.bias is not None, seed=i))
+    assert_logits_same_on_every_path(model.eval(), tok)
+
+
 def test_cpu_kernel_follows_code_changes():
     if not aqlm_cpu.available():
         pytest.skip("numba not installed")

@@ -94,7 +94,13 @@ def library(name: str) -> ctypes.CDLL | None:
     return _library(name, _ISA)
 
 
-library.cache_clear = lambda: _library.cache_clear()  # type: ignore[attr-defined]
+def _cache_clear() -> None:
+    """Forget every built library and resolved function (the next use rebuilds or reloads)."""
+    _library.cache_clear()
+    _function.cache_clear()
+
+
+library.cache_clear = _cache_clear  # type: ignore[attr-defined]
 
 
 @functools.cache
@@ -111,7 +117,8 @@ def _library(name: str, isa_name: str) -> ctypes.CDLL | None:
         return None
     src = CSRC / f"{name}.c"
     flags = [*FLAGS, *ISA_FLAGS[isa_name]]
-    key = hashlib.sha256(src.read_bytes() + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    sources = src.read_bytes() + b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # headers too
+    key = hashlib.sha256(sources + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

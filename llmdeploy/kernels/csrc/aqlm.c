@@ -27,6 +27,7 @@
 #endif
 #if defined(__AVX2__)
 #include <immintrin.h>
+#include "simd.h"
 #endif
 
 #ifndef JB
@@ -173,12 +174,7 @@ void aqlm_gemv_direct(const float *x, const float *books, const uint16_t *codes,
                                                          xv, acc[r]);
                         }
                 }
-                for (int r = 0; r < NQ; r++) {
-                    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-                    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                    out[b * n_o + o0 + r] = _mm_cvtss_f32(s) * scales[o0 + r];
-                }
+                for (int r = 0; r < NQ; r++) out[b * n_o + o0 + r] = hsum256_ps(acc[r]) * scales[o0 + r];
                 continue;
             }
 #endif

@@ -15,11 +15,7 @@
 #endif
 #if !defined(__AVX512F__) && defined(__AVX2__)
 #define BIN_AVX2 1
-/* all-ones in the lanes whose bit of b is set (lane k: bit k) */
-static inline __m256 lanes_of(unsigned b, __m256i sel) {
-    __m256i v = _mm256_and_si256(_mm256_set1_epi32((int)b), sel);
-    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, sel));
-}
+#include "simd.h"
 #endif
 
 int binary_simd(void) {
@@ -61,18 +57,14 @@ static float masked_sum(const float *x, const uint8_t *codes, int64_t n_in) {
     __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; i + 32 <= n_in; i += 32) { /* four independent accumulators hide the add latency */
         const uint8_t *c = codes + i / 8;
-        a0 = _mm256_add_ps(a0, _mm256_and_ps(lanes_of(c[0], sel), _mm256_loadu_ps(x + i)));
-        a1 = _mm256_add_ps(a1, _mm256_and_ps(lanes_of(c[1], sel), _mm256_loadu_ps(x + i + 8)));
-        a2 = _mm256_add_ps(a2, _mm256_and_ps(lanes_of(c[2], sel), _mm256_loadu_ps(x + i + 16)));
-        a3 = _mm256_add_ps(a3, _mm256_and_ps(lanes_of(c[3], sel), _mm256_loadu_ps(x + i + 24)));
+        a0 = _mm256_add_ps(a0, _mm256_and_ps(lanes_of_bits(c[0], sel), _mm256_loadu_ps(x + i)));
+        a1 = _mm256_add_ps(a1, _mm256_and_ps(lanes_of_bits(c[1], sel), _mm256_loadu_ps(x + i + 8)));
+        a2 = _mm256_add_ps(a2, _mm256_and_ps(lanes_of_bits(c[2], sel), _mm256_loadu_ps(x + i + 16)));
+        a3 = _mm256_add_ps(a3, _mm256_and_ps(lanes_of_bits(c[3], sel), _mm256_loadu_ps(x + i + 24)));
     }
     for (; i + 8 <= n_in; i += 8)
-        a0 = _mm256_add_ps(a0, _mm256_and_ps(lanes_of(codes[i / 8], sel), _mm256_loadu_ps(x + i)));
-    __m256 t = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    acc = _mm_cvtss_f32(s4);
+        a0 = _mm256_add_ps(a0, _mm256_and_ps(lanes_of_bits(codes[i / 8], sel), _mm256_loadu_ps(x + i)));
+    acc = hsum256_ps(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
 #endif
     for (; i < n_in; i++)
         if ((codes[i >> 3] >> (i & 7)) & 1) acc += x[i];
@@ -127,7 +119,7 @@ void merge_signs(const float *w, const uint8_t *packed, float scale, float *out,
         const __m256 plus = _mm256_set1_ps(scale), minus = _mm256_set1_ps(-scale);
         const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
         for (; i + 8 <= n_in; i += 8) { /* a byte of signs selects +scale or -scale for 8 inputs */
-            __m256 s = _mm256_blendv_ps(minus, plus, lanes_of(codes[i / 8], sel));
+            __m256 s = _mm256_blendv_ps(minus, plus, lanes_of_bits(codes[i / 8], sel));
             _mm256_storeu_ps(orow + i, _mm256_add_ps(_mm256_loadu_ps(wr + i), s));
         }
 #endif

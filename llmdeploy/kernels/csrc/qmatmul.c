@@ -22,12 +22,7 @@
 #endif
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define QM_AVX2 1
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "simd.h"
 /* 8 unsigned bytes at p as 8 floats */
 static inline __m256 u8x8_ps(const uint8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)));
@@ -135,9 +130,8 @@ int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, c
                         __m256 xa = _mm256_loadu_ps(xg + c * 16), xb = _mm256_loadu_ps(xg + c * 16 + 8);
                         const uint8_t *m = pg + (k * nc + c) * OB * 2;
                         for (int r = 0; r < OB; r++) {
-                            __m256i mv = _mm256_set1_epi32(m[2 * r] | (m[2 * r + 1] << 8));
-                            __m256 la = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(mv, sel_lo), sel_lo));
-                            __m256 lb = _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(mv, sel_hi), sel_hi));
+                            unsigned word = m[2 * r] | (m[2 * r + 1] << 8);
+                            __m256 la = lanes_of_bits(word, sel_lo), lb = lanes_of_bits(word, sel_hi);
                             acc[r] = _mm256_add_ps(acc[r], _mm256_and_ps(la, xa));
                             acc[r] = _mm256_add_ps(acc[r], _mm256_and_ps(lb, xb));
                         }
@@ -146,7 +140,7 @@ int qmatmul_planes(const float *x, const uint8_t *planes, const float *scales, c
                 for (int r = 0; r < nr; r++)
                     tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
             }
-            for (int r = 0; r < nr; r++) res[r] = hsum256(tot[r]);
+            for (int r = 0; r < nr; r++) res[r] = hsum256_ps(tot[r]);
 #else
             for (int64_t g = 0; g < ng; g++) {
                 const uint8_t *pg = wb + g * bits * nc * OB * 2;
@@ -282,7 +276,7 @@ int qmatmul_nibble(const float *x, const uint8_t *codes, const float *scales, co
                     tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
             }
             for (int r = 0; r < nr; r++)
-                res[r] = finish(hsum256(tot[r]), scales, zeros, xsum + n * ng, ng, NULL, o0 + r);
+                res[r] = finish(hsum256_ps(tot[r]), scales, zeros, xsum + n * ng, ng, NULL, o0 + r);
 #else
             for (int r = 0; r < nr; r++) {
                 int64_t o = o0 + r;
@@ -388,7 +382,7 @@ int qmatmul_byte(const float *x, const uint8_t *codes, const float *scales, cons
                 for (int r = 0; r < nr; r++)
                     tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
             }
-            for (int r = 0; r < nr; r++) res[r] = hsum256(tot[r]);
+            for (int r = 0; r < nr; r++) res[r] = hsum256_ps(tot[r]);
 #else
             for (int r = 0; r < nr; r++)
                 for (int64_t g = 0; g < ng; g++) {

@@ -27,6 +27,7 @@
 
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define SP_AVX2 1
+#include "simd.h"
 /* EXPAND[b][lane] = how many set bits of b lie below lane: where lane's value sits in the packed run */
 static int32_t EXPAND[256][8];
 __attribute__((constructor)) static void init_expand(void) {
@@ -41,9 +42,8 @@ __attribute__((constructor)) static void init_expand(void) {
 /* the next popcount(bits) values at *v expanded into the lanes of the set bits of bits (8 lanes) */
 static inline __m256 expand8(const float **v, unsigned bits, __m256i sel) {
     __m256 vals = _mm256_permutevar8x32_ps(_mm256_loadu_ps(*v), _mm256_loadu_si256((const __m256i *)EXPAND[bits]));
-    __m256i lanes = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), sel), sel);
     *v += _mm_popcnt_u32(bits);
-    return _mm256_and_ps(vals, _mm256_castsi256_ps(lanes));
+    return _mm256_and_ps(vals, lanes_of_bits(bits, sel));
 }
 #endif
 
@@ -67,16 +67,18 @@ void sparse_bitmask_matmul(const float *x, const uint16_t *mask, const float *va
         for (int64_t n = 0; n < n_rows; n++) {
             const float *xr = x + n * n_in;
             float res[RB] = {0};
-#ifdef __AVX512F__
-            __m512 acc[RB];
-            const float *vp[RB];
+#if defined(__AVX512F__) || defined(SP_AVX2)
+            const float *vp[RB]; /* each row's next kept value and its mask words (ragged: row o0 again) */
             const uint16_t *mp[RB];
             for (int r = 0; r < RB; r++) {
                 int64_t o = o0 + (r < nr ? r : 0);
-                acc[r] = _mm512_setzero_ps();
                 vp[r] = values + row_start[o];
                 mp[r] = mask + o * nc;
             }
+#endif
+#ifdef __AVX512F__
+            __m512 acc[RB];
+            for (int r = 0; r < RB; r++) acc[r] = _mm512_setzero_ps();
             for (int64_t c = 0; c < nc; c++) {
                 __m512 xv = _mm512_loadu_ps(xr + c * 16);
                 for (int r = 0; r < RB; r++) {
@@ -89,14 +91,7 @@ void sparse_bitmask_matmul(const float *x, const uint16_t *mask, const float *va
 #elif defined(SP_AVX2)
             const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
             __m256 acc[RB];
-            const float *vp[RB];
-            const uint16_t *mp[RB];
-            for (int r = 0; r < RB; r++) {
-                int64_t o = o0 + (r < nr ? r : 0);
-                acc[r] = _mm256_setzero_ps();
-                vp[r] = values + row_start[o];
-                mp[r] = mask + o * nc;
-            }
+            for (int r = 0; r < RB; r++) acc[r] = _mm256_setzero_ps();
             for (int64_t c = 0; c < nc; c++) {
                 __m256 xa = _mm256_loadu_ps(xr + c * 16), xb = _mm256_loadu_ps(xr + c * 16 + 8);
                 for (int r = 0; r < RB; r++) {
@@ -105,12 +100,7 @@ void sparse_bitmask_matmul(const float *x, const uint16_t *mask, const float *va
                     acc[r] = _mm256_fmadd_ps(expand8(&vp[r], m >> 8, sel), xb, acc[r]);
                 }
             }
-            for (int r = 0; r < nr; r++) {
-                __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-                s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-                s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-                res[r] = _mm_cvtss_f32(s4);
-            }
+            for (int r = 0; r < nr; r++) res[r] = hsum256_ps(acc[r]);
 #else
             for (int r = 0; r < nr; r++) {
                 int64_t o = o0 + r;
