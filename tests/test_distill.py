@@ -266,6 +266,32 @@ def test_hidden_matching_projections_fit_and_train_across_widths(tiny):
             Distill(steps=1, batch_size=2, hidden_weight=1.0, teacher_model=dense, **bad)(copy.deepcopy(sliced), calib)
 
 
+@pytest.mark.parametrize("path", ["teacher_model", "recipe-start-top-k"])
+def test_teacher_correction_is_cross_entropy_fine_tuning_of_the_teacher_first(tiny, path):
+    """Minitron's teacher correction: distilling with ``teacher_correction_steps=n`` equals distilling
+    from a copy of the teacher fine-tuned first by ``Distill(ce_weight=1, steps=n)`` with the stage's
+    settings; the teacher passed in is left unchanged, and the correction moves the teacher."""
+    dense, calib = tiny
+    cfg = dict(steps=4, batch_size=4, lr=3e-3, warmup=0.0, train="lora", lora_rank=4, lora_alpha=8.0)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    fixed = Distill(**{**cfg, "steps": 3, "ce_weight": 1.0})(copy.deepcopy(dense), calib)
+    assert any(not torch.equal(a, fixed.state_dict()[k]) for k, a in before.items())
+    ref = Distill(**cfg, teacher_model=fixed)(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+    if path == "teacher_model":
+        d = Distill(**cfg, teacher_model=dense, teacher_correction_steps=3)
+        got = d(DropLayers(layers=[1])(copy.deepcopy(dense)), calib)
+    else:  # the recipe's starting model, corrected before its top-k cache is made
+        d = Distill(**cfg, teacher_correction_steps=3, teacher_top_k=dense.config.vocab_size)
+        got = Compose([DropLayers(layers=[1]), d])(copy.deepcopy(dense), calib)
+    for k, a in before.items():
+        assert torch.equal(a, dense.state_dict()[k]), k
+    assert d.report_.teacher_correction_seconds > 0 and "correcting the teacher" in d.summary()
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0 if path == "teacher_model" else 2e-4, msg=k)
+    with pytest.raises(ConfigError, match="teacher_correction_steps"):
+        Distill(**cfg, teacher_model=dense, teacher_correction_steps=-1)(copy.deepcopy(dense), calib)
+
+
 def test_named_teachers_and_errors(tiny):
     dense, calib = tiny
     d = Distill(steps=1, batch_size=2, teachers=["tiny-llama"])  # loaded by name

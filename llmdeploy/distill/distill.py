@@ -35,6 +35,15 @@ AdamW with linear warm-up and cosine decay, gradient clipping, transformers' gra
 checkpointing; ``checkpoint_dir`` / ``resume=True`` continue an interrupted run and end where an
 uninterrupted one does (the data order and every sample are seeded per step).
 
+* **Teacher correction** (``teacher_correction_steps > 0``; the Minitron recipe, Sreenivas et al.,
+  2024): before distilling, each teacher is first fine-tuned on the stage's own windows with
+  next-token cross-entropy for that many steps — the same optimizer, schedule, batch, seed and
+  ``train`` (LoRA merged back, or all parameters) as the distillation — so that it matches the
+  distribution of the data it teaches on. A teacher that never saw the fine-tuning domain can
+  only pull the student towards its own, unadapted predictions, while plain cross-entropy
+  training adapts the student to the domain. The correction runs on a copy (a teacher passed in
+  is left as it is), before a top-k cache is made, costs the teacher's own training (recorded in
+  the report), and resumes from ``checkpoint_dir/teacher-correction``.
 * **Hidden-state matching** (``hidden_weight > 0``; TinyBERT's intermediate-layer loss): pairs
   (student layer, teacher layer) of residual-stream states — ``hidden_layers``, indices into
   transformers' ``hidden_states`` (0 = embeddings, i = after block i), by default every student
@@ -49,10 +58,12 @@ uninterrupted one does (the data order and every sample are seeded per step).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -83,13 +94,16 @@ class DistillReport(TrainingReport):
     steps: int = 0
     windows_per_step: int = 0
     trained_params: int = 0
+    teacher_correction_seconds: float = 0.0
 
     def summary(self) -> str:
         if not self.history:
             return ""
         return (f"distillation ({self.loss}, {self.teachers} teacher{'s' if self.teachers != 1 else ''}): "
                 f"{len(self.history)} steps of {self.windows_per_step} windows, {self.trained_params:,} parameters "
-                f"trained; {self.trend()}; {self.seconds:.0f} s")
+                f"trained; {self.trend()}; {self.seconds:.0f} s"
+                + (f" (+ {self.teacher_correction_seconds:.0f} s correcting the teacher)"
+                   if self.teacher_correction_seconds else ""))
 
 
 def student_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -154,6 +168,8 @@ class Distill(TeacherStage):
     sample_temperature: float = 1.0
     hidden_weight: float = 0.0
     hidden_layers: list[list[int]] | None = None
+    teacher_correction_steps: int = 0
+    _correction_seconds = 0.0  # the teacher correction's training time, for the report
 
     # -- checks --------------------------------------------------------------------------
     def uses_start(self) -> bool:
@@ -177,6 +193,9 @@ class Distill(TeacherStage):
             raise ConfigError("distill: temperature must be > 0 and sample_temperature >= 0")
         if self.hidden_weight < 0:
             raise ConfigError(f"distill: hidden_weight must be >= 0, got {self.hidden_weight}")
+        if self.teacher_correction_steps < 0:
+            raise ConfigError(f"distill: teacher_correction_steps must be >= 0 (0: the teacher as it is), got "
+                              f"{self.teacher_correction_steps}")
         if self.hidden_weight and self.teacher_top_k is not None:
             raise ConfigError("distill: hidden-state matching needs the teacher on the fly (a top-k cache holds no "
                               "hidden states); drop teacher_top_k or hidden_weight")
@@ -212,6 +231,31 @@ class Distill(TeacherStage):
             raise ConfigError("distill: with train='all' nothing would train (every weight is compressed); use "
                               "train='lora' or tune_compressed=True")
 
+    # -- the teachers --------------------------------------------------------------------
+    def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
+        if self.teacher_correction_steps and self.uses_start() and calib is not None:
+            self.check_settings()
+            model = self.correct_teacher(model, calib)
+        super().before_recipe(model, calib)
+
+    def correct_teacher(self, teacher: nn.Module, calib: torch.Tensor) -> nn.Module:
+        """A copy of ``teacher`` fine-tuned on ``calib`` with next-token cross-entropy for
+        ``teacher_correction_steps`` steps (Minitron's teacher correction): this stage's optimizer,
+        schedule, batches, seed and ``train``; ``teacher`` itself is left unchanged."""
+        fix = Distill(**{**{f.name: getattr(self, f.name) for f in fields(self) if f.init},
+                         "ce_weight": 1.0, "hidden_weight": 0.0, "on_policy": 0.0, "select_fraction": 1.0,
+                         "steps": self.teacher_correction_steps, "teacher_correction_steps": 0,
+                         "teacher_model": None, "teachers": None, "teacher_top_k": None, "teacher_cache": None,
+                         "eval_every": 0, "eval_windows": None,
+                         "checkpoint_dir": str(Path(self.checkpoint_dir) / "teacher-correction")
+                         if self.checkpoint_dir else None})
+        was = teacher.training
+        log.info("distill: teacher correction, %d steps of cross-entropy on the stage's windows",
+                 self.teacher_correction_steps)
+        corrected = fix(copy.deepcopy(teacher), calib).train(was).requires_grad_(False)
+        self._correction_seconds += fix.report_.seconds
+        return corrected
+
     # -- the run -------------------------------------------------------------------------
     def _trainable(self, model: nn.Module) -> list[nn.Parameter]:
         inside = {id(p) for m in compressed_modules(model).values() for p in m.parameters()}
@@ -236,6 +280,8 @@ class Distill(TeacherStage):
                     models.append(load_model(name))
         for m in models:  # forwards run under no_grad: the teachers' own flags are left as they are
             m.to(device).eval()
+        if self.teacher_correction_steps:  # teachers passed in or loaded (the start was corrected before)
+            models = [self.correct_teacher(m, calib).eval() for m in models]
         if self.teacher_top_k is not None:
             return [], TopKCache(models[0], calib, self.teacher_top_k, self.teacher_cache, self.microbatch_size,
                                  self.temperature)
@@ -246,6 +292,7 @@ class Distill(TeacherStage):
         home = next(model.parameters()).device
         model.to(device)
         teachers, cache = self._resolve_teachers(calib, device)
+        correction_seconds, self._correction_seconds = self._correction_seconds, 0.0
         for t in teachers:
             self.check_teacher_vocabulary(t, model)
         flags = {id(p): p.requires_grad for p in model.parameters()}
@@ -266,7 +313,8 @@ class Distill(TeacherStage):
         label = (self.loss if self.ce_weight < 1 else "cross-entropy") + (" + hidden" if self.hidden_weight else "")
         report = self.report_ = DistillReport(loss=label,
                                               teachers=len(teachers) or int(cache is not None), steps=self.steps,
-                                              windows_per_step=self.batch_size, trained_params=sum(p.numel() for p in params))
+                                              windows_per_step=self.batch_size, trained_params=sum(p.numel() for p in params),
+                                              teacher_correction_seconds=correction_seconds)
         weights = torch.tensor(self.teacher_weights or [1.0] * n_teachers, dtype=torch.float32, device=device)
         weights = weights / weights.sum()
         order = batch_order(calib.shape[0], self.steps, self.batch_size, self.seed)
