@@ -92,14 +92,21 @@ def _train(student: torch.nn.Module, data: torch.Tensor, **kw) -> tuple[torch.nn
                      "cpu_seconds": time.process_time() - c0, "trained_params": r.trained_params}
 
 
+def _environment() -> dict:
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "transformers": transformers.__version__}
+
+
 def part_recovery(res: dict, dense, tok, args, save) -> None:
     rows = res.setdefault("recovery", {})
+    if not rows:  # rows of one part are measured together: their environment
+        res.setdefault("runs", {})["recovery"] = _environment()
     calib = calibration(tok, "shakespeare", n_samples=128, seq_len=SEQ, seed=0)
     held_out = test_windows(tok, "shakespeare", SEQ, args.eval_windows)
     curve = {"eval_windows": held_out, "eval_every": args.eval_every}
     if "dense" not in rows:  # the same measurement as part multi's (same model, split and windows)
-        known = res.get("multi", {}).get("dense", {}).get("ppl", {}).get("shakespeare")
-        rows["dense"] = {"ppl": known if known is not None else _ppl(dense, tok, "shakespeare", args.windows)}
+        rows["dense"] = {"ppl": _ppl(dense, tok, "shakespeare", args.windows)}
         save()
     corrected = None
 
@@ -154,6 +161,8 @@ def _teacher(domain: str):
 
 def part_multi(res: dict, dense, tok, args, save) -> None:
     rows = res.setdefault("multi", {})
+    if not rows:
+        res.setdefault("runs", {})["multi"] = _environment()
     every = {d: lambda m, d=d: _ppl(m, tok, d, args.windows) for d in DOMAINS}
     teachers = {d: _teacher(d) for d in DOMAINS}
     for d, t in teachers.items():
@@ -193,10 +202,17 @@ def markdown(res: dict) -> str:
            "(r=32, alpha=10, dropout 0.05, lr 1e-3, 10% warm-up then cosine, AdamW), windows of 512 tokens in "
            "batches of 4, one seeded order. Seconds: wall time of the training alone (CPU seconds of the process "
            f"beside it); {m['threads']} CPU threads.", ""]
+    runs = res.get("runs", {})
+
+    def measured(part: str) -> list[str]:
+        r = runs.get(part)
+        return [f"Rows measured together on {r['date']} (torch {r['torch']}, transformers {r['transformers']}).", ""] \
+            if r else []
+
     rec = res.get("recovery")
     if rec:
         dense = rec["dense"]["ppl"]
-        out += ["## Recovery after compression: KD against cross-entropy at equal steps", "",
+        out += ["## Recovery after compression: KD against cross-entropy at equal steps", "", *measured("recovery"),
                 f"Shakespeare; dense {dense:.3f}. CE: next-token cross-entropy on the calibration windows "
                 "(shakespeare train); KD: forward KL to the dense model on the same windows; KD, corrected "
                 "teacher: forward KL to `dense + CE` (Minitron's teacher correction: the teacher first fine-tuned "
@@ -218,7 +234,7 @@ def markdown(res: dict) -> str:
         out.append("")
     multi = res.get("multi")
     if multi:
-        out += ["## Several teachers: two domain experts, one student", "",
+        out += ["## Several teachers: two domain experts, one student", "", *measured("multi"),
                 "Teachers: full fine-tunes of the dense model on Shakespeare and on the Python standard library "
                 "(`benchmarks.bitdelta --stage finetune`). Student: `shortgpt-8`, trained on an even mix of both "
                 "train splits. Mean NLL: the average over the two domains of log perplexity (lower is better).", "",

@@ -179,6 +179,11 @@ register("shortgpt-8-kd", lambda s: Distill(**KD), base="shortgpt-8", suites=("f
          note="shortgpt-8 + the same LoRA trained by KL to the dense model (Distill, 32 steps x 4 windows)")
 register("slicegpt-25-kd", lambda s: Distill(**KD), base="slicegpt-25", suites=("full",),
          note="slicegpt-25 + the same LoRA trained by KL to the dense model (Distill, 32 steps x 4 windows)")
+for _start in ("shortgpt-8", "slicegpt-25"):
+    register(f"{_start}-kd-corrected", lambda s: Distill(teacher_correction_steps=KD["steps"], **KD), base=_start,
+             suites=("full",),
+             note=f"{_start} + the same LoRA trained by KL to the dense model, itself first fine-tuned by 32 steps "
+                  "of the same LoRA on cross-entropy (Minitron's teacher correction)")
 
 
 def _domain_teachers() -> list[str]:

@@ -81,6 +81,28 @@ def test_encode_groups_l2_is_exact_for_one_codebook_and_never_worse():
     assert (err(encode_groups_l2(target, start, books, 256)) <= exhaustive + 1e-5).all()  # full beam = exhaustive
 
 
+def test_beam_one_is_a_greedy_sweep_equal_to_the_beam_search():
+    """At beam 1 the re-encoding takes the matrix-product path; it must pick what the beam search
+    with one hypothesis picks (the same codes, up to float near-ties) and never end worse."""
+    from llmdeploy.quant.aqlm import _beam_search, _greedy_sweep
+
+    g = torch.Generator().manual_seed(1)
+    books = torch.randn(2, 256, 8, generator=g)
+    norms = (books * books).sum(-1)
+    target = torch.randn(5000, 8, generator=g)
+    start = torch.randint(0, 256, (5000, 2), generator=g)
+
+    def err(codes):
+        return ((target - books[0, codes[:, 0]] - books[1, codes[:, 1]]) ** 2).sum(-1)
+
+    fast = _greedy_sweep(target, start, books, norms, chunk=777)  # chunks of any size
+    ref = _beam_search(target, start, books, norms, 1, chunk=1000)
+    assert (fast == ref).all(-1).float().mean() > 0.999
+    torch.testing.assert_close(err(fast), err(ref), rtol=1e-5, atol=1e-5)
+    assert (err(fast) <= err(start) + 1e-5).all() and err(fast).mean() < 0.5 * err(start).mean()
+    assert fast.dtype == start.dtype and torch.equal(start, start.clone())
+
+
 @pytest.mark.parametrize("kind", ["rtn", "aqlm"])
 def test_v_step_changes_at_most_max_code_change_and_weights_stay_representable(setup, kind):
     dense, tok, calib = setup

@@ -184,11 +184,22 @@ def encode_groups_l2(target: torch.Tensor, codes: torch.Tensor, codebooks: torch
     with). ``target`` (n, og*ig) is already divided by each group's scale; ``codes`` (n, C) is the
     start. Codebooks are visited in order; every hypothesis expands to the K codes of the next
     codebook with its exact error, and the ``beam_size`` best survive. Keeping a code is always a
-    candidate, so no group ends worse than it started."""
+    candidate, so no group ends worse than it started. With ``beam_size == 1`` this is one sweep of
+    coordinate descent, computed as ``argmin_k ‖b_k‖² − 2 r·b_k`` per codebook (:func:`_greedy_sweep`)."""
     n, n_c = codes.shape
     k = codebooks.shape[1]
     books = codebooks.reshape(n_c, k, -1).float()
     norms = (books * books).sum(-1)  # (C, K)
+    if beam_size == 1:
+        return _greedy_sweep(target, codes, books, norms)
+    return _beam_search(target, codes, books, norms, beam_size, chunk)
+
+
+def _beam_search(target: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, norms: torch.Tensor,
+                 beam_size: int, chunk: int = 8192) -> torch.Tensor:
+    """``encode_groups_l2``'s beam search; ``books`` (C, K, d) float, ``norms`` (C, K) their squared norms."""
+    n, n_c = codes.shape
+    k = books.shape[1]
     out = torch.empty_like(codes)
     for s in range(0, n, chunk):
         beams = codes[s:s + chunk].unsqueeze(1).clone()  # (m, B, C)
@@ -205,6 +216,28 @@ def encode_groups_l2(target: torch.Tensor, codes: torch.Tensor, codebooks: torch
             beams[..., c] = code
             resid = r[rows, parent] - books[c][code]
         out[s:s + chunk] = beams[torch.arange(m), err.argmin(1)]
+    return out
+
+
+def _greedy_sweep(target: torch.Tensor, codes: torch.Tensor, books: torch.Tensor, norms: torch.Tensor,
+                  chunk: int = 4096) -> torch.Tensor:
+    """``encode_groups_l2`` at beam 1: codebook by codebook, each group's code becomes the codeword
+    nearest to the residual without that codebook. ‖r‖² is the same for every candidate, so the
+    nearest codeword minimises ‖b_k‖² − 2 r·b_k: one matrix product and an argmin per chunk of groups
+    (no (groups, K, d) tensor, no top-k), which is what makes re-encoding every group of a model
+    each step (STE) affordable on a CPU."""
+    n_c = books.shape[0]
+    out = codes.clone()
+    with torch.no_grad():
+        for s in range(0, codes.shape[0], chunk):
+            cur = out[s:s + chunk].long()
+            resid = target[s:s + chunk].float() - books[torch.arange(n_c), cur].sum(1)  # (m, d)
+            for c in range(n_c):
+                r = resid + books[c][cur[:, c]]
+                best = torch.addmm(norms[c], r, books[c].T, alpha=-2).argmin(1)
+                cur[:, c] = best
+                resid = r - books[c][best]
+            out[s:s + chunk] = cur.to(out.dtype)
     return out
 
 
