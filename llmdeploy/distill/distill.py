@@ -235,7 +235,10 @@ class Distill(TeacherStage):
     def before_recipe(self, model: nn.Module, calib: torch.Tensor | None) -> None:
         if self.teacher_correction_steps and self.uses_start() and calib is not None:
             self.check_settings()
-            model = self.correct_teacher(model, calib)
+            model = self.correct_teacher(model, calib)  # a copy already: kept as it is, or cached
+            if self.teacher_top_k is None:
+                self._start = model.eval()
+                return
         super().before_recipe(model, calib)
 
     def correct_teacher(self, teacher: nn.Module, calib: torch.Tensor) -> nn.Module:
