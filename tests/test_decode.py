@@ -52,6 +52,23 @@ def random_drafters(model):
     }
 
 
+def test_redrafter_beam_search_of_a_batch_equals_each_row_alone(tiny):
+    """The batched beam search (one drafter/LM-head pass per beam step for all rows) proposes, for
+    every row, the tree that row gets when it is searched on its own."""
+    model, _ = tiny
+    torch.manual_seed(1)
+    rd = D.ReDrafter.for_model(model, beam_width=3, beam_length=3)
+    for p in rd.parameters():
+        p.data.add_(torch.randn_like(p) * 0.3)
+    rd.begin(Runner(model, 3), PROMPTS)
+    hidden = torch.randn(3, model.config.hidden_size)
+    together = rd.propose([0, 1, 2], [5, 17, 40], hidden)
+    for b, root in enumerate([5, 17, 40]):
+        alone = rd.propose([b], [root], hidden[b:b + 1])[0]
+        assert (together[b].tokens, together[b].parents, together[b].count) == (alone.tokens, alone.parents, alone.count)
+        assert together[b].num_candidates > 3  # 3 beams of 3 tokens: more than one chain
+
+
 # --- the tree layout ---------------------------------------------------------------------------
 def test_tree_mask_and_positions_match_a_hand_built_tree():
     #        0 (root)

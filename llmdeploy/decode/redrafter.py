@@ -74,30 +74,29 @@ class ReDrafter(Drafter):
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
         lm_head = self._runner.adapter.head()
         embed = self._runner.model.get_input_embeddings()
-        dtype = self.W.weight.dtype
-        trees = []
-        for b, root in enumerate(roots):
-            h = hidden[b].to(dtype)
-            if self._temperature > 0:
-                trees.append(self._sampled(lm_head, embed, h, root))
-            else:
-                trees.append(self._beams(lm_head, embed, h, root))
-        return trees
+        h = hidden.to(self.W.weight.dtype)
+        if self._temperature > 0:
+            return [self._sampled(lm_head, embed, h[b], root) for b, root in enumerate(roots)]
+        return self._beams(lm_head, embed, h, roots)
 
-    def _beams(self, lm_head, embed, h: torch.Tensor, root: int) -> TokenTree:
-        W, dev = self.beam_width, h.device
-        s = self.step(torch.zeros(1, self.embed_dim, device=dev, dtype=h.dtype),
-                      embed(torch.tensor([root], device=dev)).to(h.dtype))
-        seqs = torch.zeros(1, 0, dtype=torch.long, device=dev)
-        score = torch.zeros(1, device=dev)
+    def _beams(self, lm_head, embed, h: torch.Tensor, roots: Sequence[int]) -> list[TokenTree]:
+        """Beam search for every row at once: each of the ``beam_length`` steps runs the drafter
+        and the LM head once over all rows' beams (not once per row)."""
+        B, W, dev = len(roots), self.beam_width, h.device
+        s = self.step(torch.zeros(B, self.embed_dim, device=dev, dtype=h.dtype),
+                      embed(torch.tensor(list(roots), device=dev)).to(h.dtype))  # (B * n, e), n beams per row
+        seqs = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
+        score = torch.zeros(B, 1, device=dev)
+        rows = torch.arange(B, device=dev)[:, None]
         for _ in range(self.beam_length):
-            logp = torch.log_softmax(self.logits(lm_head, h.expand(len(s), -1), s), dim=-1)  # (n, V)
-            total = (score[:, None] + logp).flatten()
-            score, flat = total.topk(W)
+            n = score.shape[1]
+            logp = torch.log_softmax(self.logits(lm_head, h.repeat_interleave(n, 0), s), dim=-1)  # (B * n, V)
+            total = (score[..., None] + logp.view(B, n, -1)).flatten(1)  # (B, n * V)
+            score, flat = total.topk(min(W, total.shape[1]), dim=1)
             parent, tok = flat // logp.shape[1], flat % logp.shape[1]
-            seqs = torch.cat([seqs[parent], tok[:, None]], dim=1)
-            s = self.step(s[parent], embed(tok).to(h.dtype))
-        return TokenTree.from_paths(root, seqs.tolist())
+            seqs = torch.cat([seqs[rows, parent], tok[..., None]], dim=2)
+            s = self.step(s.view(B, n, -1)[rows, parent].flatten(0, 1), embed(tok.flatten()).to(h.dtype))
+        return [TokenTree.from_paths(root, seqs[b].tolist()) for b, root in enumerate(roots)]
 
     def _sampled(self, lm_head, embed, h: torch.Tensor, root: int) -> TokenTree:
         W, dev = self.beam_width, h.device
