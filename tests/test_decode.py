@@ -222,13 +222,15 @@ def test_rejection_sampling_on_a_tree_draws_from_the_target():
         assert chisquare(c.numpy(), (p_next[a] * len(sec)).numpy()).pvalue > 0.001
 
 
-@pytest.mark.parametrize("kind", ["draft_model", "redrafter"])
+@pytest.mark.parametrize("kind", ["draft_model", "redrafter", "redrafter with a drafting vocabulary"])
 def test_sampled_generation_matches_the_model_distribution(tiny, kind):
     """Chi-square test of the second generated token (the first one that goes through rejection
     sampling) against the model's exact marginal, over 1500 rows of one seeded batch."""
     model, _ = tiny
     prompt, n, temp = [5, 6, 7, 8, 9], 1500, 0.7
-    drafter = random_drafters(model)[kind]
+    drafter = random_drafters(model)[kind.split(" with ")[0]]
+    if "vocabulary" in kind:  # drafts from a quarter of the tokens: q is zero elsewhere
+        drafter.set_draft_vocab(torch.arange(0, model.config.vocab_size, 4))
     out = D.generate(model, None, [prompt] * n, 2, drafter=drafter, temperature=temp, seed=1)
     second = torch.tensor([s[1] for s in out.sequences])
     with torch.no_grad():
@@ -244,6 +246,47 @@ def test_sampled_generation_matches_the_model_distribution(tiny, kind):
     e = torch.cat([expected[big], expected[~big].sum()[None]])
     assert big.sum() >= 10
     assert chisquare(o.numpy(), e.numpy() * o.sum().item() / e.sum().item()).pvalue > 0.001
+
+
+def test_drafting_vocabulary_drafts_only_its_tokens_and_stays_lossless(tiny, tmp_path):
+    """FR-Spec's frequent-token drafting: the whole vocabulary in any order drafts the trees of no
+    drafting vocabulary (the index mapping is right); a small one drafts only its tokens, greedy
+    output stays plain greedy's, sampled drafts carry a full-vocabulary q that is zero outside it,
+    and it is saved with the drafter."""
+    model, _ = tiny
+    V = model.config.vocab_size
+    data = torch.tensor([7] * 5 + [3] * 5 + [9] * 2 + list(range(40, 80)))
+    ids = D.frequent_tokens(data, 30, V)
+    assert ids[:3].tolist() == [3, 7, 9] and len(set(ids.tolist())) == 30  # most frequent first, ties by id
+    with pytest.raises(ConfigError, match="drafting vocabulary"):
+        D.frequent_tokens(data, V + 1, V)
+    hidden = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    roots = [5, 17, 40]
+    for kind in ("medusa", "redrafter"):
+        d = random_drafters(model)[kind]
+        d.begin(Runner(model, 3), PROMPTS)
+        ref = d.propose([0, 1, 2], roots, hidden)
+        d.set_draft_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(1)))
+        d.begin(Runner(model, 3), PROMPTS)
+        same = d.propose([0, 1, 2], roots, hidden)
+        assert [(t.tokens, t.parents) for t in same] == [(t.tokens, t.parents) for t in ref]
+        d.set_draft_vocab(ids)
+        d.begin(Runner(model, 3), PROMPTS)
+        small = d.propose([0, 1, 2], roots, hidden)
+        assert all(set(t.tokens[1:]) <= set(ids.tolist()) and t.num_candidates for t in small)
+        assert D.generate(model, None, PROMPTS, 10, drafter=d, eos_token_id=None).sequences == \
+            hf_greedy(model, PROMPTS, 10)
+        d.save(tmp_path / kind)
+        back = D.load_drafter(tmp_path / kind)
+        assert torch.equal(back.draft_vocab, ids) and back.config()["draft_vocab"] == 30
+        with pytest.raises(ConfigError, match="distinct"):
+            d.set_draft_vocab([1, 1, 2])
+    d.begin(Runner(model, 1), [PROMPTS[0]], temperature=1.0, generator=torch.Generator().manual_seed(0))
+    tree = d.propose([0], [5], hidden[:1])[0]
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[ids] = False
+    assert tree.q and all(q.shape == (V,) and abs(float(q.sum()) - 1) < 1e-5 and not q[outside].any()
+                          for q in tree.q.values())
 
 
 def test_typical_acceptance_takes_the_longest_plausible_path():

@@ -6,7 +6,7 @@ greedy output equals plain greedy decoding, sampling is exact (rejection) or Med
 acceptance. :mod:`.train` makes self-distillation data and trains the drafters.
 """
 
-from .base import Drafter, load_drafter
+from .base import Drafter, DraftVocabMixin, frequent_tokens, load_drafter
 from .cache import TreeCache
 from .draft_model import DraftModel
 from .engine import (
@@ -25,8 +25,8 @@ from .train import SelfDistillData, measure_accuracy, self_distill_data, train_d
 from .tree import TokenTree, best_tree, static_tree, tree_from_choices, tree_inputs
 
 __all__ = [
-    "DecodeStats", "DraftModel", "Drafter", "GenerationResult", "HiddenTransfer", "MedusaHeads", "ReDrafter",
+    "DecodeStats", "DraftModel", "DraftVocabMixin", "Drafter", "GenerationResult", "HiddenTransfer", "MedusaHeads", "ReDrafter",
     "SelfDistillData", "SpeculativeEngine", "TokenTree", "TreeCache", "accept_greedy", "accept_rejection", "accept_typical",
-    "best_tree", "generate", "load_drafter", "measure_accuracy", "self_distill_data", "static_tree",
+    "best_tree", "frequent_tokens", "generate", "load_drafter", "measure_accuracy", "self_distill_data", "static_tree",
     "train_drafter", "tree_from_choices", "tree_inputs",
 ]

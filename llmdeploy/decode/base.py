@@ -112,6 +112,87 @@ def load_drafter(path: str | os.PathLike) -> Drafter:
     return drafter
 
 
+def frequent_tokens(tokens: torch.Tensor, size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``tokens`` (most frequent first, ties by id; ids never
+    seen fill the rest in id order): a drafting vocabulary for :meth:`DraftVocabMixin.set_draft_vocab`."""
+    if not 1 <= size <= vocab_size:
+        raise ConfigError(f"a drafting vocabulary needs 1 <= size <= {vocab_size} tokens, got {size}")
+    counts = torch.bincount(tokens.flatten().long(), minlength=vocab_size)[:vocab_size]
+    order = sorted(range(vocab_size), key=lambda t: (-int(counts[t]), t))
+    return torch.tensor(order[:size], dtype=torch.long)
+
+
+class DraftVocabMixin:
+    """Drafting over a frequent-token subset of the vocabulary (FR-Spec, Zhao et al., 2025).
+
+    A drafter that scores tokens with the model's LM head reads the whole head (vocabulary x width)
+    at every drafting pass — on SmolLM2 a 49,152 x 576 matrix, as many bytes as a fifth of the
+    model. With ``set_draft_vocab(ids)`` drafting scores only the rows ``ids`` (their sub-matrix is
+    cut once per generation, in :meth:`begin`), so drafts come from that subset; verification still
+    uses the full head, so greedy output is unchanged and rejection sampling stays exact (the
+    drafter's distribution is zero outside the subset). Training always uses the full vocabulary.
+    """
+
+    draft_vocab: torch.Tensor | None
+
+    def _init_draft_vocab(self, size: int = 0) -> None:
+        self.register_buffer("draft_vocab", torch.zeros(size, dtype=torch.long) if size else None)
+        self._sub_head = None
+
+    def begin(self, runner, prompts=None, **kw) -> None:
+        super().begin(runner, prompts, **kw)
+        head = runner.adapter.head()
+        self._vocab_size = getattr(head, "out_features", None) or head.weight.shape[0]
+        self._sub_head = None  # cut again from this runner's head on first use
+
+    def set_draft_vocab(self, ids: torch.Tensor | Sequence[int] | None) -> None:
+        """Draft from these token ids only (None: the whole vocabulary)."""
+        if ids is None:
+            self.draft_vocab = None
+        else:
+            ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+            if ids.numel() == 0 or ids.unique().numel() != ids.numel() or int(ids.min()) < 0:
+                raise ConfigError("a drafting vocabulary is a non-empty list of distinct token ids")
+            self.draft_vocab = ids.to(next(iter(self.parameters())).device)
+        self._sub_head = None
+
+    def _draft_vocab_size(self) -> int:
+        return 0 if self.draft_vocab is None else int(self.draft_vocab.numel())
+
+    def _cut_head(self, lm_head: nn.Module) -> None:
+        """The LM head's rows of the drafting vocabulary (a compressed head gives its decoded weight)."""
+        if self.draft_vocab is None:
+            self._sub_head = None
+            return
+        w = lm_head.weight
+        if int(self.draft_vocab.max()) >= w.shape[0]:
+            raise ConfigError(f"the drafting vocabulary names token {int(self.draft_vocab.max())}, beyond the "
+                              f"model's {w.shape[0]}")
+        bias = getattr(lm_head, "bias", None)
+        ids = self.draft_vocab.to(w.device)
+        self._sub_head = (w.detach()[ids].contiguous(), None if bias is None else bias.detach()[ids])
+
+    def draft_logits(self, lm_head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Float logits of ``x`` (..., d) over the drafting vocabulary (..., |subset| or V)."""
+        if self.draft_vocab is None:
+            return lm_head(x).float()
+        if self._sub_head is None:
+            self._cut_head(lm_head)
+        w, b = self._sub_head
+        return torch.nn.functional.linear(x.to(w.dtype), w, b).float()
+
+    def vocab_ids(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids of indices into :meth:`draft_logits`' last dimension."""
+        return idx if self.draft_vocab is None else self.draft_vocab.to(idx.device)[idx]
+
+    def full_distribution(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """A distribution over the drafting vocabulary as one over all ``vocab_size`` tokens."""
+        if self.draft_vocab is None:
+            return q
+        out = q.new_zeros(*q.shape[:-1], vocab_size)
+        return out.index_copy_(-1, self.draft_vocab.to(q.device), q)
+
+
 class RankedTreeMixin:
     """For drafters that predict a distribution per future position (Medusa, hidden transfer):
     the tree takes the top-ranked tokens of each position along ``choices``; an int ``tree`` picks

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Drafter, RankedTreeMixin, distill_loss, register_drafter
+from .base import Drafter, DraftVocabMixin, RankedTreeMixin, distill_loss, register_drafter
 from .tree import TokenTree, tree_from_choices
 
 
@@ -36,22 +36,24 @@ class ResBlock(nn.Module):
 
 
 @register_drafter
-class MedusaHeads(RankedTreeMixin, Drafter):
+class MedusaHeads(DraftVocabMixin, RankedTreeMixin, Drafter):
     """``n_heads`` Medusa heads for a model of width ``hidden_size`` (see the module docstring).
 
     ``tree``: the number of candidate nodes (the best tree for the measured accuracy) or explicit
-    Medusa choices (tuples of ranks); ``topk``: ranks considered per head."""
+    Medusa choices (tuples of ranks); ``topk``: ranks considered per head; ``draft_vocab``: the
+    size of a drafting vocabulary set by :meth:`set_draft_vocab` (0: the whole vocabulary)."""
 
     kind = "medusa"
     acceptance = "typical"
 
     def __init__(self, hidden_size: int, n_heads: int = 4, *, tree: int | Sequence[Sequence[int]] = 16,
-                 topk: int = 8, n_layers: int = 1) -> None:
+                 topk: int = 8, n_layers: int = 1, draft_vocab: int = 0) -> None:
         super().__init__()
         self.hidden_size, self.n_heads, self.n_layers = hidden_size, n_heads, n_layers
         self.heads = nn.ModuleList(nn.Sequential(*[ResBlock(hidden_size) for _ in range(n_layers)])
                                    for _ in range(n_heads))
         self._init_tree(n_heads, tree, topk)
+        self._init_draft_vocab(draft_vocab)
 
     @classmethod
     def for_model(cls, model: nn.Module, n_heads: int = 4, **kw) -> MedusaHeads:
@@ -59,7 +61,7 @@ class MedusaHeads(RankedTreeMixin, Drafter):
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "n_heads": self.n_heads, "tree": self.tree,
-                "topk": self.topk, "n_layers": self.n_layers}
+                "topk": self.topk, "n_layers": self.n_layers, "draft_vocab": self._draft_vocab_size()}
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d) -> (..., K, d): what each head hands to the LM head."""
@@ -70,8 +72,9 @@ class MedusaHeads(RankedTreeMixin, Drafter):
 
     @torch.no_grad()
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
-        logits = self.head_logits(self._runner.adapter.head(), hidden)  # (B, K, V)
-        top = logits.topk(self.topk, dim=-1).indices.cpu()
+        feats = self.features(hidden.to(self.heads[0][0].linear.weight.dtype)).to(hidden.dtype)
+        logits = self.draft_logits(self._runner.adapter.head(), feats)  # (B, K, V or |drafting vocabulary|)
+        top = self.vocab_ids(logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices).cpu()
         choices = self.choices()
         return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]
 

@@ -25,22 +25,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Drafter, distill_loss, register_drafter
+from .base import Drafter, DraftVocabMixin, distill_loss, register_drafter
 from .engine import target_probs
 from .medusa import ResBlock
 from .tree import TokenTree
 
 
 @register_drafter
-class ReDrafter(Drafter):
-    """Recurrent drafter for a model of width ``hidden_size`` with embeddings of ``embed_dim``."""
+class ReDrafter(DraftVocabMixin, Drafter):
+    """Recurrent drafter for a model of width ``hidden_size`` with embeddings of ``embed_dim``;
+    ``draft_vocab``: the size of a drafting vocabulary set by :meth:`set_draft_vocab` (0: all)."""
 
     kind = "redrafter"
     acceptance = "rejection"
 
     def __init__(self, hidden_size: int, embed_dim: int | None = None, *, beam_width: int = 4,
-                 beam_length: int = 4, n_blocks: int = 2) -> None:
+                 beam_length: int = 4, n_blocks: int = 2, draft_vocab: int = 0) -> None:
         super().__init__()
+        self._init_draft_vocab(draft_vocab)
         embed_dim = embed_dim or hidden_size
         self.hidden_size, self.embed_dim, self.n_blocks = hidden_size, embed_dim, n_blocks
         self.beam_width, self.beam_length = beam_width, beam_length
@@ -61,14 +63,15 @@ class ReDrafter(Drafter):
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "embed_dim": self.embed_dim, "beam_width": self.beam_width,
-                "beam_length": self.beam_length, "n_blocks": self.n_blocks}
+                "beam_length": self.beam_length, "n_blocks": self.n_blocks, "draft_vocab": self._draft_vocab_size()}
 
     def step(self, s: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return F.silu(self.U(s) + self.W(emb))
 
-    def logits(self, lm_head: nn.Module, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def logits(self, lm_head: nn.Module, h: torch.Tensor, s: torch.Tensor, draft: bool = False) -> torch.Tensor:
+        """Next-token logits over the vocabulary (``draft``: over the drafting vocabulary)."""
         x = self.proj(self.blocks(torch.cat([h, s], dim=-1)))
-        return lm_head(x).float()
+        return self.draft_logits(lm_head, x) if draft else lm_head(x).float()
 
     @torch.no_grad()
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
@@ -90,10 +93,10 @@ class ReDrafter(Drafter):
         rows = torch.arange(B, device=dev)[:, None]
         for _ in range(self.beam_length):
             n = score.shape[1]
-            logp = torch.log_softmax(self.logits(lm_head, h.repeat_interleave(n, 0), s), dim=-1)  # (B * n, V)
+            logp = torch.log_softmax(self.logits(lm_head, h.repeat_interleave(n, 0), s, draft=True), dim=-1)
             total = (score[..., None] + logp.view(B, n, -1)).flatten(1)  # (B, n * V)
             score, flat = total.topk(min(W, total.shape[1]), dim=1)
-            parent, tok = flat // logp.shape[1], flat % logp.shape[1]
+            parent, tok = flat // logp.shape[1], self.vocab_ids(flat % logp.shape[1])
             seqs = torch.cat([seqs[rows, parent], tok[..., None]], dim=2)
             s = self.step(s.view(B, n, -1)[rows, parent].flatten(0, 1), embed(tok.flatten()).to(h.dtype))
         return [TokenTree.from_paths(root, seqs[b].tolist()) for b, root in enumerate(roots)]
@@ -105,8 +108,9 @@ class ReDrafter(Drafter):
         seqs: list[list[int]] = [[] for _ in range(W)]
         dists: dict[tuple[int, ...], torch.Tensor] = {}
         for _ in range(self.beam_length):
-            q = target_probs(self.logits(lm_head, h.expand(W, -1), s), self._temperature, self._top_p).cpu()
-            tok = torch.multinomial(q, 1, generator=self._gen)[:, 0]
+            q = target_probs(self.logits(lm_head, h.expand(W, -1), s, draft=True), self._temperature, self._top_p).cpu()
+            tok = self.vocab_ids(torch.multinomial(q, 1, generator=self._gen)[:, 0])
+            q = self.full_distribution(q, self._vocab_size)
             for i in range(W):
                 dists.setdefault(tuple(seqs[i]), q[i])
                 seqs[i].append(int(tok[i]))
