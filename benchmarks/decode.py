@@ -19,7 +19,9 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
   never trained on), 64 new tokens, greedy, batch 1: mean tokens per verification step (accepted
   drafts + 1), candidates verified and positions per forward (hidden transfer adds its pseudo
   positions: under every node, or with ``main`` under the first-ranked chain only), per method and
-  tree size; every output is checked equal to plain greedy decoding.
+  tree size; every output is checked equal to plain greedy decoding. Rows ``fr8k``: the same
+  drafter drafting from the 8192 most frequent tokens of its training data (FR-Spec's drafting
+  vocabulary: a sixth of the LM-head rows read per drafting pass).
 - ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
   engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
@@ -63,15 +65,23 @@ SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), bea
     "hidden_transfer": [2, 4, 8, 16, 32],
     "hidden_transfer main": [4, 8, 16, 32],
     "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (8, 3), (16, 3)],
+    "medusa fr8k": [2, 4, 8],
+    "redrafter fr8k": [(1, 2), (1, 4), (4, 2)],
     "draft shortgpt-15": [1, 2, 3, 4],
     "draft shortgpt-20": [1, 2, 3, 4],
 }
+
+
+DRAFT_VOCAB = 8192  # "fr8k": drafting from the 8192 most frequent tokens of the training data (FR-Spec)
 
 
 def _drafter(name: str, model, cfg, drafts: dict):
     if name.startswith("draft "):
         return D.DraftModel(drafts[name[6:]], n_draft=cfg)
     d = D.load_drafter(RESULTS / "drafters" / name.split()[0])
+    if name.endswith(" fr8k"):
+        d.set_draft_vocab(drafts["vocab"])
+        name = name.split()[0]
     if name == "hidden_transfer main":  # pseudo positions only under the first-ranked chain
         d.pseudo_on = "main"
     if name == "redrafter":
@@ -294,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         stage_train(res, model, train, val, save)
     prompts = test_windows(tok, "shakespeare", 32, 8).tolist()
     drafts = make_drafts(model, tok) if {"sweep", "timing"} & set(args.stage) else {}
+    drafts["vocab"] = D.frequent_tokens(train.tokens, DRAFT_VOCAB, model.config.vocab_size)
     plain = D.generate(model, None, prompts, NEW).sequences
     if "sweep" in args.stage:
         stage_sweep(res, model, prompts, drafts, plain, save)
