@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from ..kernels import opaque
+
 MODULES: dict[str, type[CompressedModule]] = {}
 #: readers of Hugging Face checkpoints whose ``quantization_config.quant_method`` a method of
 #: llmdeploy owns: ``quant_method -> loader(path, dtype) -> model`` (see ``register_hf_loader``)
@@ -44,11 +46,19 @@ class CompressedModule(nn.Module):
     derived_caches: ClassVar[tuple[str, ...]] = ("_kernel_cache", "_kernel_layout_ok", "_cpu_plan_cache",
                                                  "_cpu_codes_t", "_cpu_books_t")
 
+    def __init__(self) -> None:
+        super().__init__()
+        opaque.register(self)  # torch.compile sees it as one opaque operator (llmdeploy.kernels.opaque)
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in self.derived_caches:
+        for name in (*self.derived_caches, "_opaque_handle"):
             state.pop(name, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        opaque.register(self)  # a copy is a module of its own
 
     def drop_derived_caches(self) -> None:
         """Forget the caches derived from the storage (a streamed block is freed this way too)."""

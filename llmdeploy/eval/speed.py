@@ -117,6 +117,43 @@ def _decode(model, ids: torch.Tensor, new_tokens: int) -> list[float]:
     return steps
 
 
+@torch.no_grad()
+def _decode_compiled(model, ids: torch.Tensor, new_tokens: int, *, backend: str = "inductor",
+                     tokens: list | None = None) -> list[float]:
+    """As :func:`_decode`, with every decode step one ``torch.compile`` graph over a static KV
+    cache (compressed modules enter the graph as opaque operators: ``llmdeploy.kernels.opaque``).
+    The graph and the cache are made on first use and kept with the model (the first call pays the
+    compilation); the prefill runs eagerly into the same cache. ``tokens``: a list that receives
+    the greedy tokens (batch, new_tokens)."""
+    from transformers import StaticCache
+
+    need = ids.shape[1] + new_tokens + 1
+    state = model.__dict__.get("_llmdeploy_compiled_decode")
+    if state is None or state["length"] < need or state["batch"] != ids.shape[0] or state["backend"] != backend:
+        length = max(need, 256)
+        state = {"length": length, "batch": ids.shape[0], "backend": backend,
+                 "step": torch.compile(model, dynamic=False, backend=backend),
+                 "cache": StaticCache(config=model.config, max_cache_len=length)}
+        model.__dict__["_llmdeploy_compiled_decode"] = state
+    cache, step, kw = state["cache"], state["step"], _cache_kw(model)
+    cache.reset()
+    device, n = ids.device, ids.shape[1]
+    out = model(input_ids=ids, use_cache=True, cache_position=torch.arange(n, device=device), **{kw: cache})
+    nxt = out.logits[:, -1:].argmax(-1)
+    steps, made = [], [nxt]
+    for i in range(new_tokens):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = step(input_ids=nxt, use_cache=True, cache_position=torch.tensor([n + i], device=device), **{kw: cache})
+        nxt = out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        steps.append(time.perf_counter() - t0)
+        made.append(nxt)
+    if tokens is not None:
+        tokens.extend(torch.cat(made[:new_tokens], dim=1).tolist())
+    return steps
+
+
 def speed(
     model,
     tokenizer=None,

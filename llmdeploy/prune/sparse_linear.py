@@ -31,6 +31,7 @@ from torch import nn
 from ..compress.modules import CompressedModule, register_module
 from ..kernels import forced_reference
 from ..kernels import sparse as sparse_kernel
+from ..kernels.opaque import opaque_forward
 from ..quant.packing import pack, unpack
 from ..quant.rtn import SUPPORTED_BITS, dequantize_groupwise, quantize_groupwise
 
@@ -171,6 +172,7 @@ class SparseLinear(CompressedModule):
     #: floats turns it off)
     sparse_kernel_ok: bool = True
 
+    @opaque_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self._parameters.get("bias")
         if x.is_cpu and x.dtype is torch.float32 and self.sparse_kernel_ok and not forced_reference() and \

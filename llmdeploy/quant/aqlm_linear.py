@@ -29,6 +29,7 @@ from torch import nn
 from ..compress.modules import CompressedModule, register_hf_loader, register_module
 from ..errors import CheckpointError, ConfigError
 from ..kernels import aqlm_kernel_for
+from ..kernels.opaque import opaque_forward
 from ..models.adapters import get_adapter
 
 #: at most this many tokens (rows of the flattened input) take the matrix-vector kernels
@@ -152,6 +153,7 @@ class AQLMLinear(CompressedModule):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
+    @opaque_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # self._parameters, not self.codebooks: a decode step runs ~200 of these, and nn.Module's
         # __getattr__ costs about a microsecond per name

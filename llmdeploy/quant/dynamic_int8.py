@@ -18,6 +18,7 @@ from ..compress.base import Compressor, register_method, require_targets
 from ..compress.modules import CompressedModule, register_module
 from ..kernels import forced_reference
 from ..kernels import int8 as int8_kernel
+from ..kernels.opaque import opaque_forward
 from ..models.adapters import get_adapter
 
 QMAX = 127
@@ -99,6 +100,7 @@ class DynamicInt8Linear(CompressedModule):
             self._kernel_cache = cached
         return cached[1]
 
+    @opaque_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the decode path is called ~200 times per token: every check here is a cheap one
         if x.is_cpu and x.dtype is torch.float32 and not forced_reference() and \

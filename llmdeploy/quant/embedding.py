@@ -32,6 +32,7 @@ from ..compress.modules import CompressedModule, register_module
 from ..errors import ConfigError
 from ..kernels import forced_reference
 from ..kernels import quant as quant_kernel
+from ..kernels.opaque import opaque_forward
 from .packing import pack, unpack
 from .rtn import SUPPORTED_BITS, GroupCodes, RTNLinear, quantize_groupwise
 
@@ -129,6 +130,7 @@ class RTNTiedHead(CompressedModule):
     def weight(self) -> torch.Tensor:
         return self.embedding.weight
 
+    @opaque_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         emb = self.embedding
         if x.is_cpu and x.dtype is torch.float32 and emb._kernel_ok() and not forced_reference() and \

@@ -25,6 +25,7 @@ from ..errors import ConfigError
 from ..kernels import forced_reference as kernels_forced_reference
 from ..kernels import quant as quant_kernel
 from ..kernels import quant_triton
+from ..kernels.opaque import opaque_forward
 from ..kernels.quant import KernelWeights, to_kernel_layout
 from ..models.adapters import get_adapter
 from .packing import pack, unpack
@@ -167,6 +168,7 @@ class RTNLinear(GroupCodes, CompressedModule):
         bias = self._parameters.get("bias")
         return x.requires_grad or self._buffers["scales"].requires_grad or (bias is not None and bias.requires_grad)
 
+    @opaque_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the decode path is called ~200 times per token: every check here is a cheap one
         if x.is_cpu and x.dtype is torch.float32 and self._kernel_ok() and not kernels_forced_reference() \
