@@ -15,6 +15,9 @@ format, then dense again…) so that machine noise hits every row alike; medians
   seeded random codes: the kernels' speed does not depend on the values); the "floor" row
   replaces every decoder linear by a stub returning zeros — the time per token spent outside them
   (norms, attention, the head, PyTorch's eager dispatch), which no linear kernel can remove.
+  With ``--compile``, each model's decode step is also measured as one ``torch.compile`` graph over
+  a static KV cache (compressed modules are opaque operators in it: ``llmdeploy.kernels.opaque``),
+  in the same rounds; those ratios are against the compiled dense model.
 
 Writes ``results/speed/speed.json``, ``SPEED.md`` and ``speed.png``.
 """
@@ -177,9 +180,9 @@ def model_formats() -> dict[str, Callable]:
 
 
 @torch.no_grad()
-def model(rounds: int, new_tokens: int, only: list[str] | None) -> dict:
+def model(rounds: int, new_tokens: int, only: list[str] | None, compiled: bool = False) -> dict:
     import llmdeploy
-    from llmdeploy.eval.speed import _decode, _prefill
+    from llmdeploy.eval.speed import _decode, _decode_compiled, _prefill
 
     base, _ = llmdeploy.load("smollm2-135m")
     models = {"dense fp32": base.eval()}
@@ -190,21 +193,35 @@ def model(rounds: int, new_tokens: int, only: list[str] | None) -> dict:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, base.config.vocab_size, (1, 64), generator=gen)
     long = torch.randint(0, base.config.vocab_size, (1, 512), generator=gen)
-    for m in models.values():  # warm-up (and repacking)
+    compile_s: dict[str, float] = {}
+    for k, m in models.items():  # warm-up (and repacking; with --compile, the compilation)
         _decode(m, prompt, 2)
         _prefill(m, long[:, :64])
+        if compiled:
+            t0 = time.perf_counter()
+            _decode_compiled(m, prompt, 2)
+            compile_s[k] = time.perf_counter() - t0
     dec: dict[str, list[float]] = {k: [] for k in models}
+    dec_c: dict[str, list[float]] = {k: [] for k in models}
     pre: dict[str, list[float]] = {k: [] for k in models}
     for r in range(rounds):
         for k, m in models.items():
             dec[k].append(statistics.median(_decode(m, prompt, new_tokens)))
+            if compiled:
+                dec_c[k].append(statistics.median(_decode_compiled(m, prompt, new_tokens)))
             pre[k].append(_prefill(m, long))
         log.info("model round %d: %s", r, {k: round(1 / v[-1], 1) for k, v in dec.items()})
     d = {k: statistics.median(v) for k, v in dec.items()}
     p = {k: statistics.median(v) for k, v in pre.items()}
-    return {k: {"decode_tok_s": 1 / d[k], "decode_x_dense": d["dense fp32"] / d[k],
-                "prefill_512_s": p[k], "prefill_x_dense": p["dense fp32"] / p[k],
-                "bytes": stored_bytes(models[k]), **kernel_choices(models[k])} for k in models}
+    out = {k: {"decode_tok_s": 1 / d[k], "decode_x_dense": d["dense fp32"] / d[k],
+               "prefill_512_s": p[k], "prefill_x_dense": p["dense fp32"] / p[k],
+               "bytes": stored_bytes(models[k]), **kernel_choices(models[k])} for k in models}
+    if compiled:
+        c = {k: statistics.median(v) for k, v in dec_c.items()}
+        for k in models:
+            out[k].update({"compiled_decode_tok_s": 1 / c[k], "compiled_decode_x_dense": c["dense fp32"] / c[k],
+                           "compiled_x_eager": d[k] / c[k], "compile_s": compile_s[k]})
+    return out
 
 
 def kernel_choices(model) -> dict:
@@ -239,6 +256,16 @@ def markdown(res: dict) -> str:
                 continue
             lines.append(f"| {k} | {r['decode_tok_s']:.1f} | {r['decode_x_dense']:.2f}x | {r['prefill_512_s']:.2f} "
                          f"| {r['prefill_x_dense']:.2f}x | {r['bytes'] / 2**20:.1f} |")
+        if any("compiled_decode_tok_s" in r for r in res["model"].values()):
+            lines += ["", "The same decode with each step one `torch.compile` graph over a static KV cache "
+                      "(`--compile`; compressed modules are opaque operators in it), measured in the same rounds; "
+                      "ratios against the compiled dense model:", "",
+                      "| format | compiled decode tok/s | x compiled dense | x its eager decode | compile s |",
+                      "|---|---|---|---|---|"]
+            for k, r in res["model"].items():
+                if "compiled_decode_tok_s" in r:
+                    lines.append(f"| {k} | {r['compiled_decode_tok_s']:.1f} | {r['compiled_decode_x_dense']:.2f}x | "
+                                 f"{r['compiled_x_eager']:.2f}x | {r['compile_s']:.0f} |")
         chosen = {k: r["kernel_choice"] for k, r in res["model"].items() if "kernel_choice" in r}
         if chosen:
             lines += ["", "Pruned layers time the sparse kernel against a dense matvec on their first call and keep "
@@ -277,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--only", nargs="+", help="model formats to measure (default: all)")
+    p.add_argument("--compile", action="store_true", help="also time each model's decode compiled (torch.compile)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -286,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_layers:
         res["layers"] = layers(args.rounds)
     if not args.skip_model:
-        res["model"] = model(args.rounds, args.new_tokens, args.only)
+        res["model"] = model(args.rounds, args.new_tokens, args.only, compiled=args.compile)
     (RESULTS / "speed.json").write_text(json.dumps(res, indent=2))
     (RESULTS / "SPEED.md").write_text(markdown(res))
     plot(res)
