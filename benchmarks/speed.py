@@ -308,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    if args.compile:  # one graph per model, all of one forward's code: never fall back to eager silently
+        torch._dynamo.config.cache_size_limit = torch._dynamo.config.accumulated_cache_size_limit = 256
+        if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+            torch._dynamo.config.fail_on_recompile_limit_hit = True
     RESULTS.mkdir(parents=True, exist_ok=True)
     res = {"meta": {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "rounds": args.rounds,
                     "new_tokens": args.new_tokens}, "bandwidth_gb_s": bandwidth(args.rounds)}

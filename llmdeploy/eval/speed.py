@@ -132,7 +132,7 @@ def _decode_compiled(model, ids: torch.Tensor, new_tokens: int, *, backend: str 
     if state is None or state["length"] < need or state["batch"] != ids.shape[0] or state["backend"] != backend:
         length = max(need, 256)
         state = {"length": length, "batch": ids.shape[0], "backend": backend,
-                 "step": torch.compile(model, dynamic=False, backend=backend),
+                 "step": torch.compile(model, dynamic=False, backend=backend, fullgraph=True),
                  "cache": StaticCache(config=model.config, max_cache_len=length)}
         model.__dict__["_llmdeploy_compiled_decode"] = state
     cache, step, kw = state["cache"], state["step"], _cache_kw(model)
