@@ -100,13 +100,11 @@ def _environment() -> dict:
 
 def part_recovery(res: dict, dense, tok, args, save) -> None:
     rows = res.setdefault("recovery", {})
-    if not rows:  # rows of one part are measured together: their environment
-        res.setdefault("runs", {})["recovery"] = _environment()
     calib = calibration(tok, "shakespeare", n_samples=128, seq_len=SEQ, seed=0)
     held_out = test_windows(tok, "shakespeare", SEQ, args.eval_windows)
     curve = {"eval_windows": held_out, "eval_every": args.eval_every}
     if "dense" not in rows:  # the same measurement as part multi's (same model, split and windows)
-        rows["dense"] = {"ppl": _ppl(dense, tok, "shakespeare", args.windows)}
+        rows["dense"] = {"ppl": _ppl(dense, tok, "shakespeare", args.windows), "env": _environment()}
         save()
     corrected = None
 
@@ -116,7 +114,7 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
             model, info = _train(copy.deepcopy(dense), calib, ce_weight=1.0, steps=args.steps, **curve)
             corrected = model.eval(), info
             if "dense + CE" not in rows:
-                rows["dense + CE"] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info}
+                rows["dense + CE"] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, "env": _environment()}
                 save()
         return corrected
 
@@ -128,7 +126,8 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
         t0 = time.perf_counter()
         base = make()(copy.deepcopy(dense), calib[:n_calib])
         if start not in rows:
-            rows[start] = {"ppl": _ppl(base, tok, "shakespeare", args.windows), "seconds": time.perf_counter() - t0}
+            rows[start] = {"ppl": _ppl(base, tok, "shakespeare", args.windows), "seconds": time.perf_counter() - t0,
+                           "env": _environment()}
             save()
         for label in ("CE", "KD", "KD, corrected teacher"):
             name = f"{start} + {label}"
@@ -144,7 +143,7 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
                 kw = {"teacher_model": teacher}
                 extra = {"teacher_correction_seconds": fix["seconds"], "teacher_correction_cpu_seconds": fix["cpu_seconds"]}
             model, info = _train(copy.deepcopy(base), calib, steps=args.steps, **curve, **kw)
-            rows[name] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, **extra}
+            rows[name] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, **extra, "env": _environment()}
             log.info("%s: ppl %.3f", name, rows[name]["ppl"])
             save()
     if "dense + CE" not in rows:  # the reference: the dense model fine-tuned the same way
@@ -161,8 +160,6 @@ def _teacher(domain: str):
 
 def part_multi(res: dict, dense, tok, args, save) -> None:
     rows = res.setdefault("multi", {})
-    if not rows:
-        res.setdefault("runs", {})["multi"] = _environment()
     every = {d: lambda m, d=d: _ppl(m, tok, d, args.windows) for d in DOMAINS}
     teachers = {d: _teacher(d) for d in DOMAINS}
     for d, t in teachers.items():
@@ -202,17 +199,23 @@ def markdown(res: dict) -> str:
            "(r=32, alpha=10, dropout 0.05, lr 1e-3, 10% warm-up then cosine, AdamW), windows of 512 tokens in "
            "batches of 4, one seeded order. Seconds: wall time of the training alone (CPU seconds of the process "
            f"beside it); {m['threads']} CPU threads.", ""]
-    runs = res.get("runs", {})
-
-    def measured(part: str) -> list[str]:
-        r = runs.get(part)
-        return [f"Rows measured together on {r['date']} (torch {r['torch']}, transformers {r['transformers']}).", ""] \
-            if r else []
+    def measured(rows: dict) -> list[str]:
+        envs = sorted({(r["env"]["date"], r["env"]["torch"], r["env"]["transformers"]) for r in rows.values()
+                       if "env" in r})
+        older = [n for n, r in rows.items() if "env" not in r]
+        out = [f"Rows measured on {d} (torch {t}, transformers {v})" + (" except those marked †" if older else "") + "."
+               for d, t, v in envs]
+        if older and envs:
+            out.append("† measured earlier in another environment (an earlier transformers); the rows measured "
+                       "again here reproduce their earlier values to 0.001 ppl.")
+        elif older:
+            out.append("Measured on 2026-11-29 in an earlier environment (an earlier transformers).")
+        return [" ".join(out), ""] if out else []
 
     rec = res.get("recovery")
     if rec:
         dense = rec["dense"]["ppl"]
-        out += ["## Recovery after compression: KD against cross-entropy at equal steps", "", *measured("recovery"),
+        out += ["## Recovery after compression: KD against cross-entropy at equal steps", "", *measured(rec),
                 f"Shakespeare; dense {dense:.3f}. CE: next-token cross-entropy on the calibration windows "
                 "(shakespeare train); KD: forward KL to the dense model on the same windows; KD, corrected "
                 "teacher: forward KL to `dense + CE` (Minitron's teacher correction: the teacher first fine-tuned "
@@ -230,11 +233,12 @@ def markdown(res: dict) -> str:
                 (f"{r['seconds']:.0f}" if "seconds" in r else "")
             if "teacher_correction_seconds" in r:
                 secs += f" + {r['teacher_correction_seconds']:.0f} ({r['teacher_correction_cpu_seconds']:.0f})"
-            out.append(f"| {name} | {r['ppl']:.3f} | {gap} | {steps} | {r.get('tokens', '')} | {curve} | {secs} |")
+            mark = "" if "env" in r else " †"
+            out.append(f"| {name}{mark} | {r['ppl']:.3f} | {gap} | {steps} | {r.get('tokens', '')} | {curve} | {secs} |")
         out.append("")
     multi = res.get("multi")
     if multi:
-        out += ["## Several teachers: two domain experts, one student", "", *measured("multi"),
+        out += ["## Several teachers: two domain experts, one student", "", *measured(multi),
                 "Teachers: full fine-tunes of the dense model on Shakespeare and on the Python standard library "
                 "(`benchmarks.bitdelta --stage finetune`). Student: `shortgpt-8`, trained on an even mix of both "
                 "train splits. Mean NLL: the average over the two domains of log perplexity (lower is better).", "",

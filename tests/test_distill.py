@@ -332,6 +332,9 @@ def test_readme_quotes_the_distill_benchmark():
         ce, kd = rec[f"{start} + CE"]["ppl"], rec[f"{start} + KD"]["ppl"]
         assert f"{start}: start {s:.2f}, LoRA cross-entropy {ce:.2f} ({(s - ce) / (s - dense):.1%} of the gap " \
                f"recovered), KD {kd:.2f} ({(s - kd) / (s - dense):.1%})" in readme
+        if f"{start} + KD, corrected teacher" in rec:
+            kdc = rec[f"{start} + KD, corrected teacher"]["ppl"]
+            assert f"KD from the corrected teacher {kdc:.2f} ({(s - kdc) / (s - dense):.1%})" in readme
         quoted += 1
     assert quoted
     for name, r in multi.items():
