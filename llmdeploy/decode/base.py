@@ -159,25 +159,25 @@ class DraftVocabMixin:
     def _draft_vocab_size(self) -> int:
         return 0 if self.draft_vocab is None else int(self.draft_vocab.numel())
 
-    def _cut_head(self, lm_head: nn.Module) -> None:
+    def _cut_head(self, head: nn.Module) -> None:
         """The LM head's rows of the drafting vocabulary (a compressed head gives its decoded weight)."""
         if self.draft_vocab is None:
             self._sub_head = None
             return
-        w = lm_head.weight
+        w = head.weight
         if int(self.draft_vocab.max()) >= w.shape[0]:
             raise ConfigError(f"the drafting vocabulary names token {int(self.draft_vocab.max())}, beyond the "
                               f"model's {w.shape[0]}")
-        bias = getattr(lm_head, "bias", None)
+        bias = getattr(head, "bias", None)
         ids = self.draft_vocab.to(w.device)
         self._sub_head = (w.detach()[ids].contiguous(), None if bias is None else bias.detach()[ids])
 
-    def draft_logits(self, lm_head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def draft_logits(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Float logits of ``x`` (..., d) over the drafting vocabulary (..., |subset| or V)."""
         if self.draft_vocab is None:
-            return lm_head(x).float()
+            return head(x).float()
         if self._sub_head is None:
-            self._cut_head(lm_head)
+            self._cut_head(head)
         w, b = self._sub_head
         return torch.nn.functional.linear(x.to(w.dtype), w, b).float()
 
