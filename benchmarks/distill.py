@@ -207,7 +207,9 @@ def markdown(res: dict) -> str:
                for d, t, v in envs]
         if older and envs:
             out.append("† measured earlier in another environment (an earlier transformers); the rows measured "
-                       "again here reproduce their earlier values to 0.001 ppl.")
+                       "again here reproduce their earlier 128-window perplexities to 0.001. The † rows' curves "
+                       "during training were taken on other held-out windows (their step 0 differs from the "
+                       "same model's here): compare their final perplexities only.")
         elif older:
             out.append("Measured on 2026-11-29 in an earlier environment (an earlier transformers).")
         return [" ".join(out), ""] if out else []
@@ -268,7 +270,10 @@ def plot(res: dict, out: Path) -> None:
         for name, r in rows.items():
             if not r.get("eval_tokens") or (start and not name.startswith(start)):
                 continue
-            ax.plot(r["eval_tokens"], r["eval_ppl"], marker="o", label=name if start is None else name[len(start) + 3:])
+            label = name if start is None else name[len(start) + 3:]
+            older = start is not None and "env" not in r  # measured earlier, on other held-out windows
+            ax.plot(r["eval_tokens"], r["eval_ppl"], marker="o", ls="--" if older else "-",
+                    label=label + (" † (other held-out windows)" if older else ""))
         if start and "dense" in rows:
             ax.axhline(rows["dense"]["ppl"], color="gray", ls="--", label="dense (128 windows)")
         ax.set(title=title, xlabel="training tokens", ylabel="held-out perplexity")
