@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from ..kernels import opaque
@@ -59,6 +60,15 @@ class CompressedModule(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         opaque.register(self)  # a copy is a module of its own
+
+    def _needs_autograd(self, x: torch.Tensor) -> bool:
+        """Whether this call must be differentiable (kernels have no backward): grad mode is on and
+        the input or one of the module's own tensors requires a gradient. Subclasses on a hot path
+        check just the tensors that can."""
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(t is not None and t.requires_grad
+                                      for t in (*self._parameters.values(), *self._buffers.values()))
 
     def drop_derived_caches(self) -> None:
         """Forget the caches derived from the storage (a streamed block is freed this way too)."""

@@ -67,13 +67,14 @@ class MedusaHeads(DraftVocabMixin, RankedTreeMixin, Drafter):
         """(..., d) -> (..., K, d): what each head hands to the LM head."""
         return torch.stack([head(h) for head in self.heads], dim=-2)
 
-    def head_logits(self, lm_head: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        return lm_head(self.features(h.to(self.heads[0][0].linear.weight.dtype)).to(h.dtype)).float()
+    def head_logits(self, lm_head: nn.Module, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
+        """(..., K, V) logits of the heads (``draft``: over the drafting vocabulary)."""
+        feats = self.features(h.to(self.heads[0][0].linear.weight.dtype)).to(h.dtype)
+        return self.draft_logits(lm_head, feats) if draft else lm_head(feats).float()
 
     @torch.no_grad()
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
-        feats = self.features(hidden.to(self.heads[0][0].linear.weight.dtype)).to(hidden.dtype)
-        logits = self.draft_logits(self._runner.adapter.head(), feats)  # (B, K, V or |drafting vocabulary|)
+        logits = self.head_logits(self._runner.adapter.head(), hidden, draft=True)  # (B, K, V or |vocabulary|)
         top = self.vocab_ids(logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices).cpu()
         choices = self.choices()
         return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]

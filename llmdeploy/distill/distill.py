@@ -62,7 +62,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -245,13 +245,11 @@ class Distill(TeacherStage):
         """A copy of ``teacher`` fine-tuned on ``calib`` with next-token cross-entropy for
         ``teacher_correction_steps`` steps (Minitron's teacher correction): this stage's optimizer,
         schedule, batches, seed and ``train``; ``teacher`` itself is left unchanged."""
-        fix = Distill(**{**{f.name: getattr(self, f.name) for f in fields(self) if f.init},
-                         "ce_weight": 1.0, "hidden_weight": 0.0, "on_policy": 0.0, "select_fraction": 1.0,
-                         "steps": self.teacher_correction_steps, "teacher_correction_steps": 0,
-                         "teacher_model": None, "teachers": None, "teacher_top_k": None, "teacher_cache": None,
-                         "eval_every": 0, "eval_windows": None,
-                         "checkpoint_dir": str(Path(self.checkpoint_dir) / "teacher-correction")
-                         if self.checkpoint_dir else None})
+        fix = replace(self, ce_weight=1.0, hidden_weight=0.0, on_policy=0.0, select_fraction=1.0,
+                      steps=self.teacher_correction_steps, teacher_correction_steps=0, teacher_model=None,
+                      teachers=None, teacher_top_k=None, teacher_cache=None, eval_every=0, eval_windows=None,
+                      checkpoint_dir=str(Path(self.checkpoint_dir) / "teacher-correction") if self.checkpoint_dir
+                      else None)
         was = teacher.training
         log.info("distill: teacher correction, %d steps of cross-entropy on the stage's windows",
                  self.teacher_correction_steps)

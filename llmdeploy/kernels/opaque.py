@@ -73,11 +73,10 @@ def opaque_forward(forward: Callable[[torch.nn.Module, torch.Tensor], torch.Tens
                    ) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
     """Decorator for a compressed module's ``forward(x)``: while traced by ``torch.compile`` and
     not building an autograd graph, the call becomes ``llmdeploy::module_call``; otherwise the
-    forward runs as written. The module needs ``out_features``."""
+    forward runs as written. The module needs ``out_features`` and ``_needs_autograd(x)``."""
 
     def wrapped(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if traced() and not (torch.is_grad_enabled() and (x.requires_grad or any(
-                p.requires_grad for p in self.parameters(recurse=False)))):
+        if traced() and not self._needs_autograd(x):
             return module_call(x, self.__dict__["_opaque_handle"], self.out_features)
         return forward(self, x)
 
