@@ -3,7 +3,7 @@
     python -m benchmarks.speed                 # layers and smollm2-135m, writes results/speed/
     python -m benchmarks.speed --rounds 7 --skip-model
 
-Three measurements, every ratio against dense in the same run, rounds interleaved (dense, then each
+Four measurements, every ratio against dense in the same run, rounds interleaved (dense, then each
 format, then dense again…) so that machine noise hits every row alike; medians reported:
 
 - **memory bandwidth**: ``sum()`` over a 1 GiB fp32 tensor, the ceiling for memory-bound decoding;
@@ -17,7 +17,12 @@ format, then dense again…) so that machine noise hits every row alike; medians
   (norms, attention, the head, PyTorch's eager dispatch), which no linear kernel can remove.
   With ``--compile``, each model's decode step is also measured as one ``torch.compile`` graph over
   a static KV cache (compressed modules are opaque operators in it: ``llmdeploy.kernels.opaque``),
-  in the same rounds; those ratios are against the compiled dense model.
+  in the same rounds; those ratios are against the compiled dense model;
+- **few rows** (``--part rows``): ``F.linear`` against the row kernel
+  (:func:`llmdeploy.kernels.rows.linear_rows`) for 1..16 token rows at smollm2's shapes — the cost
+  of verifying a tree of drafted tokens (BLAS's GEMM path for a few rows costs a multiple of one).
+
+Parts not measured in a run keep their earlier results in ``speed.json``.
 
 Writes ``results/speed/speed.json``, ``SPEED.md`` and ``speed.png``.
 """
@@ -25,6 +30,7 @@ Writes ``results/speed/speed.json``, ``SPEED.md`` and ``speed.png``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import statistics
@@ -224,6 +230,43 @@ def model(rounds: int, new_tokens: int, only: list[str] | None, compiled: bool =
     return out
 
 
+ROW_SHAPES = {"attention 576x576": (576, 576), "mlp up 1536x576": (1536, 576), "mlp down 576x1536": (576, 1536),
+              "head 49152x576": (49152, 576)}
+ROW_COUNTS = (1, 2, 3, 4, 8, 16)
+
+
+@torch.no_grad()
+def few_rows(rounds: int) -> dict:
+    """BLAS (``F.linear``) against :func:`llmdeploy.kernels.rows.linear_rows` for 1..16 token rows
+    at smollm2-135m's shapes: what verifying a tree of that many nodes costs per linear. Each call
+    takes the next of several weights (>= 256 MiB in all), so weights stream from memory as in a
+    model's forward rather than sitting in cache."""
+    import torch.nn.functional as F
+
+    from llmdeploy.kernels import rows as rows_kernel
+
+    if not rows_kernel.available():
+        return {}
+    out = {}
+    for label, (o, i) in ROW_SHAPES.items():
+        weights = itertools.cycle([torch.randn(o, i) for _ in range(max(2, 2**26 // (o * i)))])
+        inner = max(3, 2**24 // (o * i))
+        t: dict[tuple[str, int], list[float]] = {}
+        for _ in range(rounds):
+            for m in ROW_COUNTS:
+                x = torch.randn(m, i)
+                for name, fn in (("blas", F.linear), ("rows", rows_kernel.linear_rows)):
+                    fn(x, next(weights))
+                    t.setdefault((name, m), []).append(
+                        _median_time(lambda fn=fn, x=x, w=weights: fn(x, next(w)), inner))
+        med = {key: statistics.median(v) for key, v in t.items()}
+        out[label] = {str(m): {"blas_ms": 1e3 * med["blas", m], "rows_ms": 1e3 * med["rows", m],
+                               "x_blas": med["blas", m] / med["rows", m],
+                               "blas_x_one_row": med["blas", m] / med["blas", 1]} for m in ROW_COUNTS}
+        log.info("%s: %s", label, {m: round(v["x_blas"], 2) for m, v in out[label].items()})
+    return out
+
+
 def kernel_choices(model) -> dict:
     """How many pruned layers measured the sparse kernel faster than the dense matvec (and kept it)."""
     from llmdeploy.prune import SparseLinear
@@ -278,6 +321,19 @@ def markdown(res: dict) -> str:
                       f"{1e3 / d['decode_tok_s']:.1f} ms dense: the most any linear kernel can give here is "
                       f"{f['decode_x_dense']:.2f}x dense."]
         lines.append("")
+    if res.get("rows"):
+        r0 = res["rows"]
+        lines += ["## Few token rows: BLAS against the row kernel", "",
+                  f"Measured {r0['date']} ({r0['threads']} threads, medians of {r0['rounds']} interleaved rounds). "
+                  "A tree of n drafted tokens is verified with n-row matmuls; `F.linear` (BLAS) against "
+                  "`llmdeploy.kernels.rows.linear_rows` (each weight read once, each row summed as if alone), "
+                  "every call on the next of several weights (>= 256 MiB) so that they stream from memory.", "",
+                  "| shape | rows | BLAS ms | BLAS / its 1 row | row kernel ms | x BLAS |", "|---|---|---|---|---|---|"]
+        for shape, by_m in r0["shapes"].items():
+            for m, r in by_m.items():
+                lines.append(f"| {shape} | {m} | {r['blas_ms']:.3f} | {r['blas_x_one_row']:.2f}x | "
+                             f"{r['rows_ms']:.3f} | {r['x_blas']:.2f}x |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -285,7 +341,7 @@ def plot(res: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [(s, rows) for s, rows in res.get("layers", {}).items()]
+    panels = [(s, r) for s, r in res.get("layers", {}).items()]
     if "model" in res:
         panels.append(("smollm2-135m decode", {k: {"x_dense": v["decode_x_dense"]} for k, v in res["model"].items()}))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
@@ -301,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--part", nargs="+", default=["layers", "model", "rows"], choices=["layers", "model", "rows"],
+                   help="what to measure; the other parts of speed.json are kept")
     p.add_argument("--skip-model", action="store_true")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--only", nargs="+", help="model formats to measure (default: all)")
@@ -313,12 +371,20 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
             torch._dynamo.config.fail_on_recompile_limit_hit = True
     RESULTS.mkdir(parents=True, exist_ok=True)
-    res = {"meta": {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "rounds": args.rounds,
-                    "new_tokens": args.new_tokens}, "bandwidth_gb_s": bandwidth(args.rounds)}
-    if not args.skip_layers:
+    parts = [q for q in args.part if not (q == "layers" and args.skip_layers) and not (q == "model" and args.skip_model)]
+    path = RESULTS / "speed.json"
+    res = json.loads(path.read_text()) if path.exists() else {}
+    if {"layers", "model"} & set(parts) or "meta" not in res:
+        res.update({"meta": {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(),
+                             "rounds": args.rounds, "new_tokens": args.new_tokens},
+                    "bandwidth_gb_s": bandwidth(args.rounds)})
+    if "layers" in parts:
         res["layers"] = layers(args.rounds)
-    if not args.skip_model:
+    if "model" in parts:
         res["model"] = model(args.rounds, args.new_tokens, args.only, compiled=args.compile)
+    if "rows" in parts:
+        res["rows"] = {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads(), "rounds": args.rounds,
+                       "shapes": few_rows(args.rounds)}
     (RESULTS / "speed.json").write_text(json.dumps(res, indent=2))
     (RESULTS / "SPEED.md").write_text(markdown(res))
     plot(res)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError
+from ..kernels.rows import few_row_linears
 from ..kv.engine import cache_kwarg
 from ..models import get_adapter
 from .cache import TreeCache
@@ -196,13 +197,19 @@ def _tokenize(tokenizer, prompts) -> list[list[int]]:
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int, *,
              drafter=None, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
              eos_token_id: int | Sequence[int] | None = None, acceptance: str | None = None,
-             typical_epsilon: float = 0.09, typical_delta: float = 0.3) -> GenerationResult:
+             typical_epsilon: float = 0.09, typical_delta: float = 0.3, row_kernel: bool = True) -> GenerationResult:
     """Generate ``max_new_tokens`` after each prompt (texts, or token-id lists), batched, with
     ``drafter`` proposing candidates (None: plain decoding, one token per forward).
 
     ``temperature == 0`` decodes greedily and losslessly; above it, ``acceptance`` picks
     ``"rejection"`` (exact; drafters that sample) or ``"typical"`` (Medusa-2), defaulting to the
     drafter's own. ``eos_token_id`` (default: the tokenizer's) ends a row early.
+
+    ``row_kernel``: the model's and the drafter's fp32 CPU ``nn.Linear`` layers compute inputs of
+    up to 16 token rows with :func:`llmdeploy.kernels.rows.linear_rows`, which reads each weight
+    once (BLAS's GEMM path makes a tree of a few tokens cost several times one token) and computes
+    every row exactly as it would alone (a node's projections do not depend on the tree around
+    it). Off: plain ``F.linear`` everywhere.
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -218,6 +225,17 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
         if mode not in ("typical", "rejection"):
             raise ConfigError(f"acceptance must be 'typical' or 'rejection', got {mode!r}")
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    with contextlib.ExitStack() as stack:
+        if row_kernel:
+            for m in (model, drafter):
+                if isinstance(m, torch.nn.Module):
+                    stack.enter_context(few_row_linears(m))
+        return _generate(model, tokenizer, ids, max_new_tokens, drafter, mode, temperature, top_p, gen, stops,
+                         typical_epsilon, typical_delta)
+
+
+def _generate(model, tokenizer, ids, max_new_tokens, drafter, mode, temperature, top_p, gen, stops,
+              typical_epsilon, typical_delta) -> GenerationResult:
     t0 = time.perf_counter()
     B = len(ids)
     runner = Runner(model, B, capacity=max(len(p) for p in ids) + max_new_tokens + 64)

@@ -1,0 +1,93 @@
+/* A dense fp32 linear for a few token rows that reads the weight once.
+ *
+ *   out[m, o] = bias[o] + sum_k x[m, k] * w[o, k]      (x: M x K, w: N x K, out: M x N, all row-major)
+ *
+ * BLAS handles one row with a matrix-vector product that streams the weight at memory speed, but
+ * 2..16 rows (a tree of drafted tokens being verified) take a GEMM path that, on a CPU, can cost
+ * several times one row (it packs the weight for a large product). Here blocks of OB outputs are
+ * parallel (OpenMP); a block's weight rows stream from memory once, for the first RB token rows, and
+ * the block's next token rows re-read them from L1/L2. Every output is one sum in a fixed order —
+ * 8 FMA lanes over k in steps of 8, the lanes added pairwise, then the k % 8 tail — whatever M is
+ * and whichever block it falls in, so a row's result does not depend on the other rows: verifying
+ * a tree gives bit for bit what decoding its tokens one by one with this kernel gives.
+ */
+#include <stdint.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define ROWS_AVX2 1
+#endif
+
+#define OB 4 /* outputs per block */
+#define RB 3 /* token rows per pass over a block (OB * RB accumulators) */
+
+/* which SIMD path this build compiled: 256 (AVX2+FMA) or 0 (portable C) */
+int rows_simd(void) {
+#ifdef ROWS_AVX2
+    return 256;
+#else
+    return 0;
+#endif
+}
+
+/* the portable sum: the same order as the AVX2 one (8 lanes over k, lanes added pairwise, tail) */
+static float dot_portable(const float *a, const float *b, int64_t K) {
+    float lane[8] = {0};
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)
+        for (int j = 0; j < 8; j++) lane[j] = __builtin_fmaf(a[k + j], b[k + j], lane[j]);
+    float s = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+    for (; k < K; k++) s = __builtin_fmaf(a[k], b[k], s);
+    return s;
+}
+
+#ifdef ROWS_AVX2
+/* rows m0 .. m0 + nr - 1 of one full block of OB outputs (nr <= RB; a constant where inlined) */
+static inline __attribute__((always_inline)) void block_rows(const float *x, const float *w, const float *bias,
+                                                             float *out, int64_t m0, int nr, int64_t K, int64_t N,
+                                                             int64_t o0) {
+    int64_t kv = K & ~(int64_t)7;
+    __m256 acc[OB][RB];
+    for (int o = 0; o < OB; o++)
+        for (int r = 0; r < nr; r++) acc[o][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < kv; k += 8) {
+        __m256 xv[RB];
+        for (int r = 0; r < nr; r++) xv[r] = _mm256_loadu_ps(x + (m0 + r) * K + k);
+        for (int o = 0; o < OB; o++) {
+            __m256 wv = _mm256_loadu_ps(w + (o0 + o) * K + k);
+            for (int r = 0; r < nr; r++) acc[o][r] = _mm256_fmadd_ps(wv, xv[r], acc[o][r]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int o = 0; o < OB; o++) {
+            /* lanes added as the portable path does: ((0+4) + (2+6)) + ((1+5) + (3+7)) */
+            __m128 lo = _mm256_castps256_ps128(acc[o][r]), hi = _mm256_extractf128_ps(acc[o][r], 1);
+            __m128 s4 = _mm_add_ps(lo, hi);
+            __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            float s = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+            const float *xr = x + (m0 + r) * K, *wr = w + (o0 + o) * K;
+            for (int64_t k = kv; k < K; k++) s = __builtin_fmaf(xr[k], wr[k], s);
+            out[(m0 + r) * N + o0 + o] = s + (bias ? bias[o0 + o] : 0.0f);
+        }
+}
+#endif
+
+void linear_rows(const float *x, const float *w, const float *bias, float *out, int64_t M, int64_t K, int64_t N,
+                 int threads) {
+    int64_t n_ob = (N + OB - 1) / OB;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t ob = 0; ob < n_ob; ob++) {
+        int64_t o0 = ob * OB, no = N - o0 < OB ? N - o0 : OB;
+#ifdef ROWS_AVX2
+        if (no == OB) {
+            int64_t m0 = 0;
+            for (; m0 + RB <= M; m0 += RB) block_rows(x, w, bias, out, m0, RB, K, N, o0);
+            if (M - m0 == 1) block_rows(x, w, bias, out, m0, 1, K, N, o0);
+            else if (M - m0 == 2) block_rows(x, w, bias, out, m0, 2, K, N, o0);
+            continue;
+        }
+#endif
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t o = o0; o < o0 + no; o++)
+                out[m * N + o] = dot_portable(x + m * K, w + o * K, K) + (bias ? bias[o] : 0.0f);
+    }
+}

@@ -1,0 +1,120 @@
+"""A dense fp32 linear for a few token rows on CPU that reads the weight once (``csrc/rows.c``).
+
+Decoding one token multiplies by each weight once (BLAS's matrix-vector product, memory-bound).
+Verifying a tree of drafted tokens multiplies 2..16 rows, and there BLAS switches to its GEMM
+path, which for so few rows can cost several times one row (``python -m benchmarks.speed --part
+rows`` measures both): verification stops being almost free, which is what speculative decoding
+relies on. :func:`linear_rows` streams each weight row once for all token rows.
+
+Each output is one sum in a fixed order, independent of the number of rows and of where the
+row falls: a node of a verified tree gets exactly the projections it would get alone (BLAS's
+rounding changes with the number of rows). :func:`few_row_linears` routes a model's ``nn.Linear`` layers through it for
+inputs of at most :data:`MAX_ROWS` rows, for the duration of a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from . import forced_reference
+
+#: inputs with more token rows than this go to BLAS (prefill)
+MAX_ROWS = 16
+
+
+def _fn(symbol: str):
+    from .native import current_isa
+    return _fn_isa(symbol, current_isa())
+
+
+@functools.cache
+def _fn_isa(symbol: str, isa: str):
+    from .native import function
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    sig = {"rows_simd": ((), ctypes.c_int), "linear_rows": ((p, p, p, p, i64, i64, i64, ctypes.c_int), None)}[symbol]
+    return function("rows", symbol, *sig)
+
+
+def available() -> bool:
+    """Whether the C kernel built on this machine."""
+    return _fn("linear_rows") is not None
+
+
+def simd() -> int:
+    """The path of the current build: 256 (AVX2+FMA), 0 (portable C), -1 (none built)."""
+    fn = _fn("rows_simd")
+    return -1 if fn is None else fn()
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x · weightᵀ + bias`` for fp32 CPU tensors, ``x`` (..., in), ``weight`` (out, in): the C
+    kernel when it is built, else ``F.linear``. Not differentiable (inference)."""
+    fn = _fn("linear_rows")
+    if fn is None:
+        return F.linear(x, weight, bias)
+    n_out, n_in = weight.shape
+    if x.shape[-1] != n_in:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight takes {n_in}")
+    x = x.contiguous()
+    weight = weight.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    out = torch.empty((*x.shape[:-1], n_out), dtype=torch.float32)
+    fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+       x.numel() // n_in, n_in, n_out, torch.get_num_threads())
+    return out
+
+
+def _eligible(m: torch.nn.Module) -> bool:
+    if type(m) is not torch.nn.Linear:
+        return False
+    w = m.weight
+    return (w.dtype is torch.float32 and w.is_cpu and w.is_contiguous()
+            and (m.bias is None or (m.bias.dtype is torch.float32 and m.bias.is_contiguous())))
+
+
+@contextlib.contextmanager
+def few_row_linears(model: torch.nn.Module, max_rows: int = MAX_ROWS) -> Iterator[int]:
+    """Inside the block, every plain fp32 CPU ``nn.Linear`` of ``model`` computes inputs of at most
+    ``max_rows`` rows (and not needing gradients) with :func:`linear_rows`; other inputs, and other
+    layers (quantized, pruned: they have their own kernels), are unchanged. Yields how many layers
+    were routed (0 when the kernel is not built here or :func:`~llmdeploy.kernels.use_reference`
+    is on)."""
+    if forced_reference() or not available():
+        yield 0
+        return
+    fn = _fn("linear_rows")
+    layers = [m for m in model.modules() if _eligible(m) and "forward" not in m.__dict__]
+
+    def make(m: torch.nn.Linear):
+        params = m._parameters  # read on every call: a replaced weight or bias is picked up
+        n_out, n_in = m.weight.shape
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w, b = params["weight"], params.get("bias")
+            rows = x.numel() // n_in if x.dim() else 0
+            if (rows > max_rows or x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != n_in
+                    or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+                    or w.shape != (n_out, n_in) or not _eligible(m)):
+                return F.linear(x, w, b)
+            if not x.is_contiguous():
+                x = x.contiguous()
+            out = torch.empty((*x.shape[:-1], n_out), dtype=torch.float32)
+            fn(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), rows, n_in, n_out,
+               torch.get_num_threads())
+            return out
+        return forward
+
+    for m in layers:
+        m.forward = make(m)
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)

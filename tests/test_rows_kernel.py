@@ -1,0 +1,82 @@
+"""The few-row dense linear (kernels/rows.py) against F.linear, on every SIMD path this CPU runs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmdeploy.kernels import native, rows, use_reference
+
+pytestmark = pytest.mark.skipif(not rows.available(), reason="no C compiler: the row kernel is not built")
+
+
+@pytest.mark.parametrize("isa", native.available_isas())
+@pytest.mark.parametrize("shape", [(13, 37), (8, 64), (1, 5), (576, 200)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_rows_equals_f_linear(isa, shape, bias):
+    g = torch.Generator().manual_seed(0)
+    n_out, n_in = shape
+    w = torch.randn(n_out, n_in, generator=g)
+    b = torch.randn(n_out, generator=g) if bias else None
+    with native.isa(isa):
+        assert rows.simd() >= 0
+        for m in (1, 2, 3, 4, 7, 16):
+            x = torch.randn(2, m, n_in, generator=g)[1]  # a view that is not at offset 0
+            y = rows.linear_rows(x, w, b)
+            ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+            assert y.shape == (m, n_out) and y.dtype == torch.float32
+            torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5 * n_in ** 0.5)
+            # every row is computed exactly as it would be alone (the property tree verification uses)
+            alone = torch.cat([rows.linear_rows(x[i:i + 1], w, b) for i in range(m)])
+            assert torch.equal(y, alone)
+        xt = torch.randn(n_in, 3, generator=g).t()  # non-contiguous input
+        torch.testing.assert_close(rows.linear_rows(xt, w, b), F.linear(xt, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_simd_and_portable_paths_agree_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    w, b, x = torch.randn(22, 45, generator=g), torch.randn(22, generator=g), torch.randn(5, 45, generator=g)
+    outs = []
+    for isa in native.available_isas():
+        with native.isa(isa):
+            outs.append(rows.linear_rows(x, w, b))
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_few_row_linears_routes_small_inputs_and_restores(monkeypatch):
+    from llmdeploy.quant import RTNLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 24)
+    quant = RTNLinear.from_linear(torch.nn.Linear(64, 64), 4, 64, False)
+    model = torch.nn.Sequential(lin, torch.nn.ReLU(), torch.nn.Linear(24, 64, bias=False), quant)
+    x_small, x_big = torch.randn(3, 64), torch.randn(rows.MAX_ROWS + 1, 64)
+    with torch.no_grad():
+        ref_small, ref_big = model(x_small), model(x_big)
+    calls = []
+    real = rows._fn
+
+    def counting(symbol):
+        fn = real(symbol)
+        return lambda *a: (calls.append(a[4]), fn(*a))[1]
+
+    monkeypatch.setattr(rows, "_fn", counting)
+    with torch.no_grad(), rows.few_row_linears(model) as n:
+        assert n == 2  # the two nn.Linear layers, not the quantized one (it has its own kernel)
+        assert "forward" in lin.__dict__
+        out_small = model(x_small)
+        assert calls == [3, 3]  # both layers, 3 rows each
+        out_big = model(x_big)  # more rows than MAX_ROWS: BLAS, exactly as without the block
+        assert calls == [3, 3]
+        assert torch.equal(lin(x_small), rows.linear_rows(x_small, lin.weight, lin.bias))
+    assert "forward" not in lin.__dict__  # restored
+    torch.testing.assert_close(out_small, ref_small, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_big, ref_big)
+
+    # an input that needs gradients keeps autograd (F.linear)
+    with rows.few_row_linears(model):
+        y = lin(x_small.requires_grad_())
+    y.sum().backward()
+    assert lin.weight.grad is not None and x_small.grad is not None
+
+    with use_reference(), rows.few_row_linears(model) as n:
+        assert n == 0 and "forward" not in lin.__dict__
