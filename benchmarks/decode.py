@@ -25,7 +25,9 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
 - ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
   engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
-  repeated ``--repeats`` times interleaved; medians, 2 threads.
+  repeated ``--repeats`` times interleaved; medians, 2 threads. The engine computes the model's
+  linears for up to 16 token rows with the row kernel (``generate(row_kernel=True)``); rows marked
+  ", BLAS linears" (plain decoding and the fastest method) decode with ``F.linear`` instead.
 
 Writes ``decode.json``, ``DECODE.md`` and ``decode.png`` (accepted length against tree size).
 """
@@ -166,9 +168,14 @@ def _best(res) -> dict[str, str]:
     return {m: k for m, (_, k) in best.items()}
 
 
+BLAS = ", BLAS linears"  # a timing row decoded with row_kernel=False (the model's linears through F.linear)
+
+
 def stage_timing(res, model, prompts, drafts, repeats: int, save) -> None:
     best = _best(res)
-    runs = {"hf generate": None, "plain": None, **{k: res["sweep"][k] for k in best.values()}}
+    fastest = max(best.values(), key=lambda k: NEW * 8 / res["sweep"][k]["generate_seconds"])
+    runs = {"hf generate": None, "plain": None, "plain" + BLAS: None, **{k: res["sweep"][k] for k in best.values()},
+            fastest + BLAS: res["sweep"][fastest]}
     times: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": []} for k in runs}
 
     def once(key, batch) -> float:
@@ -179,8 +186,8 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save) -> None:
                 model.generate(torch.tensor(g), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                pad_token_id=0)
             else:
-                d = None if key == "plain" else _drafter(runs[key]["method"], model, runs[key]["config"], drafts)
-                D.generate(model, None, g, NEW, drafter=d)
+                d = None if runs[key] is None else _drafter(runs[key]["method"], model, runs[key]["config"], drafts)
+                D.generate(model, None, g, NEW, drafter=d, row_kernel=not key.endswith(BLAS))
         return len(prompts) * NEW / (time.perf_counter() - t0)
 
     for key in runs:  # warm-up
@@ -223,9 +230,12 @@ def markdown(res: dict) -> str:
         out.append("")
     if "timing" in res:
         rows = res["timing"]["rows"]
-        base = {b: max(rows["hf generate"][f"tok_s_b{b}"], rows["plain"][f"tok_s_b{b}"]) for b in ("1", "4")}
+        base = {b: max(r[f"tok_s_b{b}"] for k, r in rows.items() if k.startswith(("hf generate", "plain")))
+                for b in ("1", "4")}
         out += ["## Wall clock (medians of {} interleaved repeats)".format(res["timing"]["repeats"]), "",
-                "Speed-up against the faster of the two plain decoders in the same run.", "",
+                "Speed-up against the faster of the two plain decoders in the same run. This engine computes the "
+                "model's linears for up to 16 token rows with `llmdeploy.kernels.rows` (each weight read once); "
+                "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead.", "",
                 "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
         for key, r in rows.items():
             out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
