@@ -251,29 +251,36 @@ int qmatmul_nibble(const float *x, const uint8_t *codes, const float *scales, co
             }
             for (int r = 0; r < nr; r++) res[r] = _mm512_reduce_add_ps(tot[r]);
 #elif defined(QM_AVX2)
-            const __m128i low4 = _mm_set1_epi8(15);
+            /* per 8 code bytes: one zero-extending load to 8 lanes, then the low nibbles (inputs j)
+             * and the high ones (inputs 16 + j) by a mask and a shift in the lanes — no shuffles; the
+             * block's 8 outputs in two halves of 4, so that accumulators and x stay in registers */
+            const __m256i m15 = _mm256_set1_epi32(15);
             __m256 tot[OB];
             for (int r = 0; r < OB; r++) tot[r] = _mm256_setzero_ps();
             for (int64_t g = 0; g < ng; g++) {
-                __m256 acc[OB];
-                for (int r = 0; r < OB; r++) acc[r] = _mm256_setzero_ps();
                 const uint8_t *pg = wb + g * nc * OB * 16;
-                for (int64_t c = 0; c < nc; c++) {
-                    const float *xc = xr + g * gs + c * 32;
-                    __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
-                    __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
-                    const uint8_t *p = pg + c * OB * 16;
-                    for (int r = 0; r < OB; r++) {
-                        __m128i b = _mm_loadu_si128((const __m128i *)(p + r * 16));
-                        __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), x0, acc[r]);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), x1, acc[r]);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), x2, acc[r]);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), x3, acc[r]);
+                for (int h = 0; h < OB / 4; h++) {
+                    __m256 acc[4];
+                    for (int r = 0; r < 4; r++) acc[r] = _mm256_setzero_ps();
+                    for (int64_t c = 0; c < nc; c++) {
+                        const float *xc = xr + g * gs + c * 32;
+                        __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8);
+                        __m256 x2 = _mm256_loadu_ps(xc + 16), x3 = _mm256_loadu_ps(xc + 24);
+                        const uint8_t *p = pg + c * OB * 16 + h * 64;
+                        for (int r = 0; r < 4; r++) {
+                            __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + r * 16)));
+                            __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + r * 16 + 8)));
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)), x0, acc[r]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)), x1, acc[r]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), x2, acc[r]);
+                            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), x3, acc[r]);
+                        }
                     }
+                    for (int r = 0; r < 4; r++)
+                        if (h * 4 + r < nr)
+                            tot[h * 4 + r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + h * 4 + r) * ng + g]), acc[r],
+                                                             tot[h * 4 + r]);
                 }
-                for (int r = 0; r < nr; r++)
-                    tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), acc[r], tot[r]);
             }
             for (int r = 0; r < nr; r++)
                 res[r] = finish(hsum256_ps(tot[r]), scales, zeros, xsum + n * ng, ng, NULL, o0 + r);
