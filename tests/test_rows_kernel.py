@@ -80,3 +80,30 @@ def test_few_row_linears_routes_small_inputs_and_restores(monkeypatch):
 
     with use_reference(), rows.few_row_linears(model) as n:
         assert n == 0 and "forward" not in lin.__dict__
+
+
+def test_generate_verifies_trees_through_the_row_kernel(monkeypatch):
+    """The engine routes the model's and a draft model's linears through the kernel (trees of
+    several rows included), and greedy output is the same with and without it."""
+    import llmdeploy
+    from llmdeploy import decode
+
+    import copy
+
+    model, _ = llmdeploy.load("tiny-llama")
+    draft = decode.DraftModel(copy.deepcopy(model), n_draft=3)  # its own linears, not the model's
+    prompts = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12, 14]]
+    ref = decode.generate(model, None, prompts, 10, drafter=draft, row_kernel=False).sequences
+    rows_seen: list[int] = []
+    real = rows._fn
+
+    def counting(symbol):
+        fn = real(symbol)
+        return lambda *a: (rows_seen.append(a[4]), fn(*a))[1]
+
+    monkeypatch.setattr(rows, "_fn", counting)
+    out = decode.generate(model, None, prompts, 10, drafter=draft)
+    assert out.sequences == ref
+    assert 8 in rows_seen  # verification: 2 rows x (root + 3 drafts)
+    assert 2 in rows_seen  # the draft model's one-token steps (the model itself never runs 2 rows here)
+    assert all("forward" not in m.__dict__ for net in (model, draft.draft) for m in net.modules())  # restored

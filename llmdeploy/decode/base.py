@@ -66,6 +66,11 @@ class Drafter(nn.Module):
     def extend(self, trees: Sequence[TokenTree], anchors: Sequence[Sequence[int]]) -> None:
         pass
 
+    def networks(self) -> list[nn.Module]:
+        """The modules this drafter runs while drafting (the engine routes their few-row linears
+        through the row kernel): itself, by default."""
+        return [self]
+
     def forward_context(self, trees: Sequence[TokenTree]) -> contextlib.AbstractContextManager | None:
         return None
 

@@ -38,6 +38,9 @@ class DraftModel(Drafter):
     def config(self) -> dict:
         return {"n_draft": self.n_draft}
 
+    def networks(self) -> list[nn.Module]:
+        return [self.draft]
+
     def save(self, path) -> None:
         raise ConfigError("a DraftModel is a model: save it with llmdeploy.save(draft, path) and wrap it again")
 

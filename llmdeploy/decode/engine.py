@@ -227,9 +227,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     with contextlib.ExitStack() as stack:
         if row_kernel:
-            for m in (model, drafter):
-                if isinstance(m, torch.nn.Module):
-                    stack.enter_context(few_row_linears(m))
+            for m in [model, *(drafter.networks() if drafter is not None else [])]:
+                stack.enter_context(few_row_linears(m))
         return _generate(model, tokenizer, ids, max_new_tokens, drafter, mode, temperature, top_p, gen, stops,
                          typical_epsilon, typical_delta)
 
