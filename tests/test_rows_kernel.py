@@ -85,10 +85,10 @@ def test_few_row_linears_routes_small_inputs_and_restores(monkeypatch):
 def test_generate_verifies_trees_through_the_row_kernel(monkeypatch):
     """The engine routes the model's and a draft model's linears through the kernel (trees of
     several rows included), and greedy output is the same with and without it."""
+    import copy
+
     import llmdeploy
     from llmdeploy import decode
-
-    import copy
 
     model, _ = llmdeploy.load("tiny-llama")
     draft = decode.DraftModel(copy.deepcopy(model), n_draft=3)  # its own linears, not the model's
@@ -107,3 +107,8 @@ def test_generate_verifies_trees_through_the_row_kernel(monkeypatch):
     assert 8 in rows_seen  # verification: 2 rows x (root + 3 drafts)
     assert 2 in rows_seen  # the draft model's one-token steps (the model itself never runs 2 rows here)
     assert all("forward" not in m.__dict__ for net in (model, draft.draft) for m in net.modules())  # restored
+
+
+def test_linear_rows_falls_back_for_other_dtypes():
+    w, x = torch.randn(6, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64)
+    assert torch.equal(rows.linear_rows(x, w), F.linear(x, w))

@@ -53,10 +53,10 @@ def simd() -> int:
 
 
 def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x · weightᵀ + bias`` for fp32 CPU tensors, ``x`` (..., in), ``weight`` (out, in): the C
-    kernel when it is built, else ``F.linear``. Not differentiable (inference)."""
+    """``x · weightᵀ + bias`` with ``x`` (..., in), ``weight`` (out, in): the C kernel for fp32 CPU
+    tensors when it is built, else ``F.linear``. Not differentiable (inference)."""
     fn = _fn("linear_rows")
-    if fn is None:
+    if fn is None or not all(t is None or (t.dtype is torch.float32 and t.is_cpu) for t in (x, weight, bias)):
         return F.linear(x, weight, bias)
     n_out, n_in = weight.shape
     if x.shape[-1] != n_in:
@@ -71,12 +71,13 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+def _eligible_weight(w: torch.Tensor, b: torch.Tensor | None, n_out: int, n_in: int) -> bool:
+    return (w.dtype is torch.float32 and w.is_cpu and w.is_contiguous() and w.shape == (n_out, n_in)
+            and (b is None or (b.dtype is torch.float32 and b.is_cpu and b.is_contiguous())))
+
+
 def _eligible(m: torch.nn.Module) -> bool:
-    if type(m) is not torch.nn.Linear:
-        return False
-    w = m.weight
-    return (w.dtype is torch.float32 and w.is_cpu and w.is_contiguous()
-            and (m.bias is None or (m.bias.dtype is torch.float32 and m.bias.is_contiguous())))
+    return type(m) is torch.nn.Linear and _eligible_weight(m.weight, m.bias, m.out_features, m.in_features)
 
 
 @contextlib.contextmanager
@@ -101,7 +102,7 @@ def few_row_linears(model: torch.nn.Module, max_rows: int = MAX_ROWS) -> Iterato
             rows = x.numel() // n_in if x.dim() else 0
             if (rows > max_rows or x.dtype is not torch.float32 or not x.is_cpu or x.shape[-1] != n_in
                     or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-                    or w.shape != (n_out, n_in) or not _eligible(m)):
+                    or not _eligible_weight(w, b, n_out, n_in)):
                 return F.linear(x, w, b)
             if not x.is_contiguous():
                 x = x.contiguous()
