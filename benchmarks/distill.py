@@ -16,7 +16,8 @@ Minitron's teacher correction, ``Distill(teacher_correction_steps=--steps)``: th
 fine-tuned with the same LoRA on cross-entropy over the same windows (which is exactly the
 ``dense + CE`` training, so it is trained once here and handed to both rows as ``teacher_model``;
 ``tests/test_distill.py`` checks that the option equals this); its training time is recorded
-beside the row's own. Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
+beside the row's own. The fourth recovery, KD + CE, mixes both losses in equal parts
+(``ce_weight=0.5``: Hinton et al.'s soft and hard targets) with the corrected teacher. Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
 
 Part ``multi``: two teachers that are better on different domains — the full fine-tunes of
 ``smollm2-135m`` on Shakespeare and on the Python standard library that ``benchmarks.bitdelta
@@ -64,6 +65,7 @@ STARTS = {  # as benchmarks/methods.py registers them
     "shortgpt-8": (lambda: ShortGPT(n_remove=8, n_samples=16), 16),
     "slicegpt-25": (lambda: SliceGPT(sparsity=0.25), 64),
 }
+RECOVERIES = ("CE", "KD", "KD, corrected teacher", "KD + CE, corrected teacher")
 DOMAINS = ("shakespeare", "pystdlib")
 MULTI = {  # row -> (teachers, Distill options)
     "teacher shakespeare": (("shakespeare",), {}),
@@ -119,8 +121,7 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
         return corrected
 
     for start, (make, n_calib) in STARTS.items():
-        todo = [n for n in (start, f"{start} + CE", f"{start} + KD", f"{start} + KD, corrected teacher")
-                if n not in rows]
+        todo = [n for n in (start, *(f"{start} + {label}" for label in RECOVERIES)) if n not in rows]
         if not todo:
             continue
         t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
             rows[start] = {"ppl": _ppl(base, tok, "shakespeare", args.windows), "seconds": time.perf_counter() - t0,
                            "env": _environment()}
             save()
-        for label in ("CE", "KD", "KD, corrected teacher"):
+        for label in RECOVERIES:
             name = f"{start} + {label}"
             if name in rows:
                 continue
@@ -140,7 +141,7 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
                 kw = {"teacher_model": dense}
             else:
                 teacher, fix = corrected_teacher()
-                kw = {"teacher_model": teacher}
+                kw = {"teacher_model": teacher, "ce_weight": 0.5 if label.startswith("KD + CE") else 0.0}
                 extra = {"teacher_correction_seconds": fix["seconds"], "teacher_correction_cpu_seconds": fix["cpu_seconds"]}
             model, info = _train(copy.deepcopy(base), calib, steps=args.steps, **curve, **kw)
             rows[name] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, **extra, "env": _environment()}
@@ -200,11 +201,13 @@ def markdown(res: dict) -> str:
            "batches of 4, one seeded order. Seconds: wall time of the training alone (CPU seconds of the process "
            f"beside it); {m['threads']} CPU threads.", ""]
     def measured(rows: dict) -> list[str]:
-        envs = sorted({(r["env"]["date"], r["env"]["torch"], r["env"]["transformers"]) for r in rows.values()
-                       if "env" in r})
+        envs: dict[tuple[str, str], set[str]] = {}
+        for r in rows.values():
+            if "env" in r:
+                envs.setdefault((r["env"]["torch"], r["env"]["transformers"]), set()).add(r["env"]["date"])
         older = [n for n, r in rows.items() if "env" not in r]
-        out = [f"Rows measured on {d} (torch {t}, transformers {v})" + (" except those marked †" if older else "") + "."
-               for d, t, v in envs]
+        out = [f"Rows measured on {' and '.join(sorted(d))} (torch {t}, transformers {v})"
+               + (" except those marked †" if older else "") + "." for (t, v), d in sorted(envs.items())]
         if older and envs:
             out.append("† measured earlier in another environment (an earlier transformers); the rows measured "
                        "again here reproduce their earlier 128-window perplexities to 0.001. The † rows' curves "
@@ -221,7 +224,8 @@ def markdown(res: dict) -> str:
                 f"Shakespeare; dense {dense:.3f}. CE: next-token cross-entropy on the calibration windows "
                 "(shakespeare train); KD: forward KL to the dense model on the same windows; KD, corrected "
                 "teacher: forward KL to `dense + CE` (Minitron's teacher correction: the teacher first fine-tuned "
-                "the same way on the same windows; its training seconds are added after a +). Gap recovered = "
+                "the same way on the same windows; its training seconds are added after a +); KD + CE: half "
+                "that KL, half the cross-entropy (`ce_weight=0.5`), same teacher. Gap recovered = "
                 "(start − ppl) / (start − dense).", "",
                 "| model | ppl | gap recovered | steps x windows | tokens | held-out ppl during training "
                 "(tokens: ppl) | seconds (CPU s) |", "|---|---|---|---|---|---|---|"]

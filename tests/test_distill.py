@@ -335,6 +335,10 @@ def test_readme_quotes_the_distill_benchmark():
         if f"{start} + KD, corrected teacher" in rec:
             kdc = rec[f"{start} + KD, corrected teacher"]["ppl"]
             assert f"KD from the corrected teacher {kdc:.2f} ({(s - kdc) / (s - dense):.1%})" in readme
+        if f"{start} + KD + CE, corrected teacher" in rec:
+            mix = rec[f"{start} + KD + CE, corrected teacher"]["ppl"]
+            assert f"KD + CE in equal parts from the corrected teacher {mix:.2f} ({(s - mix) / (s - dense):.1%})" \
+                in readme
         quoted += 1
     assert quoted
     for name, r in multi.items():
