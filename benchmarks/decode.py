@@ -74,6 +74,14 @@ SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), bea
 }
 
 
+METHODS = ("medusa", "redrafter", "hidden_transfer", "draft")
+
+
+def family(name: str) -> str:
+    """The method a swept name belongs to ("medusa fr8k" -> "medusa", "draft shortgpt-15" -> "draft")."""
+    return name.split()[0]
+
+
 DRAFT_VOCAB = 8192  # "fr8k": drafting from the 8192 most frequent tokens of the training data (FR-Spec)
 
 
@@ -105,9 +113,11 @@ def stage_data(res, model, tok, save) -> tuple[D.SelfDistillData, D.SelfDistillD
     return train, val
 
 
-def stage_train(res, model, train, val, save) -> None:
+def stage_train(res, model, train, val, save, methods=METHODS) -> None:
     rows = res.setdefault("train", {})
     for name, (make, opts) in TRAIN.items():
+        if name not in methods:
+            continue
         folder = RESULTS / "drafters" / name
         if name in rows and (folder / "drafter.json").exists():
             continue
@@ -132,9 +142,11 @@ def make_drafts(model, tok) -> dict:
             for n in (15, 20)}
 
 
-def stage_sweep(res, model, prompts, drafts, plain, save) -> None:
+def stage_sweep(res, model, prompts, drafts, plain, save, methods=METHODS) -> None:
     rows = res.setdefault("sweep", {})
     for name, cfgs in SIZES.items():
+        if family(name) not in methods:
+            continue
         for cfg in cfgs:
             key = f"{name} {cfg}"
             if key in rows:
@@ -158,10 +170,12 @@ def stage_sweep(res, model, prompts, drafts, plain, save) -> None:
             save()
 
 
-def _best(res) -> dict[str, str]:
+def _best(res, methods=METHODS) -> dict[str, str]:
     """Per method, the swept configuration with the highest tokens per second of the sweep."""
     best: dict[str, tuple[float, str]] = {}
     for key, r in res["sweep"].items():
+        if family(r["method"]) not in methods:
+            continue
         rate = NEW * 8 / r["generate_seconds"]
         if r["method"] not in best or rate > best[r["method"]][0]:
             best[r["method"]] = (rate, key)
@@ -171,8 +185,8 @@ def _best(res) -> dict[str, str]:
 BLAS = ", BLAS linears"  # a timing row decoded with row_kernel=False (the model's linears through F.linear)
 
 
-def stage_timing(res, model, prompts, drafts, repeats: int, save) -> None:
-    best = _best(res)
+def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHODS) -> None:
+    best = _best(res, methods)
     fastest = max(best.values(), key=lambda k: NEW * 8 / res["sweep"][k]["generate_seconds"])
     runs = {"hf generate": None, "plain": None, "plain" + BLAS: None, **{k: res["sweep"][k] for k in best.values()},
             fastest + BLAS: res["sweep"][fastest]}
@@ -200,7 +214,7 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save) -> None:
     for key, t in times.items():
         out[key] = {f"tok_s_b{b}": statistics.median(v) for b, v in t.items()}
         out[key].update({f"all_b{b}": v for b, v in t.items()})
-    res["timing"] = {"repeats": repeats, "rows": out}
+    res["timing"] = {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d")}
     save()
 
 
@@ -235,8 +249,11 @@ def markdown(res: dict) -> str:
         out += ["## Wall clock (medians of {} interleaved repeats)".format(res["timing"]["repeats"]), "",
                 "Speed-up against the faster of the two plain decoders in the same run. This engine computes the "
                 "model's linears for up to 16 token rows with `llmdeploy.kernels.rows` (each weight read once); "
-                "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead.", "",
-                "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
+                "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead."
+                + ("" if set(res["timing"].get("methods", METHODS)) == set(METHODS) else
+                   f" Timed on {res['timing']['date']}: {', '.join(res['timing']['methods'])} only (`--methods`); "
+                   "the sweep rows of the other methods were measured earlier, when the engine had no row kernel."),
+                "", "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
         for key, r in rows.items():
             out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
                        f"{r['tok_s_b4'] / base['4']:.2f}x |")
@@ -248,7 +265,7 @@ def readme_paragraph(res: dict) -> str:
     """The README's sentence on this benchmark, built from ``decode.json`` (tests check the README
     quotes it)."""
     sweep, rows = res["sweep"], res["timing"]["rows"]
-    best = _best(res)
+    best = _best(res, res["timing"].get("methods", METHODS))
     parts = []
     for method, key in best.items():
         r, t = sweep[key], rows[key]
@@ -293,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stage", nargs="+", default=["data", "train", "sweep", "timing"],
                    choices=["data", "train", "sweep", "timing"])
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="train, sweep and time only these (rows of the others in decode.json are kept; the "
+                        "timing table is replaced by this run's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -311,15 +331,15 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     train, val = stage_data(res, model, tok, save)
     if "train" in args.stage:
-        stage_train(res, model, train, val, save)
+        stage_train(res, model, train, val, save, args.methods)
     prompts = test_windows(tok, "shakespeare", 32, 8).tolist()
-    drafts = make_drafts(model, tok) if {"sweep", "timing"} & set(args.stage) else {}
+    drafts = make_drafts(model, tok) if {"sweep", "timing"} & set(args.stage) and "draft" in args.methods else {}
     drafts["vocab"] = D.frequent_tokens(train.tokens, DRAFT_VOCAB, model.config.vocab_size)
     plain = D.generate(model, None, prompts, NEW).sequences
     if "sweep" in args.stage:
-        stage_sweep(res, model, prompts, drafts, plain, save)
+        stage_sweep(res, model, prompts, drafts, plain, save, args.methods)
     if "timing" in args.stage:
-        stage_timing(res, model, prompts, drafts, args.repeats, save)
+        stage_timing(res, model, prompts, drafts, args.repeats, save, args.methods)
     save()
     plot(res, RESULTS / "decode.png")
     print(markdown(res))

@@ -216,3 +216,7 @@ def test_readme_quotes_the_speed_benchmark():
             f"{a28['speedup_vs_aqlm_package']:.2f}x the `aqlm` package's") in readme
     assert f"{a16['speedup_vs_dense']:.2f}x dense and {a16['speedup_vs_aqlm_package']:.1f}x the package's" in readme
     assert f"dense {res['model']['dense fp32']['decode_tok_s']:.1f} tok/s" in readme
+    if "compiled_decode_x_dense" in m["rtn int4 g64"]:
+        c4, c4h = m["rtn int4 g64"], m["rtn int4 g64 + int8 embedding/head"]
+        assert (f"int4 is {c4['compiled_decode_x_dense']:.2f}x the compiled dense model and "
+                f"{c4h['compiled_decode_x_dense']:.2f}x with the int8 head") in readme
