@@ -8,8 +8,9 @@ relies on. :func:`linear_rows` streams each weight row once for all token rows.
 
 Each output is one sum in a fixed order, independent of the number of rows and of where the
 row falls: a node of a verified tree gets exactly the projections it would get alone (BLAS's
-rounding changes with the number of rows). :func:`few_row_linears` routes a model's ``nn.Linear`` layers through it for
-inputs of at most :data:`MAX_ROWS` rows, for the duration of a ``with`` block.
+rounding changes with the number of rows). :func:`few_row_linears` routes a model's
+``nn.Linear`` layers through it for inputs of at most :data:`MAX_ROWS` rows, for the duration of
+a ``with`` block.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@
  * parallel (OpenMP); a block's weight rows stream from memory once, for the first RB token rows, and
  * the block's next token rows re-read them from L1/L2. Every output is one sum in a fixed order —
  * 8 FMA lanes over k in steps of 8, the lanes added pairwise, then the k % 8 tail — whatever M is
- * and whichever block it falls in, so a row's result does not depend on the other rows: verifying
- * a tree gives bit for bit what decoding its tokens one by one with this kernel gives.
+ * and whichever block it falls in, so a row's result does not depend on the other rows: a node of a
+ * verified tree gets bit for bit the projections it gets when decoded alone.
  */
 #include <stdint.h>
 #if defined(__AVX2__) && defined(__FMA__)
