@@ -512,3 +512,7 @@ def test_readme_quotes_the_decode_benchmark():
     plain = max(rows[k]["tok_s_b1"] for k in baselines)
     if "no drafter trained here beats plain decoding" in readme:
         assert all(r["tok_s_b1"] < plain for k, r in rows.items() if k not in baselines)
+    if "medusa fr8k 4" in rows and "x plain decoding at batch 1" in readme:
+        m = rows["medusa fr8k 4"]["tok_s_b1"]
+        assert (f"is {m / rows['plain']['tok_s_b1']:.2f}x plain decoding at batch 1 "
+                f"({m / rows['hf generate']['tok_s_b1']:.2f}x transformers' generate)") in readme
