@@ -239,7 +239,7 @@ ROW_COUNTS = (1, 2, 3, 4, 8, 16)
 def few_rows(rounds: int) -> dict:
     """BLAS (``F.linear``) against :func:`llmdeploy.kernels.rows.linear_rows` for 1..16 token rows
     at smollm2-135m's shapes: what verifying a tree of that many nodes costs per linear. Each call
-    takes the next of several weights (>= 256 MiB in all), so weights stream from memory as in a
+    takes the next of several weights (at least two, about 256 MiB in all), so weights stream from memory as in a
     model's forward rather than sitting in cache."""
     import torch.nn.functional as F
 
@@ -327,7 +327,7 @@ def markdown(res: dict) -> str:
                   f"Measured {r0['date']} ({r0['threads']} threads, medians of {r0['rounds']} interleaved rounds). "
                   "A tree of n drafted tokens is verified with n-row matmuls; `F.linear` (BLAS) against "
                   "`llmdeploy.kernels.rows.linear_rows` (each weight read once, each row summed as if alone), "
-                  "every call on the next of several weights (>= 256 MiB) so that they stream from memory.", "",
+                  "every call on the next of several weights (at least two, about 256 MiB) so that they stream from memory.", "",
                   "| shape | rows | BLAS ms | BLAS / its 1 row | row kernel ms | x BLAS |", "|---|---|---|---|---|---|"]
         for shape, by_m in r0["shapes"].items():
             for m, r in by_m.items():
