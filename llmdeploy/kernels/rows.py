@@ -62,13 +62,16 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n_out, n_in = weight.shape
     if x.shape[-1] != n_in:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {n_in}")
-    x = x.contiguous()
-    weight = weight.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
+    return _call(fn, x.contiguous(), weight.contiguous(), None if bias is None else bias.contiguous(),
+                 x.numel() // n_in)
+
+
+def _call(fn, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rows: int) -> torch.Tensor:
+    """The C call on contiguous fp32 CPU tensors (x (..., in) of ``rows`` rows, w (out, in))."""
+    n_out, n_in = w.shape
     out = torch.empty((*x.shape[:-1], n_out), dtype=torch.float32)
-    fn(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-       x.numel() // n_in, n_in, n_out, torch.get_num_threads())
+    fn(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), rows, n_in, n_out,
+       torch.get_num_threads())
     return out
 
 
@@ -105,12 +108,7 @@ def few_row_linears(model: torch.nn.Module, max_rows: int = MAX_ROWS) -> Iterato
                     or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
                     or not _eligible_weight(w, b, n_out, n_in)):
                 return F.linear(x, w, b)
-            if not x.is_contiguous():
-                x = x.contiguous()
-            out = torch.empty((*x.shape[:-1], n_out), dtype=torch.float32)
-            fn(x.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), out.data_ptr(), rows, n_in, n_out,
-               torch.get_num_threads())
-            return out
+            return _call(fn, x if x.is_contiguous() else x.contiguous(), w, b, rows)
         return forward
 
     for m in layers:
