@@ -129,9 +129,11 @@ def test_w8a8_kernel_is_bit_identical_to_the_reference(isa, out_f, in_f, rows):
             x = 3 * torch.randn(in_f, rows, generator=g).T
             with torch.no_grad(), use_reference():
                 ref = mod(x)
-            got = int8.w8a8_linear(x, mod.qweight, mod.wscale.float().contiguous(), int8.row_sums(mod.qweight),
-                                   None if mod.bias is None else mod.bias.detach())
-            assert torch.equal(got, ref)
+            args = (x, mod.qweight, mod.wscale.float().contiguous(), int8.row_sums(mod.qweight),
+                    None if mod.bias is None else mod.bias.detach())
+            assert torch.equal(int8.w8a8_linear(*args), ref)  # row-major weight
+            packed = int8.pack_blocks(mod.qweight)  # and the decode layout, where this build reads one
+            assert packed is None or torch.equal(int8.w8a8_linear(*args, packed=packed), ref)
         if not int8.available():
             return  # the layer itself takes torch's path without a SIMD build
         for bias in (True, False):  # the layer's kernel path

@@ -85,9 +85,9 @@ class DynamicInt8Linear(CompressedModule):
     def weight(self) -> torch.Tensor:
         return self.qweight.to(torch.float32) * self.wscale.unsqueeze(-1)
 
-    def _kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Contiguous weight, fp32 scales and the weight's row sums, recomputed only when they
-        change; None when the weight is not on the CPU."""
+    def _kernel_args(self) -> int8_kernel.W8A8Weights | None:
+        """The weight prepared for the kernel (:func:`llmdeploy.kernels.int8.prepare`), again only
+        when it changes; None when the weight is not on the CPU."""
         b = self._buffers  # not the attributes: nn.Module's __getattr__ costs a microsecond each
         q, s = b["qweight"], b["wscale"]
         key = (q.data_ptr(), q._version, s.data_ptr(), s._version)
@@ -95,8 +95,7 @@ class DynamicInt8Linear(CompressedModule):
         if cached is None or cached[0] != key:
             if not (q.is_cpu and s.is_cpu):
                 return None
-            w = q.contiguous()
-            cached = (key, (w, s.float().contiguous(), int8_kernel.row_sums(w)))
+            cached = (key, int8_kernel.prepare(q, s))
             self._kernel_cache = cached
         return cached[1]
 
@@ -107,7 +106,7 @@ class DynamicInt8Linear(CompressedModule):
                 not (torch.is_grad_enabled() and x.requires_grad) and int8_kernel.serves(x.numel() // self.in_features):
             args = self._kernel_args()
             if args is not None:
-                return int8_kernel.w8a8_linear(x, *args, self._parameters.get("bias"))
+                return int8_kernel.apply(x, args, self._parameters.get("bias"))
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         xq, xs = quantize_per_row(x2)

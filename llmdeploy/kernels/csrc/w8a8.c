@@ -16,6 +16,11 @@
  * With AVX2 (no VNNI): both operands sign-extended to int16 and vpmaddwd (16 products, summed in
  * pairs into 8 int32 lanes; |q w| <= 127 * 127, so pairs and sums are exact in int32); tiles of
  * 8 outputs x 1 row, or 4 outputs x 2 rows for longer inputs. The portable loop is the same sum.
+ * For fewer than 4 rows the AVX2 path reads the weight repacked once by w8a8_pack_blocks (blocks
+ * of 8 outputs whose 16-byte chunks of one 16-input step are adjacent, zero-padded): one
+ * sequential stream per thread instead of 8 row streams (a 1536x576 weight read from memory took
+ * 127 us row-major against 56 us from cache), and no tail case. The activations are quantized
+ * with AVX2 (the same IEEE division and round-half-to-even as the scalar loop).
  */
 #include <math.h>
 #include <stdint.h>
@@ -77,14 +82,162 @@ void w8a8_row_sums(const int8_t *w, int32_t *sums, int64_t n_out, int64_t k) {
     }
 }
 
+/* packed (ceil(n_out / 8), ceil(k / 16), 8, 16) s8: byte t of chunk c of output 8 * ob + j is
+ * w[8 * ob + j, 16 * c + t], zeros past n_out and k (the AVX2 decode layout) */
+void w8a8_pack_blocks(const int8_t *w, int8_t *packed, int64_t n_out, int64_t k) {
+    int64_t n_ob = (n_out + 7) / 8, n_c = (k + 15) / 16;
+    memset(packed, 0, (size_t)(n_ob * n_c * 128));
+    for (int64_t o = 0; o < n_out; o++)
+        for (int64_t i = 0; i < k; i++)
+            packed[((o / 8 * n_c + i / 16) * 8 + o % 8) * 16 + i % 16] = w[o * k + i];
+}
+
 #ifdef W8_VNNI
 static inline int32_t hsum(__m512i v) { return _mm512_reduce_add_epi32(v); }
 #endif
 
-/* x (n, k) f32; w (n_out, k) s8; wscale (n_out,) f32; wsum (n_out,) i32; bias (n_out,) f32 or NULL;
+#ifdef W8_AVX2
+/* the per-row quantization of the reference (see the top), 16 inputs at a time, as int16 zero-padded
+ * to kp16: the same IEEE division and round-half-to-even as the scalar loop, so the same codes */
+static void quantize_rows_avx2(const float *x, int16_t *x16, float *xs, int64_t n, int64_t k, int64_t kp16) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    for (int64_t r = 0; r < n; r++) {
+        const float *xr = x + r * k;
+        __m256 mv = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) mv = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xr + i)), mv);
+        float lanes[8], m = 0.0f;
+        _mm256_storeu_ps(lanes, mv);
+        for (int t = 0; t < 8; t++) m = fmaxf(m, lanes[t]);
+        for (; i < k; i++) m = fmaxf(m, fabsf(xr[i]));
+        float s = m / 127.0f;
+        if (s < 1e-12f) s = 1e-12f;
+        xs[r] = s;
+        const __m256 sv = _mm256_set1_ps(s);
+        int16_t *qr = x16 + r * kp16;
+        for (i = 0; i + 16 <= k; i += 16) {
+            __m256 a = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + i), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m256 b = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + i + 8), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            a = _mm256_min_ps(_mm256_max_ps(a, lo), hi);
+            b = _mm256_min_ps(_mm256_max_ps(b, lo), hi);
+            __m256i p = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b)); /* lanes a0-3 b0-3 a4-7 b4-7 */
+            _mm256_storeu_si256((__m256i *)(qr + i), _mm256_permute4x64_epi64(p, 0xD8));
+        }
+        for (; i < k; i++) {
+            float q = nearbyintf(xr[i] / s);
+            q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+            qr[i] = (int16_t)q;
+        }
+        for (; i < kp16; i++) qr[i] = 0;
+    }
+}
+
+static int w8a8_linear_avx2(const float *x, const int8_t *w, const int8_t *wp, const float *wscale, const float *bias,
+                            float *out, int64_t n, int64_t k, int64_t n_out, int threads) {
+    int64_t kp16 = (k + 15) / 16 * 16, full = k / 16 * 16, rest = k - full, n_c = kp16 / 16;
+    int16_t *x16 = malloc(sizeof(int16_t) * (size_t)(n > 0 ? n : 1) * kp16);
+    float *xs = malloc(sizeof(float) * (n > 0 ? n : 1));
+    if (!x16 || !xs) {
+        free(x16);
+        free(xs);
+        return -2;
+    }
+    quantize_rows_avx2(x, x16, xs, n, k, kp16);
+    if (n < 4 && wp) { /* the packed blocks: one sequential stream per thread */
+        int64_t n_ob = (n_out + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            int64_t o0 = ob * 8, nr = n_out - o0 < 8 ? n_out - o0 : 8;
+            const int8_t *pb = wp + ob * n_c * 128;
+            for (int64_t r = 0; r < n; r++) {
+                const int16_t *xr = x16 + r * kp16;
+                __m256i acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+                for (int64_t c = 0; c < n_c; c++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + 16 * c));
+                    const int8_t *pc = pb + c * 128;
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8x16_epi16(pc + 16 * j), xv));
+                }
+                for (int j = 0; j < nr; j++) {
+                    int64_t o = o0 + j;
+                    out[r * n_out + o] = ((float)hsum8_epi32(acc[j]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    } else if (n < 4) { /* row-major weight (no packed copy given) */
+        int64_t n_ob = (n_out + 7) / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            int64_t o0 = ob * 8, nr = n_out - o0 < 8 ? n_out - o0 : 8;
+            const int8_t *wr[8];
+            for (int j = 0; j < 8; j++) wr[j] = w + (o0 + (j < nr ? j : 0)) * k; /* ragged: recomputed, not stored */
+            for (int64_t r = 0; r < n; r++) {
+                const int16_t *xr = x16 + r * kp16;
+                __m256i acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
+                for (int64_t i = 0; i < full; i += 16) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + i));
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8x16_epi16(wr[j] + i), xv));
+                }
+                if (rest) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + full));
+                    for (int j = 0; j < 8; j++)
+                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8_tail_epi16(wr[j] + full, rest), xv));
+                }
+                for (int j = 0; j < nr; j++) {
+                    int64_t o = o0 + j;
+                    out[r * n_out + o] = ((float)hsum8_epi32(acc[j]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                }
+            }
+        }
+    } else {
+        int64_t n_ob = (n_out + 3) / 4, n_rb = (n + 1) / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+        for (int64_t ob = 0; ob < n_ob; ob++) {
+            for (int64_t rb = 0; rb < n_rb; rb++) {
+                int64_t o0 = ob * 4, r0 = rb * 2;
+                int64_t no = n_out - o0 < 4 ? n_out - o0 : 4, nrw = n - r0 < 2 ? n - r0 : 2;
+                const int8_t *wr[4];
+                const int16_t *xr[2];
+                for (int j = 0; j < 4; j++) wr[j] = w + (o0 + (j < no ? j : 0)) * k;
+                for (int j = 0; j < 2; j++) xr[j] = x16 + (r0 + (j < nrw ? j : 0)) * kp16;
+                __m256i acc[4][2];
+                for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_si256();
+                for (int64_t i = 0; i < kp16; i += 16) {
+                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr[0] + i));
+                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr[1] + i));
+                    for (int a = 0; a < 4; a++) {
+                        __m256i wv = i < full ? s8x16_epi16(wr[a] + i) : s8_tail_epi16(wr[a] + i, rest);
+                        acc[a][0] = _mm256_add_epi32(acc[a][0], _mm256_madd_epi16(wv, x0));
+                        acc[a][1] = _mm256_add_epi32(acc[a][1], _mm256_madd_epi16(wv, x1));
+                    }
+                }
+                for (int a = 0; a < no; a++)
+                    for (int b = 0; b < nrw; b++) {
+                        int64_t o = o0 + a, r = r0 + b;
+                        out[r * n_out + o] = ((float)hsum8_epi32(acc[a][b]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
+                    }
+            }
+        }
+    }
+    free(x16);
+    free(xs);
+    return 0;
+}
+#endif
+
+/* x (n, k) f32; w (n_out, k) s8; wp: w by w8a8_pack_blocks, or NULL (read by the AVX2 path for n < 4,
+ * ignored by the others); wscale (n_out,) f32; wsum (n_out,) i32; bias (n_out,) f32 or NULL;
  * out (n, n_out) f32. Returns 0, or -2 when out of memory. */
-int w8a8_linear(const float *x, const int8_t *w, const float *wscale, const int32_t *wsum, const float *bias,
-                float *out, int64_t n, int64_t k, int64_t n_out, int threads) {
+int w8a8_linear(const float *x, const int8_t *w, const int8_t *wp, const float *wscale, const int32_t *wsum,
+                const float *bias, float *out, int64_t n, int64_t k, int64_t n_out, int threads) {
+    (void)wsum; /* not read by the AVX2 and portable paths (signed products: no +128 shift to undo) */
+#ifdef W8_AVX2
+    return w8a8_linear_avx2(x, w, wp, wscale, bias, out, n, k, n_out, threads);
+#else
+    (void)wp;
     int64_t kp = (k + 63) / 64 * 64;
     uint8_t *xq = malloc((size_t)(n > 0 ? n : 1) * kp);
     float *xs = malloc(sizeof(float) * (n > 0 ? n : 1));
@@ -168,75 +321,6 @@ int w8a8_linear(const float *x, const int8_t *w, const float *wscale, const int3
             }
         }
     }
-#elif defined(W8_AVX2)
-    /* q as int16 (the stored byte minus 128), padded with zeros to a multiple of 16 */
-    int64_t kp16 = (k + 15) / 16 * 16, full = k / 16 * 16, rest = k - full;
-    int16_t *x16 = malloc(sizeof(int16_t) * (size_t)(n > 0 ? n : 1) * kp16);
-    if (!x16) {
-        free(xq);
-        free(xs);
-        return -2;
-    }
-    for (int64_t r = 0; r < n; r++)
-        for (int64_t i = 0; i < kp16; i++) x16[r * kp16 + i] = i < k ? (int16_t)((int)xq[r * kp + i] - 128) : 0;
-    if (n < 4) {
-        int64_t n_ob = (n_out + 7) / 8;
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t ob = 0; ob < n_ob; ob++) {
-            int64_t o0 = ob * 8, nr = n_out - o0 < 8 ? n_out - o0 : 8;
-            const int8_t *wr[8];
-            for (int j = 0; j < 8; j++) wr[j] = w + (o0 + (j < nr ? j : 0)) * k; /* ragged: recomputed, not stored */
-            for (int64_t r = 0; r < n; r++) {
-                const int16_t *xr = x16 + r * kp16;
-                __m256i acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_si256();
-                for (int64_t i = 0; i < full; i += 16) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + i));
-                    for (int j = 0; j < 8; j++)
-                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8x16_epi16(wr[j] + i), xv));
-                }
-                if (rest) {
-                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + full));
-                    for (int j = 0; j < 8; j++)
-                        acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(s8_tail_epi16(wr[j] + full, rest), xv));
-                }
-                for (int j = 0; j < nr; j++) {
-                    int64_t o = o0 + j;
-                    out[r * n_out + o] = ((float)hsum8_epi32(acc[j]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
-                }
-            }
-        }
-    } else {
-        int64_t n_ob = (n_out + 3) / 4, n_rb = (n + 1) / 2;
-#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
-        for (int64_t ob = 0; ob < n_ob; ob++) {
-            for (int64_t rb = 0; rb < n_rb; rb++) {
-                int64_t o0 = ob * 4, r0 = rb * 2;
-                int64_t no = n_out - o0 < 4 ? n_out - o0 : 4, nrw = n - r0 < 2 ? n - r0 : 2;
-                const int8_t *wr[4];
-                const int16_t *xr[2];
-                for (int j = 0; j < 4; j++) wr[j] = w + (o0 + (j < no ? j : 0)) * k;
-                for (int j = 0; j < 2; j++) xr[j] = x16 + (r0 + (j < nrw ? j : 0)) * kp16;
-                __m256i acc[4][2];
-                for (int a = 0; a < 4; a++) acc[a][0] = acc[a][1] = _mm256_setzero_si256();
-                for (int64_t i = 0; i < kp16; i += 16) {
-                    __m256i x0 = _mm256_loadu_si256((const __m256i *)(xr[0] + i));
-                    __m256i x1 = _mm256_loadu_si256((const __m256i *)(xr[1] + i));
-                    for (int a = 0; a < 4; a++) {
-                        __m256i wv = i < full ? s8x16_epi16(wr[a] + i) : s8_tail_epi16(wr[a] + i, rest);
-                        acc[a][0] = _mm256_add_epi32(acc[a][0], _mm256_madd_epi16(wv, x0));
-                        acc[a][1] = _mm256_add_epi32(acc[a][1], _mm256_madd_epi16(wv, x1));
-                    }
-                }
-                for (int a = 0; a < no; a++)
-                    for (int b = 0; b < nrw; b++) {
-                        int64_t o = o0 + a, r = r0 + b;
-                        out[r * n_out + o] = ((float)hsum8_epi32(acc[a][b]) * xs[r]) * wscale[o] + (bias ? bias[o] : 0.0f);
-                    }
-            }
-        }
-    }
-    free(x16);
 #else
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t o = 0; o < n_out; o++)
@@ -249,4 +333,5 @@ int w8a8_linear(const float *x, const int8_t *w, const float *wscale, const int3
     free(xq);
     free(xs);
     return 0;
+#endif
 }
