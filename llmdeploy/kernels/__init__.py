@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import sys
 from collections.abc import Callable, Iterator
 
 import torch
@@ -66,8 +67,9 @@ def aqlm_kernel_for(module, x: torch.Tensor, tokens: int) -> Callable[[torch.Ten
     if x.is_cpu:
         if x.dtype is not torch.float32 or module._parameters["codebooks"].dtype is not torch.float32:
             return None
-        from . import aqlm_cpu
-
+        aqlm_cpu = sys.modules.get(__name__ + ".aqlm_cpu")  # an import statement per call costs a microsecond
+        if aqlm_cpu is None:
+            from . import aqlm_cpu
         if tokens <= aqlm_cpu.GEMV_MAX_TOKENS and aqlm_cpu.available():
             return aqlm_cpu.aqlm_gemv
         if tokens > aqlm_cpu.GEMV_MAX_TOKENS and aqlm_cpu.c_available():

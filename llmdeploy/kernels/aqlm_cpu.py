@@ -22,7 +22,7 @@ import functools
 import numpy as np
 import torch
 
-from . import importable
+from . import importable, native
 
 GEMV_MAX_TOKENS = 8
 #: above this codebook size the lookup table would be larger than reading the codewords
@@ -31,14 +31,12 @@ LUT_MAX_CODEBOOK = 4096
 
 def available() -> bool:
     """Whether a CPU kernel is here: the C one (built on first use) or numba's."""
-    from .native import current_isa
-    return _available(current_isa())
+    return _available(native.current_isa())
 
 
 def c_available() -> bool:
     """Whether the C kernel built here (the numba kernels have no many-token path)."""
-    from .native import _ISA
-    return _c_isa("aqlm_simd", _ISA) is not None
+    return _c_isa("aqlm_simd", native.current_isa()) is not None
 
 
 @functools.cache
@@ -47,8 +45,7 @@ def _available(isa: str) -> bool:
 
 
 def _c(symbol: str):
-    from .native import current_isa
-    return _c_isa(symbol, current_isa())
+    return _c_isa(symbol, native.current_isa())
 
 
 @functools.cache
@@ -200,10 +197,9 @@ def _c_plan(module) -> tuple:
     """What every C call for ``module`` passes, resolved once: (function, weight pointers, shape
     arguments, tensors kept alive). Rebuilt when codes, codebooks, scales or bias change (in place
     included) or another instruction-set variant is asked for; a decode step calls this ~200 times."""
-    from .native import _ISA
     ps = module._parameters  # not module.codes: nn.Module's __getattr__ costs ~1 us per name
     codes, books, scales, bias = ps["codes"], ps["codebooks"], ps["scales"], ps.get("bias")
-    key = (_ISA, codes.data_ptr(), codes._version, books.data_ptr(), books._version, scales.data_ptr(),
+    key = (native._ISA, codes.data_ptr(), codes._version, books.data_ptr(), books._version, scales.data_ptr(),
            scales._version, None if bias is None else (bias.data_ptr(), bias._version))
     cached = module.__dict__.get("_cpu_c_plan")
     if cached is not None and cached[0] == key:
@@ -260,8 +256,7 @@ def aqlm_dequant_matmul(x: torch.Tensor, module) -> torch.Tensor:
 def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
     """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1): the C kernel when it
     builds here, else numba's."""
-    from .native import current_isa
-    if _c_isa("aqlm_simd", current_isa()) is not None:
+    if _c_isa("aqlm_simd", native._ISA) is not None:
         return aqlm_gemv_c(x, module)
     return aqlm_gemv_numba(x, module)
 

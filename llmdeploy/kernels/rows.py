@@ -23,15 +23,14 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from . import forced_reference
+from . import forced_reference, native
 
 #: inputs with more token rows than this go to BLAS (prefill)
 MAX_ROWS = 16
 
 
 def _fn(symbol: str):
-    from .native import current_isa
-    return _fn_isa(symbol, current_isa())
+    return _fn_isa(symbol, native.current_isa())
 
 
 @functools.cache

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import row_call_buffers
+from . import native, row_call_buffers
 
 MAX_KERNEL_ROWS = 16
 #: zeros after the kept values (never read as weights; the AVX2 expansion loads 8 floats at a time)
@@ -52,8 +52,7 @@ def _fn(symbol: str):
 
 
 def _fns() -> dict:
-    from .native import current_isa
-    return _fns_isa(current_isa())
+    return _fns_isa(native.current_isa())
 
 
 @functools.cache
