@@ -11,7 +11,8 @@ one sequential stream instead of 8 rows. Used only where the compiled kernel has
 
 A layer prepares its weight once (:func:`prepare`: row sums, the packed copy, the resolved C
 function and pointers) and calls :func:`apply` per forward: the decode path is called ~200 times
-per token, and resolving them per call cost more than the kernel at smollm2's smallest shapes.
+per token, and resolving them per call cost about 5 µs, as much as the kernel itself on an
+8x576 layer.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@
  * 8 outputs x 1 row, or 4 outputs x 2 rows for longer inputs. The portable loop is the same sum.
  * For fewer than 4 rows the AVX2 path reads the weight repacked once by w8a8_pack_blocks (blocks
  * of 8 outputs whose 16-byte chunks of one 16-input step are adjacent, zero-padded): one
- * sequential stream per thread instead of 8 row streams (a 1536x576 weight read from memory took
- * 127 us row-major against 56 us from cache), and no tail case. The activations are quantized
+ * sequential stream per thread instead of 8 row streams (a 1536x576 weight read from memory: 127 us
+ * row-major, 76 us packed, 56 us from cache; 2 threads, AMD EPYC), and no tail case. The activations are quantized
  * with AVX2 (the same IEEE division and round-half-to-even as the scalar loop).
  */
 #include <math.h>
