@@ -17,7 +17,9 @@ fine-tuned with the same LoRA on cross-entropy over the same windows (which is e
 ``dense + CE`` training, so it is trained once here and handed to both rows as ``teacher_model``;
 ``tests/test_distill.py`` checks that the option equals this); its training time is recorded
 beside the row's own. The fourth recovery, KD + CE, mixes both losses in equal parts
-(``ce_weight=0.5``: Hinton et al.'s soft and hard targets) with the corrected teacher. Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
+(``ce_weight=0.5``: Hinton et al.'s soft and hard targets) with the corrected teacher; the fifth is the
+same with the KL at temperature 2 (``temperature=2``, scaled by T² as Hinton et al. do), which weighs
+the teacher's low-probability tokens more. Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
 
 Part ``multi``: two teachers that are better on different domains — the full fine-tunes of
 ``smollm2-135m`` on Shakespeare and on the Python standard library that ``benchmarks.bitdelta
@@ -65,7 +67,7 @@ STARTS = {  # as benchmarks/methods.py registers them
     "shortgpt-8": (lambda: ShortGPT(n_remove=8, n_samples=16), 16),
     "slicegpt-25": (lambda: SliceGPT(sparsity=0.25), 64),
 }
-RECOVERIES = ("CE", "KD", "KD, corrected teacher", "KD + CE, corrected teacher")
+RECOVERIES = ("CE", "KD", "KD, corrected teacher", "KD + CE, corrected teacher", "KD (T=2) + CE, corrected teacher")
 DOMAINS = ("shakespeare", "pystdlib")
 MULTI = {  # row -> (teachers, Distill options)
     "teacher shakespeare": (("shakespeare",), {}),
@@ -121,6 +123,8 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
         return corrected
 
     for start, (make, n_calib) in STARTS.items():
+        if start not in args.starts:
+            continue
         todo = [n for n in (start, *(f"{start} + {label}" for label in RECOVERIES)) if n not in rows]
         if not todo:
             continue
@@ -141,7 +145,8 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
                 kw = {"teacher_model": dense}
             else:
                 teacher, fix = corrected_teacher()
-                kw = {"teacher_model": teacher, "ce_weight": 0.5 if label.startswith("KD + CE") else 0.0}
+                kw = {"teacher_model": teacher, "ce_weight": 0.5 if "+ CE" in label else 0.0,
+                      "temperature": 2.0 if "(T=2)" in label else 1.0}
                 extra = {"teacher_correction_seconds": fix["seconds"], "teacher_correction_cpu_seconds": fix["cpu_seconds"]}
             model, info = _train(copy.deepcopy(base), calib, steps=args.steps, **curve, **kw)
             rows[name] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, **extra, "env": _environment()}
@@ -225,7 +230,8 @@ def markdown(res: dict) -> str:
                 "(shakespeare train); KD: forward KL to the dense model on the same windows; KD, corrected "
                 "teacher: forward KL to `dense + CE` (Minitron's teacher correction: the teacher first fine-tuned "
                 "the same way on the same windows; its training seconds are added after a +); KD + CE: half "
-                "that KL, half the cross-entropy (`ce_weight=0.5`), same teacher. Gap recovered = "
+                "that KL, half the cross-entropy (`ce_weight=0.5`), same teacher; KD (T=2) + CE: the same with the KL "
+                "at temperature 2, times 4. Gap recovered = "
                 "(start − ppl) / (start − dense).", "",
                 "| model | ppl | gap recovered | steps x windows | tokens | held-out ppl during training "
                 "(tokens: ppl) | seconds (CPU s) |", "|---|---|---|---|---|---|---|"]
@@ -290,6 +296,8 @@ def plot(res: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", nargs="+", default=["recovery", "multi"], choices=["recovery", "multi"])
+    p.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS),
+                   help="compressed models of part recovery to train (the others' rows are kept)")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--steps-multi", type=int, default=16)
     p.add_argument("--windows", type=int, default=128)

@@ -339,6 +339,9 @@ def test_readme_quotes_the_distill_benchmark():
             mix = rec[f"{start} + KD + CE, corrected teacher"]["ppl"]
             assert f"KD + CE in equal parts from the corrected teacher {mix:.2f} ({(s - mix) / (s - dense):.1%})" \
                 in readme
+        if f"{start} + KD (T=2) + CE, corrected teacher" in rec:
+            hot = rec[f"{start} + KD (T=2) + CE, corrected teacher"]["ppl"]
+            assert f"the same at temperature 2 {hot:.2f} ({(s - hot) / (s - dense):.1%})" in readme
         quoted += 1
     assert quoted
     for name, r in multi.items():
