@@ -199,7 +199,7 @@ def _c_plan(module) -> tuple:
     included) or another instruction-set variant is asked for; a decode step calls this ~200 times."""
     ps = module._parameters  # not module.codes: nn.Module's __getattr__ costs ~1 us per name
     codes, books, scales, bias = ps["codes"], ps["codebooks"], ps["scales"], ps.get("bias")
-    key = (native._ISA, codes.data_ptr(), codes._version, books.data_ptr(), books._version, scales.data_ptr(),
+    key = (native.current_isa(), codes.data_ptr(), codes._version, books.data_ptr(), books._version, scales.data_ptr(),
            scales._version, None if bias is None else (bias.data_ptr(), bias._version))
     cached = module.__dict__.get("_cpu_c_plan")
     if cached is not None and cached[0] == key:
@@ -256,7 +256,7 @@ def aqlm_dequant_matmul(x: torch.Tensor, module) -> torch.Tensor:
 def aqlm_gemv(x: torch.Tensor, module) -> torch.Tensor:
     """``module(x)`` for a few tokens of fp32 input on CPU (out_group_size 1): the C kernel when it
     builds here, else numba's."""
-    if _c_isa("aqlm_simd", native._ISA) is not None:
+    if _c_isa("aqlm_simd", native.current_isa()) is not None:
         return aqlm_gemv_c(x, module)
     return aqlm_gemv_numba(x, module)
 

@@ -93,15 +93,9 @@ def pack_blocks(qweight: torch.Tensor) -> torch.Tensor | None:
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, wsum: torch.Tensor,
                 bias: torch.Tensor | None = None, packed: torch.Tensor | None = None) -> torch.Tensor:
     """Dynamic W8A8 ``x · (q_w·s_w)ᵀ + bias`` for fp32 CPU ``x`` (..., in); ``wsum`` from :func:`row_sums`,
-    ``packed`` from :func:`pack_blocks` (optional: the same result, read faster for 1-3 rows)."""
-    k = qweight.shape[1]
-    x, out, bias = row_call_buffers(x, bias, qweight.shape[0])
-    rc = _fn("w8a8_linear")(x.data_ptr(), qweight.data_ptr(), None if packed is None else packed.data_ptr(),
-                            wscale.data_ptr(), wsum.data_ptr(), None if bias is None else bias.data_ptr(),
-                            out.data_ptr(), x.numel() // k, k, qweight.shape[0], torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("the W8A8 kernel could not allocate its quantized activations")
-    return out
+    ``packed`` from :func:`pack_blocks` (optional: the same result, read faster for 1-3 rows). A
+    layer calls :func:`apply` with its :func:`prepare`-d weight instead."""
+    return apply(x, W8A8Weights(qweight.contiguous(), wscale.float().contiguous(), wsum, packed), bias)
 
 
 @dataclass

@@ -85,7 +85,7 @@ class DynamicInt8Linear(CompressedModule):
     def weight(self) -> torch.Tensor:
         return self.qweight.to(torch.float32) * self.wscale.unsqueeze(-1)
 
-    def _kernel_args(self) -> int8_kernel.W8A8Weights | None:
+    def _kernel_weights(self) -> int8_kernel.W8A8Weights | None:
         """The weight prepared for the kernel (:func:`llmdeploy.kernels.int8.prepare`), again only
         when it changes; None when the weight is not on the CPU."""
         b = self._buffers  # not the attributes: nn.Module's __getattr__ costs a microsecond each
@@ -104,9 +104,9 @@ class DynamicInt8Linear(CompressedModule):
         # the decode path is called ~200 times per token: every check here is a cheap one
         if x.is_cpu and x.dtype is torch.float32 and not forced_reference() and \
                 not (torch.is_grad_enabled() and x.requires_grad) and int8_kernel.serves(x.numel() // self.in_features):
-            args = self._kernel_args()
-            if args is not None:
-                return int8_kernel.apply(x, args, self._parameters.get("bias"))
+            w = self._kernel_weights()
+            if w is not None:
+                return int8_kernel.apply(x, w, self._parameters.get("bias"))
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         xq, xs = quantize_per_row(x2)
