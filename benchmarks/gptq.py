@@ -1,10 +1,12 @@
 """GPTQ against RTN on SmolLM2-135M at the perplexity protocol (128 windows of 512 tokens).
 
     python -m benchmarks.gptq                      # dense, RTN and GPTQ at 4/3/2 bits, groups of 64
-    python -m benchmarks.gptq --bits 4 3 --calib 32
+    python -m benchmarks.gptq --bits 4 3 --variants gptq gptq-act gptq-act-mse
 
 Calibration: ``--calib`` windows of 512 tokens of the shakespeare train split (seed 0, the
-scoreboard's); evaluation: the shakespeare test split. Rows already in ``gptq.json`` are kept.
+scoreboard's); evaluation: the shakespeare test split. Variants: ``rtn``/``gptq`` with the
+defaults, ``-act`` with ``act_order=True`` (static groups), ``-mse`` with the clipping search of
+the grid (``mse=True``). Rows already in ``gptq.json`` are kept.
 Writes ``results/gptq/gptq.json`` and ``GPTQ.md`` (perplexity, ratio to dense, quantization time).
 """
 
@@ -25,7 +27,21 @@ from llmdeploy.quant import GPTQ, RTN
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gptq"
 MODEL, GROUP = "smollm2-135m", 64
+VARIANTS = {  # name: (method, options); a row is named f"{method}-w{bits}-g64{suffix}"
+    "rtn": (RTN, {}),
+    "rtn-mse": (RTN, {"mse": True}),
+    "gptq": (GPTQ, {}),
+    "gptq-act": (GPTQ, {"act_order": True}),
+    "gptq-mse": (GPTQ, {"mse": True}),
+    "gptq-act-mse": (GPTQ, {"act_order": True, "mse": True}),
+}
 log = logging.getLogger("benchmarks.gptq")
+
+
+def row_name(variant: str, bits: int) -> str:
+    """``gptq-act`` at 4 bits -> ``gptq-w4-g64-act``."""
+    method, _, suffix = variant.partition("-")
+    return f"{method}-w{bits}-g{GROUP}" + (f"-{suffix}" if suffix else "")
 
 
 def markdown(res: dict) -> str:
@@ -35,16 +51,18 @@ def markdown(res: dict) -> str:
              f"Perplexity on the shakespeare test split, seq_len 512, {m['windows']} windows; GPTQ calibrated on "
              f"{m['calib']} windows of 512 tokens (shakespeare train, seed 0); groups of {GROUP}, asymmetric; "
              f"{m['threads']} CPU threads.", "",
-             "| model | ppl | x dense | quantize s |", "|---|---|---|---|"]
+             "| model | options | ppl | x dense | quantize s |", "|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         s = f"{r['seconds']:.0f}" if r.get("seconds") else ""
-        lines.append(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {s} |")
+        opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items())
+        lines.append(f"| {name} | {opts} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {s} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    p.add_argument("--variants", nargs="+", default=["rtn", "gptq"], choices=sorted(VARIANTS))
     p.add_argument("--calib", type=int, default=32)
     p.add_argument("--windows", type=int, default=128)
     args = p.parse_args(argv)
@@ -55,24 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
     res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "calib": args.calib,
                    "threads": torch.get_num_threads()}
-    todo = [("dense", None)] + [(f"{kind}-w{b}-g{GROUP}", (kind, b)) for b in args.bits for kind in ("rtn", "gptq")]
+    todo = [("dense", None)] + [(row_name(v, b), (v, b)) for b in args.bits for v in args.variants]
     for name, spec in todo:
         if name in res["rows"]:
             continue
         model, tok = llmdeploy.load(MODEL)
         model.eval()
-        seconds = None
+        seconds, options = None, {}
         if spec is not None:
-            kind, bits = spec
+            variant, bits = spec
+            method, options = VARIANTS[variant]
+            calib = calibration(tok, "shakespeare", n_samples=args.calib, seq_len=512, seed=0) \
+                if method.needs_calibration else None
             t0 = time.perf_counter()
-            if kind == "rtn":
-                model = RTN(bits=bits, group_size=GROUP)(model)
-            else:
-                calib = calibration(tok, "shakespeare", n_samples=args.calib, seq_len=512, seed=0)
-                model = GPTQ(bits=bits, group_size=GROUP)(model, calib)
+            model = method(bits=bits, group_size=GROUP, **options)(model, calib)
             seconds = time.perf_counter() - t0
         ppl = perplexity(model, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
-        res["rows"][name] = {"ppl": ppl, "seconds": seconds}
+        res["rows"][name] = {"ppl": ppl, "seconds": seconds, "options": options}
         log.info("%s: ppl %.3f (%s s)", name, ppl, seconds)
         path.write_text(json.dumps(res, indent=2))
     (RESULTS / "GPTQ.md").write_text(markdown(res))

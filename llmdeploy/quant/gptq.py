@@ -15,6 +15,10 @@ original weights ("static groups", as AutoGPTQ's ``static_groups``), so the stor
 same packed :class:`~llmdeploy.quant.RTNLinear` as RTN's (same storage, same bits per parameter,
 no permutation index), and everything that handles RTN handles GPTQ.
 
+``mse=True`` (off by default, as in the reference) computes each grid by the reference
+quantizer's clipping search (:func:`~llmdeploy.quant.rtn.quantize_groupwise`: the range shrunk
+to minimise ``sum |w - ŵ|^2.4`` over the group) instead of spanning the group's [min, max].
+
 ``true_sequential`` (default, the reference's): within a block, the linears are quantized group
 by group in computation order (attention inputs, attention output, MLP inputs, MLP output), each
 group's statistics collected with the earlier groups already quantized. Columns whose input is
@@ -48,9 +52,9 @@ from .rtn import SUPPORTED_BITS, QuantReport, RTNLinear, dequantize_groupwise, q
 log = logging.getLogger(__name__)
 
 
-def _grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(w: torch.Tensor, bits: int, symmetric: bool, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """RTN's scale (fp16 stored, returned as fp32) and zero point of each row of ``w`` (out, g)."""
-    _, scale, zero = quantize_groupwise(w, bits, w.shape[1], symmetric)
+    _, scale, zero = quantize_groupwise(w, bits, w.shape[1], symmetric, mse)
     return scale.float().squeeze(1), zero.float().squeeze(1)
 
 
@@ -73,7 +77,7 @@ def gptq_hinv(xtx: torch.Tensor, act_order: bool = False, percdamp: float = 0.01
 
 def gptq_quantize(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size: int, *,
                   symmetric: bool = False, act_order: bool = False, percdamp: float = 0.01,
-                  blocksize: int = 128, hinv: torch.Tensor | None = None,
+                  blocksize: int = 128, hinv: torch.Tensor | None = None, mse: bool = False,
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``weight`` (out, in) given ``xtx = XᵀX`` of its inputs. Returns RTN's storage:
     codes (uint8, out × in), fp16 scales and uint8 zero points (out × in/group_size). ``hinv``
@@ -92,8 +96,8 @@ def gptq_quantize(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size
     scales = torch.zeros(rows, n_groups, device=device)
     zeros = torch.zeros(rows, n_groups, device=device)
     if act_order:  # static groups: every group's grid from the original weights, before any update
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = _grid(W[:, g * gs:(g + 1) * gs], bits, symmetric)
+        _, s0, z0 = quantize_groupwise(W, bits, gs, symmetric, mse)
+        scales, zeros = s0.float(), z0.float()
     perm = _walk_order(H, act_order)
     W = W[:, perm]
     U = gptq_hinv(H, act_order, percdamp) if hinv is None else hinv.to(device=device, dtype=torch.float32)
@@ -115,7 +119,7 @@ def gptq_quantize(weight: torch.Tensor, xtx: torch.Tensor, bits: int, group_size
                 need = gs - cur.shape[1]
                 if need > 0:  # columns past this lazy block: add the updates still pending from it
                     cur = torch.cat([cur, W[:, i2:i2 + need] - Err1[:, :i] @ U[i1:i1 + i, i2:i2 + need]], dim=1)
-                scales[:, g], zeros[:, g] = _grid(cur, bits, symmetric)
+                scales[:, g], zeros[:, g] = _grid(cur, bits, symmetric, mse)
             end = i2 - i1 if act_order else min(i2 - i1, (col // gs + 1) * gs - i1)
             if use_c and W1.is_contiguous():
                 gptq_kernel.gptq_columns(W1, Q1, Err1, U1, i, end, scales, zeros, group_of[i1 + i:i1 + end], qmax)
@@ -195,6 +199,7 @@ class GPTQ(Compressor):
     symmetric: bool = False
     act_order: bool = False
     percdamp: float = 0.01
+    mse: bool = False
     true_sequential: bool = True
     blocksize: int = 128
     device: str | None = engine_field(None)
@@ -256,7 +261,7 @@ class GPTQ(Compressor):
                     codes, scales, zeros = gptq_quantize_shared(
                         lin.weight, xtx, self.bits, self.group_size, symmetric=self.symmetric,
                         act_order=self.act_order, percdamp=self.percdamp, blocksize=self.blocksize,
-                        hinv=hinvs[id(xtx)])
+                        hinv=hinvs[id(xtx)], mse=self.mse)
                     gs = lin.in_features if self.group_size in (-1, 0, None) else self.group_size
                     new = RTNLinear(lin.in_features, lin.out_features, self.bits, gs, self.symmetric,
                                     lin.bias is not None, dtype=lin.weight.dtype)
@@ -266,7 +271,7 @@ class GPTQ(Compressor):
                     if lin.bias is not None:
                         new.bias.data.copy_(lin.bias.data)
                     if k % size == rank:  # the report's errors: each process computes its share
-                        q_rtn, s_rtn, z_rtn = quantize_groupwise(lin.weight, self.bits, gs, self.symmetric)
+                        q_rtn, s_rtn, z_rtn = quantize_groupwise(lin.weight, self.bits, gs, self.symmetric, self.mse)
                         rtn_w = dequantize_groupwise(q_rtn, s_rtn, z_rtn, gs, torch.float32)
                         errors[0, k] = layer_error(lin.weight, new.dequantize(), xtx)
                         errors[1, k] = layer_error(lin.weight, rtn_w, xtx)
