@@ -2,6 +2,7 @@
 
     python -m benchmarks.pv_tuning --base gptq-w2          # calibration alone, P-only, STE, PV
     python -m benchmarks.pv_tuning --base aqlm-2x8 gptq-w3 --steps 20 --batch 4
+    python -m benchmarks.pv_tuning --base aqlm-2x8 --modes pv --steps 60 --beam 1   # a longer run: its own row
 
 For each base quantization (built as the scoreboard builds it, cached under
 ``~/.cache/llmdeploy/bench``): perplexity of the quantized model alone, then one run per mode of
@@ -9,8 +10,9 @@ For each base quantization (built as the scoreboard builds it, cached under
 128 x 512 calibration windows, shakespeare train, seed 0, in the same seeded order), the dense
 model as teacher (KL on the fly) — each followed by perplexity on the shakespeare test split
 (seq_len 512, ``--windows`` windows). Held-out perplexity is tracked during training on the
-first ``--eval-windows`` test windows. Rows already in ``pv_tuning.json`` are kept (delete it to
-re-run). Writes ``results/pv_tuning/pv_tuning.json``, ``PV_TUNING.md`` and ``pv_tuning.png``.
+first ``--eval-windows`` test windows. The table's rows share ``--steps`` (20: the modes compared
+at equal steps); a run with other steps writes rows named ``base+mode@Nsteps``. Rows already in
+``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``, ``PV_TUNING.md`` and ``pv_tuning.png``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "pv_tuning"
 CACHE = Path.home() / ".cache" / "llmdeploy" / "bench"
 MODEL = "smollm2-135m"
 MODES = ("p_only", "ste", "pv")
+STEPS = 20  # the table's comparison of modes at equal steps
 BASES = {  # as benchmarks/methods.py registers them (32 calibration windows)
     "gptq-w2": lambda: GPTQ(bits=2, group_size=64),
     "gptq-w3": lambda: GPTQ(bits=3, group_size=64),
@@ -72,6 +75,10 @@ def markdown(res: dict) -> str:
              f"STE all of them (AQLM: beam search of the width in the row), P-only none. {m['threads']} CPU threads; "
              "seconds are wall time of the fine-tuning alone (the base quantization's are in its row).", "",
              "| model | ppl | x dense | held-out ppl during training (step: ppl) | seconds |", "|---|---|---|---|---|"]
+    if any("@" in name for name in res["rows"]):
+        lines[2] += (" Rows `base+mode@Nsteps` train for N steps (same windows, continuing the seeded order); a "
+                     "base rebuilt for such a run (the cache under ~/.cache is per machine) need not equal the "
+                     "table's bit for bit: compare held-out perplexity at step 0.")
     for name, r in res["rows"].items():
         curve = ", ".join(f"{s}: {p:.1f}" for s, p in zip(r.get("eval_steps", []), r.get("eval_ppl", [])))
         beam = f" (beam {r['beam']})" if r.get("beam") else ""
@@ -90,12 +97,12 @@ def plot(res: dict, out: Path) -> None:
         return
     fig, axes = plt.subplots(2, len(bases), figsize=(5 * len(bases), 7), squeeze=False)
     for j, base in enumerate(bases):
-        for mode in MODES:
-            r = res["rows"].get(f"{base}+{mode}")
-            if not r:
+        for name, r in res["rows"].items():
+            if not name.startswith(f"{base}+"):
                 continue
-            axes[0][j].plot(range(1, len(r["history"]) + 1), r["history"], label=mode)
-            axes[1][j].plot(r["eval_steps"], r["eval_ppl"], marker="o", label=mode)
+            label = name.split("+", 1)[1]
+            axes[0][j].plot(range(1, len(r["history"]) + 1), r["history"], label=label)
+            axes[1][j].plot(r["eval_steps"], r["eval_ppl"], marker="o", label=label)
         axes[0][j].set(title=base, xlabel="step", ylabel="training loss (KL to dense)")
         axes[1][j].set(xlabel="step", ylabel="held-out perplexity")
         axes[1][j].axhline(res["dense"], color="gray", ls="--", label="dense")
@@ -110,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", nargs="+", default=["gptq-w2"], choices=sorted(BASES))
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--windows", type=int, default=128)
@@ -122,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "pv_tuning.json"
     res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
-    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "steps": args.steps,
+    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "steps": STEPS,
                    "batch": args.batch, "threads": torch.get_num_threads()}
     dense, tok = llmdeploy.load(MODEL)
     dense.eval()
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: ppl %.3f", base, ppl)
             save()
         for mode in args.modes:
-            name = f"{base}+{mode}"
+            name = f"{base}+{mode}" + ("" if args.steps == STEPS else f"@{args.steps}steps")
             if name in res["rows"]:
                 continue
             student = copy.deepcopy(model)
@@ -153,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(student, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
             res["rows"][name] = {"ppl": ppl, "seconds": r.seconds, "history": r.history, "eval_steps": r.eval_steps,
                                  "eval_ppl": r.eval_ppl, "code_change": r.code_change,
-                                 "beam": args.beam if base.startswith("aqlm") else None}
+                                 "beam": args.beam if base.startswith("aqlm") else None, "steps": args.steps}
             log.info("%s: ppl %.3f (%s)", name, ppl, r.summary())
             save()
             del student
