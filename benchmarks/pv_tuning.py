@@ -12,7 +12,8 @@ model as teacher (KL on the fly) — each followed by perplexity on the shakespe
 (seq_len 512, ``--windows`` windows). Held-out perplexity is tracked during training on the
 first ``--eval-windows`` test windows. The table's rows share ``--steps`` (20: the modes compared
 at equal steps); a run with other steps writes rows named ``base+mode@Nsteps``. Rows already in
-``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``, ``PV_TUNING.md`` and ``pv_tuning.png``.
+``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``,
+``PV_TUNING.md`` and ``pv_tuning.png``.
 """
 
 from __future__ import annotations
