@@ -19,7 +19,11 @@ fine-tuned with the same LoRA on cross-entropy over the same windows (which is e
 beside the row's own. The fourth recovery, KD + CE, mixes both losses in equal parts
 (``ce_weight=0.5``: Hinton et al.'s soft and hard targets) with the corrected teacher; the fifth is the
 same with the KL at temperature 2 (``temperature=2``, scaled by T² as Hinton et al. do), which weighs
-the teacher's low-probability tokens more. Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
+the teacher's low-probability tokens more. Two more add to KD + CE: TinyBERT's hidden-state matching
+(``hidden_weight=1``: every student block's residual state mapped by a learned projection onto the
+teacher's at the same depth, normalised MSE; the richer signal per token that Minitron adds when
+distilling a pruned model), and DistiLLM's skew KL in place of the forward KL (``loss="skew_kl"``,
+λ = 0.1: KL to a mix of 10% teacher and 90% student, bounded gradients early in training). Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
 
 Part ``multi``: two teachers that are better on different domains — the full fine-tunes of
 ``smollm2-135m`` on Shakespeare and on the Python standard library that ``benchmarks.bitdelta
@@ -67,7 +71,8 @@ STARTS = {  # as benchmarks/methods.py registers them
     "shortgpt-8": (lambda: ShortGPT(n_remove=8, n_samples=16), 16),
     "slicegpt-25": (lambda: SliceGPT(sparsity=0.25), 64),
 }
-RECOVERIES = ("CE", "KD", "KD, corrected teacher", "KD + CE, corrected teacher", "KD (T=2) + CE, corrected teacher")
+RECOVERIES = ("CE", "KD", "KD, corrected teacher", "KD + CE, corrected teacher", "KD (T=2) + CE, corrected teacher",
+              "KD + CE + hidden states, corrected teacher", "skew KD + CE, corrected teacher")
 DOMAINS = ("shakespeare", "pystdlib")
 MULTI = {  # row -> (teachers, Distill options)
     "teacher shakespeare": (("shakespeare",), {}),
@@ -146,7 +151,9 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
             else:
                 teacher, fix = corrected_teacher()
                 kw = {"teacher_model": teacher, "ce_weight": 0.5 if "+ CE" in label else 0.0,
-                      "temperature": 2.0 if "(T=2)" in label else 1.0}
+                      "temperature": 2.0 if "(T=2)" in label else 1.0,
+                      "hidden_weight": 1.0 if "hidden states" in label else 0.0,
+                      "loss": "skew_kl" if label.startswith("skew") else "forward_kl", "skew": 0.1}
                 extra = {"teacher_correction_seconds": fix["seconds"], "teacher_correction_cpu_seconds": fix["cpu_seconds"]}
             model, info = _train(copy.deepcopy(base), calib, steps=args.steps, **curve, **kw)
             rows[name] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, **extra, "env": _environment()}
@@ -231,7 +238,10 @@ def markdown(res: dict) -> str:
                 "teacher: forward KL to `dense + CE` (Minitron's teacher correction: the teacher first fine-tuned "
                 "the same way on the same windows; its training seconds are added after a +); KD + CE: half "
                 "that KL, half the cross-entropy (`ce_weight=0.5`), same teacher; KD (T=2) + CE: the same with the KL "
-                "at temperature 2, times 4. Gap recovered = "
+                "at temperature 2, times 4; KD + CE + hidden states: KD + CE plus the normalised MSE between each student "
+                "block's output, through a learned projection, and the teacher's at the same depth (weight 1, "
+                "TinyBERT's intermediate-layer loss); skew KD + CE: KD + CE with DistiLLM's skew KL (λ = 0.1) in "
+                "place of the forward KL. Gap recovered = "
                 "(start − ppl) / (start − dense).", "",
                 "| model | ppl | gap recovered | steps x windows | tokens | held-out ppl during training "
                 "(tokens: ppl) | seconds (CPU s) |", "|---|---|---|---|---|---|---|"]

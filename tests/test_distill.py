@@ -342,6 +342,11 @@ def test_readme_quotes_the_distill_benchmark():
         if f"{start} + KD (T=2) + CE, corrected teacher" in rec:
             hot = rec[f"{start} + KD (T=2) + CE, corrected teacher"]["ppl"]
             assert f"the same at temperature 2 {hot:.2f} ({(s - hot) / (s - dense):.1%})" in readme
+        for label, words in (("KD + CE + hidden states", "adding TinyBERT's hidden-state matching through learned "
+                                                        "projections,"), ("skew KD + CE", "skew KL in place of the forward KL,")):
+            if f"{start} + {label}, corrected teacher" in rec:
+                v = rec[f"{start} + {label}, corrected teacher"]["ppl"]
+                assert f"{words} {v:.2f} ({(s - v) / (s - dense):.1%})" in readme
         quoted += 1
     assert quoted
     for name, r in multi.items():
