@@ -19,7 +19,8 @@ def test_linear_rows_equals_f_linear(isa, shape, bias):
     b = torch.randn(n_out, generator=g) if bias else None
     with native.isa(isa):
         assert rows.simd() >= 0
-        for m in (1, 2, 3, 4, 7, 16):
+        # 1..3 rows: one pass over each block of outputs; more: passes of 3 rows and a remainder
+        for m in (1, 2, 3, 4, 7, 16, 41, 64, 70):
             x = torch.randn(2, m, n_in, generator=g)[1]  # a view that is not at offset 0
             y = rows.linear_rows(x, w, b)
             ref = F.linear(x.double(), w.double(), None if b is None else b.double())
@@ -107,6 +108,32 @@ def test_generate_verifies_trees_through_the_row_kernel(monkeypatch):
     assert 8 in rows_seen  # verification: 2 rows x (root + 3 drafts)
     assert 2 in rows_seen  # the draft model's one-token steps (the model itself never runs 2 rows here)
     assert all("forward" not in m.__dict__ for net in (model, draft.draft) for m in net.modules())  # restored
+
+
+def test_functional_linear_is_routed_only_inside_a_block(monkeypatch):
+    """rows.linear (a drafter's cut LM head) is F.linear outside few_row_linears and the row kernel
+    inside it, up to the block's row limit and without gradients."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    x_small, x_big = torch.randn(5, 24, generator=g), torch.randn(9, 24, generator=g)
+    calls: list[int] = []
+    real = rows._fn
+
+    def counting(symbol):
+        fn = real(symbol)
+        return lambda *a: (calls.append(a[4]), fn(*a))[1]
+
+    monkeypatch.setattr(rows, "_fn", counting)
+    assert torch.equal(rows.linear(x_small, w, b), F.linear(x_small, w, b)) and calls == []
+    with torch.no_grad(), rows.few_row_linears(torch.nn.Sequential(), max_rows=8):
+        assert torch.equal(rows.linear(x_small, w, b), rows.linear_rows(x_small, w, b))
+        assert calls == [5, 5]
+        assert torch.equal(rows.linear(x_big, w, b), F.linear(x_big, w, b)) and calls == [5, 5]  # over the limit
+    with rows.few_row_linears(torch.nn.Sequential()):
+        y = rows.linear(x_small, w.requires_grad_(), b)  # needs gradients: F.linear
+    y.sum().backward()
+    assert w.grad is not None and calls == [5, 5]
+    assert torch.equal(rows.linear(x_small, w.detach(), b), F.linear(x_small, w.detach(), b))  # block left
 
 
 def test_linear_rows_falls_back_for_other_dtypes():

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
+from ..kernels import rows
 from .tree import TokenTree, best_tree, static_tree
 
 DRAFTERS: dict[str, type[Drafter]] = {}
@@ -184,7 +185,7 @@ class DraftVocabMixin:
         if self._sub_head is None:
             self._cut_head(head)
         w, b = self._sub_head
-        return torch.nn.functional.linear(x.to(w.dtype), w, b).float()
+        return rows.linear(x.to(w.dtype), w, b).float()  # the row kernel when generate() routes linears
 
     def vocab_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids of indices into :meth:`draft_logits`' last dimension."""

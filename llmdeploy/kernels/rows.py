@@ -16,6 +16,7 @@ a ``with`` block.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from . import forced_reference, native
 
 #: inputs with more token rows than this go to BLAS (prefill)
 MAX_ROWS = 16
+#: the row limit of the innermost active :func:`few_row_linears` block (0: none), for :func:`linear`
+_ROUTING: contextvars.ContextVar[int] = contextvars.ContextVar("llmdeploy_row_routing", default=0)
 
 
 def _fn(symbol: str):
@@ -79,6 +82,18 @@ def _eligible_weight(w: torch.Tensor, b: torch.Tensor | None, n_out: int, n_in: 
             and (b is None or (b.dtype is torch.float32 and b.is_cpu and b.is_contiguous())))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for weights that are not an ``nn.Linear`` of a routed model (e.g. a drafter's
+    cut of the LM head): inside an active :func:`few_row_linears` block, inputs of at most its
+    ``max_rows`` rows of fp32 CPU inference go through :func:`linear_rows` too."""
+    limit = _ROUTING.get()
+    rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+    if (not limit or rows > limit or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or weight.dim() != 2 or x.shape[-1] != weight.shape[1]):
+        return F.linear(x, weight, bias)
+    return linear_rows(x, weight, bias)
+
+
 def _eligible(m: torch.nn.Module) -> bool:
     return type(m) is torch.nn.Linear and _eligible_weight(m.weight, m.bias, m.out_features, m.in_features)
 
@@ -89,7 +104,7 @@ def few_row_linears(model: torch.nn.Module, max_rows: int = MAX_ROWS) -> Iterato
     ``max_rows`` rows (and not needing gradients) with :func:`linear_rows`; other inputs, and other
     layers (quantized, pruned: they have their own kernels), are unchanged. Yields how many layers
     were routed (0 when the kernel is not built here or :func:`~llmdeploy.kernels.use_reference`
-    is on)."""
+    is on). :func:`linear` calls inside the block are routed the same way."""
     if forced_reference() or not available():
         yield 0
         return
@@ -112,8 +127,10 @@ def few_row_linears(model: torch.nn.Module, max_rows: int = MAX_ROWS) -> Iterato
 
     for m in layers:
         m.forward = make(m)
+    token = _ROUTING.set(max_rows)
     try:
         yield len(layers)
     finally:
+        _ROUTING.reset(token)
         for m in layers:
             m.__dict__.pop("forward", None)
