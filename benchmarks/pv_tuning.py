@@ -11,7 +11,9 @@ For each base quantization (built as the scoreboard builds it, cached under
 model as teacher (KL on the fly) — each followed by perplexity on the shakespeare test split
 (seq_len 512, ``--windows`` windows). Held-out perplexity is tracked during training on the
 first ``--eval-windows`` test windows. The table's rows share ``--steps`` (20: the modes compared
-at equal steps); a run with other steps writes rows named ``base+mode@Nsteps``. Rows already in
+at equal steps); a run with other steps writes rows named ``base+mode@Nsteps``. Every row records the
+base's build (a hash of its weights): a rebuilt base — AQLM is not bitwise reproducible — is
+evaluated as its own row ``base (build …)``. Rows already in
 ``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``,
 ``PV_TUNING.md`` and ``pv_tuning.png``.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -47,21 +50,24 @@ BASES = {  # as benchmarks/methods.py registers them (32 calibration windows)
 log = logging.getLogger("benchmarks.pv_tuning")
 
 
-def quantized(base: str, tok) -> tuple[torch.nn.Module, float]:
-    """The base model (from the cache when there), and the seconds it took to make."""
+def quantized(base: str, tok) -> tuple[torch.nn.Module, float, str]:
+    """The base model (from the cache when there), the seconds it took to make, and its build: a
+    hash of its weights (a rebuilt AQLM base differs; every row records the build it started from)."""
     path = CACHE / f"{MODEL}-{base}"
-    if (path / "bench.json").exists():
-        model, _ = llmdeploy.load(path)
-        meta = json.loads((path / "bench.json").read_text())
-        return model.eval(), meta["seconds"]
-    model, _ = llmdeploy.load(MODEL)
-    calib = calibration(tok, "shakespeare", n_samples=32, seq_len=512, seed=0)
-    t0 = time.perf_counter()
-    model = BASES[base]()(model, calib)
-    seconds = time.perf_counter() - t0
-    llmdeploy.save(model, tok, path)
-    (path / "bench.json").write_text(json.dumps({"seconds": seconds}))
-    return model.eval(), seconds
+    if not (path / "bench.json").exists():
+        model, _ = llmdeploy.load(MODEL)
+        calib = calibration(tok, "shakespeare", n_samples=32, seq_len=512, seed=0)
+        t0 = time.perf_counter()
+        model = BASES[base]()(model, calib)
+        seconds = time.perf_counter() - t0
+        llmdeploy.save(model, tok, path)
+        (path / "bench.json").write_text(json.dumps({"seconds": seconds}))
+    meta = json.loads((path / "bench.json").read_text())
+    if "build" not in meta:
+        meta["build"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()[:10]
+        (path / "bench.json").write_text(json.dumps(meta))
+    model, _ = llmdeploy.load(path)
+    return model.eval(), meta["seconds"], meta["build"]
 
 
 def markdown(res: dict) -> str:
@@ -75,15 +81,20 @@ def markdown(res: dict) -> str:
              "lr 1e-2 (β 0/0.95) on straight-through buffers; PV re-encodes at most 1% of code groups per step, "
              f"STE all of them (AQLM: beam search of the width in the row), P-only none. {m['threads']} CPU threads; "
              "seconds are wall time of the fine-tuning alone (the base quantization's are in its row).", "",
-             "| model | ppl | x dense | held-out ppl during training (step: ppl) | seconds |", "|---|---|---|---|---|"]
+             "| model | ppl | x dense | base build | held-out ppl during training (step: ppl) | seconds |",
+             "|---|---|---|---|---|---|"]
     if any("@" in name for name in res["rows"]):
-        lines[2] += (" Rows `base+mode@Nsteps` train for N steps (same windows, continuing the seeded order); a "
-                     "base rebuilt for such a run (the cache under ~/.cache is per machine) need not equal the "
-                     "table's bit for bit: compare held-out perplexity at step 0.")
+        lines[2] += " Rows `base+mode@Nsteps` train for N steps (same windows, continuing the seeded order)."
+    lines[2] += (" Base build: a hash of the base model's weights (\"first\": the first build, not recorded). The "
+                 "base is cached under ~/.cache per machine; AQLM is not bitwise reproducible, so a rebuilt base "
+                 "gets its own row `base (build …)` and every fine-tuning row names the build it started from "
+                 "(held-out perplexity at step 0 differs between builds): compare modes on one build.")
     for name, r in res["rows"].items():
         curve = ", ".join(f"{s}: {p:.1f}" for s, p in zip(r.get("eval_steps", []), r.get("eval_ppl", [])))
         beam = f" (beam {r['beam']})" if r.get("beam") else ""
-        lines.append(f"| {name}{beam} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {curve} | {r['seconds']:.0f} |")
+        build = r.get("base_build") or "first"
+        lines.append(f"| {name}{beam} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {build} | {curve} | "
+                     f"{r['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -143,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(res, indent=2))
 
     for base in args.base:
-        model, seconds = quantized(base, tok)
-        if base not in res["rows"]:
+        model, seconds, build = quantized(base, tok)
+        known = [n for n in res["rows"] if n.split(" ")[0] == base and "+" not in n]
+        if not any(res["rows"][n].get("base_build") == build for n in known):
+            # the first build of this base, or another (a rebuilt one: its own row, named by its build)
+            name = base if not known else f"{base} (build {build})"
             ppl = perplexity(model, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
-            res["rows"][base] = {"ppl": ppl, "seconds": seconds}
-            log.info("%s: ppl %.3f", base, ppl)
+            res["rows"][name] = {"ppl": ppl, "seconds": seconds, "base_build": build}
+            log.info("%s: ppl %.3f", name, ppl)
             save()
         for mode in args.modes:
             name = f"{base}+{mode}" + ("" if args.steps == STEPS else f"@{args.steps}steps")
@@ -161,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             ppl = perplexity(student, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
             res["rows"][name] = {"ppl": ppl, "seconds": r.seconds, "history": r.history, "eval_steps": r.eval_steps,
                                  "eval_ppl": r.eval_ppl, "code_change": r.code_change,
-                                 "beam": args.beam if base.startswith("aqlm") else None, "steps": args.steps}
+                                 "beam": args.beam if base.startswith("aqlm") else None, "steps": args.steps,
+                                 "base_build": build}
             log.info("%s: ppl %.3f (%s)", name, ppl, r.summary())
             save()
             del student

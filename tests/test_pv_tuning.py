@@ -252,6 +252,10 @@ def test_readme_quotes_the_pv_tuning_benchmark():
     for b in bases:
         r = [rows[b]["ppl"]] + [rows[f"{b}+{m}"]["ppl"] for m in ("p_only", "ste", "pv")]
         assert f"{b}: calibration alone {r[0]:.2f}, P-only {r[1]:.2f}, STE {r[2]:.2f}, PV {r[3]:.2f}" in readme
+        for m, label in (("p_only", "P-only"), ("ste", "STE"), ("pv", "PV")):  # from another build: said so
+            row = rows[f"{b}+{m}"]
+            if row.get("base_build") != rows[b].get("base_build"):
+                assert f"{label} from a rebuilt base (held-out perplexity at step 0 {row['eval_ppl'][0]:.1f}" in readme
     for name, row in rows.items():  # longer runs than the table's: their own sentence
         if "@" in name:
             base, mode = name.split("@")[0].split("+")
