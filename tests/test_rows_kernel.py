@@ -43,6 +43,19 @@ def test_simd_and_portable_paths_agree_bit_for_bit():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
+def _count_rows(monkeypatch) -> list[int]:
+    """The row counts of every kernel call from now on (the kernel still runs)."""
+    calls: list[int] = []
+    real = rows._fn
+
+    def counting(symbol):
+        fn = real(symbol)
+        return lambda *a: (calls.append(a[4]), fn(*a))[1]
+
+    monkeypatch.setattr(rows, "_fn", counting)
+    return calls
+
+
 def test_few_row_linears_routes_small_inputs_and_restores(monkeypatch):
     from llmdeploy.quant import RTNLinear
 
@@ -53,14 +66,7 @@ def test_few_row_linears_routes_small_inputs_and_restores(monkeypatch):
     x_small, x_big = torch.randn(3, 64), torch.randn(rows.MAX_ROWS + 1, 64)
     with torch.no_grad():
         ref_small, ref_big = model(x_small), model(x_big)
-    calls = []
-    real = rows._fn
-
-    def counting(symbol):
-        fn = real(symbol)
-        return lambda *a: (calls.append(a[4]), fn(*a))[1]
-
-    monkeypatch.setattr(rows, "_fn", counting)
+    calls = _count_rows(monkeypatch)
     with torch.no_grad(), rows.few_row_linears(model) as n:
         assert n == 2  # the two nn.Linear layers, not the quantized one (it has its own kernel)
         assert "forward" in lin.__dict__
@@ -95,14 +101,7 @@ def test_generate_verifies_trees_through_the_row_kernel(monkeypatch):
     draft = decode.DraftModel(copy.deepcopy(model), n_draft=3)  # its own linears, not the model's
     prompts = [[1, 5, 9, 13], [2, 4, 6, 8, 10, 12, 14]]
     ref = decode.generate(model, None, prompts, 10, drafter=draft, row_kernel=False).sequences
-    rows_seen: list[int] = []
-    real = rows._fn
-
-    def counting(symbol):
-        fn = real(symbol)
-        return lambda *a: (rows_seen.append(a[4]), fn(*a))[1]
-
-    monkeypatch.setattr(rows, "_fn", counting)
+    rows_seen = _count_rows(monkeypatch)
     out = decode.generate(model, None, prompts, 10, drafter=draft)
     assert out.sequences == ref
     assert 8 in rows_seen  # verification: 2 rows x (root + 3 drafts)
@@ -116,14 +115,7 @@ def test_functional_linear_is_routed_only_inside_a_block(monkeypatch):
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
     x_small, x_big = torch.randn(5, 24, generator=g), torch.randn(9, 24, generator=g)
-    calls: list[int] = []
-    real = rows._fn
-
-    def counting(symbol):
-        fn = real(symbol)
-        return lambda *a: (calls.append(a[4]), fn(*a))[1]
-
-    monkeypatch.setattr(rows, "_fn", counting)
+    calls = _count_rows(monkeypatch)
     assert torch.equal(rows.linear(x_small, w, b), F.linear(x_small, w, b)) and calls == []
     with torch.no_grad(), rows.few_row_linears(torch.nn.Sequential(), max_rows=8):
         assert torch.equal(rows.linear(x_small, w, b), rows.linear_rows(x_small, w, b))
