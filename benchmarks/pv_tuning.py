@@ -13,7 +13,8 @@ model as teacher (KL on the fly) — each followed by perplexity on the shakespe
 first ``--eval-windows`` test windows. The table's rows share ``--steps`` (20: the modes compared
 at equal steps); a run with other steps writes rows named ``base+mode@Nsteps``. Every row records the
 base's build (a hash of its weights): a rebuilt base — AQLM is not bitwise reproducible — is
-evaluated as its own row ``base (build …)``. Rows already in
+evaluated as its own row ``base (build …)``, and a mode already measured from another build
+gets a row ``base+mode (build …)``. Rows already in
 ``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``,
 ``PV_TUNING.md`` and ``pv_tuning.png``.
 """
@@ -87,7 +88,8 @@ def markdown(res: dict) -> str:
         lines[2] += " Rows `base+mode@Nsteps` train for N steps (same windows, continuing the seeded order)."
     lines[2] += (" Base build: a hash of the base model's weights (\"first\": the first build, not recorded). The "
                  "base is cached under ~/.cache per machine; AQLM is not bitwise reproducible, so a rebuilt base "
-                 "gets its own row `base (build …)` and every fine-tuning row names the build it started from "
+                 "gets its own row `base (build …)` (its modes: `base+mode (build …)`) and every fine-tuning row names "
+                 "the build it started from "
                  "(held-out perplexity at step 0 differs between builds): compare modes on one build.")
     for name, r in res["rows"].items():
         curve = ", ".join(f"{s}: {p:.1f}" for s, p in zip(r.get("eval_steps", []), r.get("eval_ppl", [])))
@@ -165,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             save()
         for mode in args.modes:
             name = f"{base}+{mode}" + ("" if args.steps == STEPS else f"@{args.steps}steps")
+            if name in res["rows"] and res["rows"][name].get("base_build") != build:
+                name = f"{name} (build {build})"  # the same mode from another build of the base
             if name in res["rows"]:
                 continue
             student = copy.deepcopy(model)
