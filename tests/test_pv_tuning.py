@@ -256,6 +256,15 @@ def test_readme_quotes_the_pv_tuning_benchmark():
             row = rows[f"{b}+{m}"]
             if row.get("base_build") != rows[b].get("base_build"):
                 assert f"{label} from a rebuilt base (held-out perplexity at step 0 {row['eval_ppl'][0]:.1f}" in readme
+    for name, row in rows.items():  # a rebuilt base: its rows quoted together
+        if "(build" in name and "+" not in name:
+            base, build = name.split(" ")[0], row["base_build"]
+            of = {m: r for m in ("p_only", "ste") for n, r in rows.items()
+                  if n.startswith(f"{base}+{m}") and "@" not in n and r.get("base_build") == build}
+            if len(of) == 2:
+                assert (f"on the rebuilt base alone: calibration alone {row['ppl']:.2f}, P-only {of['p_only']['ppl']:.2f}, "
+                        f"STE {of['ste']['ppl']:.2f}") in readme
+                assert (f"P-only {of['p_only']['eval_ppl'][-1]:.1f}, STE {of['ste']['eval_ppl'][-1]:.1f})") in readme
     for name, row in rows.items():  # longer runs than the table's: their own sentence
         if "@" in name:
             base, mode = name.split("@")[0].split("+")
