@@ -38,10 +38,14 @@ VARIANTS = {  # name: (method, options); a row is named f"{method}-w{bits}-g64{s
 log = logging.getLogger("benchmarks.gptq")
 
 
-def row_name(variant: str, bits: int) -> str:
-    """``gptq-act`` at 4 bits -> ``gptq-w4-g64-act``."""
+CALIB = 32  # the scoreboard's calibration windows; other sizes get their own rows
+
+
+def row_name(variant: str, bits: int, calib: int = CALIB) -> str:
+    """``gptq-act`` at 4 bits -> ``gptq-w4-g64-act`` (``…-cal128`` when calibrated on 128 windows)."""
     method, _, suffix = variant.partition("-")
-    return f"{method}-w{bits}-g{GROUP}" + (f"-{suffix}" if suffix else "")
+    name = f"{method}-w{bits}-g{GROUP}" + (f"-{suffix}" if suffix else "")
+    return name + (f"-cal{calib}" if calib != CALIB and VARIANTS[variant][0].needs_calibration else "")
 
 
 def markdown(res: dict) -> str:
@@ -49,13 +53,14 @@ def markdown(res: dict) -> str:
     dense = res["rows"]["dense"]["ppl"]
     lines = [f"# GPTQ vs RTN on `{MODEL}` (`python -m benchmarks.gptq`, {m['date']})", "",
              f"Perplexity on the shakespeare test split, seq_len 512, {m['windows']} windows; GPTQ calibrated on "
-             f"{m['calib']} windows of 512 tokens (shakespeare train, seed 0); groups of {GROUP}, asymmetric; "
-             f"{m['threads']} CPU threads.", "",
-             "| model | options | ppl | x dense | quantize s |", "|---|---|---|---|---|"]
+             f"the column's windows of 512 tokens (shakespeare train, seed 0; {CALIB} unless the row's name ends "
+             f"in `-calN`); groups of {GROUP}, asymmetric; {m['threads']} CPU threads.", "",
+             "| model | options | calibration windows | ppl | x dense | quantize s |", "|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
         s = f"{r['seconds']:.0f}" if r.get("seconds") else ""
         opts = ", ".join(f"{k}={v}" for k, v in r.get("options", {}).items())
-        lines.append(f"| {name} | {opts} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {s} |")
+        cal = r.get("calib", CALIB if name.startswith("gptq") else "")
+        lines.append(f"| {name} | {opts} | {cal} | {r['ppl']:.3f} | {r['ppl'] / dense:.3f} | {s} |")
     return "\n".join(lines) + "\n"
 
 
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     p.add_argument("--variants", nargs="+", default=["rtn", "gptq"], choices=sorted(VARIANTS))
-    p.add_argument("--calib", type=int, default=32)
+    p.add_argument("--calib", type=int, default=CALIB)
     p.add_argument("--windows", type=int, default=128)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -71,25 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "gptq.json"
     res = json.loads(path.read_text()) if path.exists() else {"rows": {}}
-    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "calib": args.calib,
-                   "threads": torch.get_num_threads()}
-    todo = [("dense", None)] + [(row_name(v, b), (v, b)) for b in args.bits for v in args.variants]
+    res["meta"] = {"date": time.strftime("%Y-%m-%d"), "windows": args.windows, "threads": torch.get_num_threads()}
+    todo = [("dense", None)] + [(row_name(v, b, args.calib), (v, b)) for b in args.bits for v in args.variants]
     for name, spec in todo:
         if name in res["rows"]:
             continue
         model, tok = llmdeploy.load(MODEL)
         model.eval()
-        seconds, options = None, {}
+        seconds, options, n_calib = None, {}, None
         if spec is not None:
             variant, bits = spec
             method, options = VARIANTS[variant]
-            calib = calibration(tok, "shakespeare", n_samples=args.calib, seq_len=512, seed=0) \
-                if method.needs_calibration else None
+            n_calib = args.calib if method.needs_calibration else None
+            calib = calibration(tok, "shakespeare", n_samples=args.calib, seq_len=512, seed=0) if n_calib else None
             t0 = time.perf_counter()
             model = method(bits=bits, group_size=GROUP, **options)(model, calib)
             seconds = time.perf_counter() - t0
         ppl = perplexity(model, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
         res["rows"][name] = {"ppl": ppl, "seconds": seconds, "options": options}
+        if n_calib:
+            res["rows"][name]["calib"] = n_calib
         log.info("%s: ppl %.3f (%s s)", name, ppl, seconds)
         path.write_text(json.dumps(res, indent=2))
     (RESULTS / "GPTQ.md").write_text(markdown(res))
