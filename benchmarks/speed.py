@@ -182,6 +182,8 @@ def model_formats() -> dict[str, Callable]:
         "sparse 2:4": lambda m: Magnitude(pattern="2:4")(m, None),
         "aqlm 2x8 g8 (random codes)": lambda m: aqlm_random(m, 2, 8),
         "aqlm 1x16 g8 (random codes)": lambda m: aqlm_random(m, 1, 16),
+        "aqlm 2x8 g8 (random codes) + int8 embedding/head": lambda m: emb8(aqlm_random(m, 2, 8)),
+        "aqlm 1x16 g8 (random codes) + int8 embedding/head": lambda m: emb8(aqlm_random(m, 1, 16)),
     }
 
 

@@ -207,6 +207,11 @@ def test_readme_quotes_the_speed_benchmark():
     m = res["model"]
     assert (f"AQLM 2x8 {m['aqlm 2x8 g8 (random codes)']['decode_x_dense']:.2f}x and 1x16 "
             f"{m['aqlm 1x16 g8 (random codes)']['decode_x_dense']:.2f}x") in readme
+    a8 = m["aqlm 2x8 g8 (random codes) + int8 embedding/head"]
+    assert f"AQLM 2x8 {a8['decode_x_dense']:.2f}x ({a8['compiled_decode_x_dense']:.2f}x compiled" in readme
+    ms = {k: 1e3 / m[k]["decode_tok_s"] for k in ("floor: decoder linears removed", "dense fp32")}
+    assert (f"still takes {ms['floor: decoder linears removed']:.1f} ms of the dense model's "
+            f"{ms['dense fp32']:.1f} ms") in readme
     pre = [r["prefill_x_dense"] for k, r in m.items() if k not in ("dense fp32", "floor: decoder linears removed")]
     assert f"prefill of 512 tokens {min(pre):.2f}x–{max(pre):.2f}x dense" in readme
     floor = res["model"]["floor: decoder linears removed"]
