@@ -22,12 +22,19 @@ def load_results(results_dir: str | os.PathLike) -> list[EvalResult]:
 
 
 def markdown_table(results: list[EvalResult]) -> str:
+    """One row per result; a ``measured`` column (each row's run date) when the rows come from runs of
+    different days."""
     corpora = sorted({c for r in results for c in r.perplexity})
     tasks = sorted({t for r in results for t in r.zero_shot})
     with_speed = any(r.speed for r in results)
-    lines = [EvalResult.markdown_header(corpora, tasks, with_speed)]
-    lines += [r.markdown_row(corpora, tasks, with_speed) for r in results]
-    return "\n".join(lines)
+    header = EvalResult.markdown_header(corpora, tasks, with_speed)
+    rows = [r.markdown_row(corpora, tasks, with_speed) for r in results]
+    days = [str(r.meta.get("date", ""))[:10] or "—" for r in results]
+    if len(set(days)) > 1:  # rows of several runs: say which, since speed is only comparable within one run
+        head, rule = header.split("\n")
+        header = f"{head} measured |\n{rule}---|"
+        rows = [f"{row} {day} |" for row, day in zip(rows, days)]
+    return "\n".join([header, *rows])
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

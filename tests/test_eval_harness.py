@@ -65,6 +65,21 @@ def test_evaluate_result_round_trip_and_report(tmp_path):
     assert text.index("| w32 ") < text.index("| w8 ") < text.index("| w3 ")
 
 
+def test_report_names_each_rows_run_day_when_runs_differ():
+    from llmdeploy.report import markdown_table
+
+    def result(name, date):
+        return EvalResult(name=name, model="m", footprint={"params": 1e6, "bits_per_param": 4.0, "bytes": 1},
+                          perplexity={"c": {"ppl": 10.0}}, speed={"decode_tokens_per_s": {"1": 5.0}},
+                          meta={"date": date})
+    one_day = markdown_table([result("a", "2026-11-25 10:00:00"), result("b", "2026-11-25 18:00:00")])
+    assert "measured" not in one_day
+    two_days = markdown_table([result("a", "2026-11-25 10:00:00"), result("b", "2026-11-30 09:00:00")]).split("\n")
+    assert two_days[0].endswith("| measured |") and two_days[1].count("---|") == two_days[0].count(" | ") + 1
+    assert two_days[2].startswith("| a |") and two_days[2].endswith("| 2026-11-25 |")
+    assert two_days[3].endswith("| 2026-11-30 |")
+
+
 def test_pareto_front():
     pts = [(4.0, 50.0), (3.0, 160.0), (8.0, 40.0), (4.5, 60.0), (2.0, 1e4)]
     assert pareto_front(pts) == [4, 1, 0, 2]
