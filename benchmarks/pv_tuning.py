@@ -14,7 +14,10 @@ first ``--eval-windows`` test windows. The table's rows share ``--steps`` (20: t
 at equal steps); a run with other steps writes rows named ``base+mode@Nsteps``. Every row records the
 base's build (a hash of its weights): a rebuilt base — AQLM is not bitwise reproducible — is
 evaluated as its own row ``base (build …)``, and a mode already measured from another build
-gets a row ``base+mode (build …)``. Rows already in
+gets a row ``base+mode (build …)``. ``--trust-ratio R`` (default 0.01, the published recipe's and
+the library's default) bounds each step's change of every quantized weight to R times its norm
+(``code_trust_ratio``); its rows are named ``base+mode/trustR``, and ``--trust-ratio 0`` runs
+unbounded (rows without the suffix: every row measured before the option existed). Rows already in
 ``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``,
 ``PV_TUNING.md`` and ``pv_tuning.png``.
 """
@@ -84,6 +87,10 @@ def markdown(res: dict) -> str:
              "seconds are wall time of the fine-tuning alone (the base quantization's are in its row).", "",
              "| model | ppl | x dense | base build | held-out ppl during training (step: ppl) | seconds |",
              "|---|---|---|---|---|---|"]
+    if any("/trust" in name for name in res["rows"]):
+        lines[2] += (" Rows `…/trustR` keep, per weight and step, only the code changes (farthest group first) whose "
+                     "norm stays within R times the weight's norm (`code_trust_ratio`, the published recipe's 1e-2); "
+                     "rows without it ran unbounded.")
     if any("@" in name for name in res["rows"]):
         lines[2] += " Rows `base+mode@Nsteps` train for N steps (same windows, continuing the seeded order)."
     lines[2] += (" Base build: a hash of the base model's weights (\"first\": the first build, not recorded). The "
@@ -134,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--trust-ratio", type=float, default=0.01,
+                   help="code_trust_ratio of the runs that change codes (0: unbounded)")
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=5)
@@ -166,21 +175,23 @@ def main(argv: list[str] | None = None) -> int:
             log.info("%s: ppl %.3f", name, ppl)
             save()
         for mode in args.modes:
-            name = f"{base}+{mode}" + ("" if args.steps == STEPS else f"@{args.steps}steps")
+            trust = args.trust_ratio or None
+            name = (f"{base}+{mode}" + ("" if args.steps == STEPS else f"@{args.steps}steps")
+                    + ("" if trust is None or mode == "p_only" else f"/trust{trust:g}"))  # P-only changes no code
             if name in res["rows"] and res["rows"][name].get("base_build") != build:
                 name = f"{name} (build {build})"  # the same mode from another build of the base
             if name in res["rows"]:
                 continue
             student = copy.deepcopy(model)
             pv = PVTuning(mode=mode, steps=args.steps, batch_size=args.batch, microbatch_size=2, beam_size=args.beam,
-                          teacher_model=dense, eval_windows=held_out, eval_every=args.eval_every)
+                          code_trust_ratio=trust, teacher_model=dense, eval_windows=held_out, eval_every=args.eval_every)
             student = pv(student, calib)
             r = pv.report_
             ppl = perplexity(student, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
             res["rows"][name] = {"ppl": ppl, "seconds": r.seconds, "history": r.history, "eval_steps": r.eval_steps,
                                  "eval_ppl": r.eval_ppl, "code_change": r.code_change,
                                  "beam": args.beam if base.startswith("aqlm") else None, "steps": args.steps,
-                                 "base_build": build}
+                                 "base_build": build, "trust": trust}
             log.info("%s: ppl %.3f (%s)", name, ppl, r.summary())
             save()
             del student

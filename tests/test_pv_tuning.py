@@ -133,6 +133,42 @@ def test_v_step_changes_at_most_max_code_change_and_weights_stay_representable(s
 
 
 @pytest.mark.parametrize("kind", ["rtn", "aqlm"])
+def test_trust_ratio_keeps_the_farthest_changes_within_its_bound(setup, kind):
+    """The V step's projection under ``code_trust_ratio``: the changes kept are a prefix of the
+    farthest-first order whose norm is within ratio · ‖Ŵ‖ plus one group; the rest are undone."""
+    from llmdeploy.quant.pv_tuning import REPRESENTATIONS
+
+    dense, tok, calib = setup
+    model = quantized(kind, calib)
+    name, mod = next((n, m) for n, m in model.named_modules() if type(m) in REPRESENTATIONS)
+    g = torch.Generator().manual_seed(0)
+    for ratio in (1e-3, 3e-2):
+        rep = REPRESENTATIONS[type(mod)](copy.deepcopy(mod))
+        before = rep.dequantize().detach()
+        buf = before + 0.5 * before.std() * torch.randn(before.shape, generator=g)  # far: most groups want to move
+        k = max(2, rep.n_groups // 10)
+        groups = torch.topk(rep.group_errors(buf - before), k, sorted=True).indices
+        old = rep.group_codes(groups).reshape(k, -1)
+        unbounded = REPRESENTATIONS[type(mod)](copy.deepcopy(mod))
+        unbounded.encode(buf, groups, 2)
+        free = unbounded.group_codes(groups).reshape(k, -1)
+        n_changed = PVTuning(mode="pv", code_trust_ratio=ratio, beam_size=2)._encode_within_trust(
+            rep, buf, groups, before, ratio)
+        now = rep.group_codes(groups).reshape(k, -1)
+        differs = (now != old).any(-1)
+        assert n_changed == int(differs.sum()) > 0
+        last = int(differs.nonzero().max())
+        assert torch.equal(now[:last + 1], free[:last + 1])  # the kept prefix took the unbounded step's codes
+        assert torch.equal(now[last + 1:], old[last + 1:])  # the rest undone ...
+        assert (free[last + 1:] != old[last + 1:]).any()  # ... though the unbounded step changed some of them
+        moved = rep.group_errors(rep.dequantize().detach() - before)
+        budget = ratio * float(before.norm())
+        assert float(moved[groups[:last]].sum().sqrt()) <= budget + 1e-6  # within the bound but for one group
+        assert float(moved[groups[:last + 1]].sum().sqrt()) >= budget - 1e-6  # which crossed it: the prefix is the longest
+        assert float(moved.sum() - moved[groups].sum()) == 0  # unselected groups untouched
+
+
+@pytest.mark.parametrize("kind", ["rtn", "aqlm"])
 def test_p_step_and_v_step_each_lower_the_training_loss(setup, kind):
     dense, tok, calib = setup
     base = quantized(kind, calib)
@@ -143,8 +179,11 @@ def test_p_step_and_v_step_each_lower_the_training_loss(setup, kind):
     assert kl_on(p_only, dense, calib) < 0.9 * start
     assert all(torch.equal(before[n], c) for n, c in codes_of(p_only).items())  # P never touches codes
     v_only = PVTuning(mode="v_only", steps=8, batch_size=4, code_lr=1e-2, max_code_change=0.05, beam_size=2,
-                      teacher_model=dense)(copy.deepcopy(base), calib)
+                      code_trust_ratio=None, teacher_model=dense)(copy.deepcopy(base), calib)
     assert kl_on(v_only, dense, calib) < 0.97 * start
+    bounded = PVTuning(mode="v_only", steps=8, batch_size=4, code_lr=1e-2, max_code_change=0.05, beam_size=2,
+                       teacher_model=dense)(copy.deepcopy(base), calib)  # the default trust ratio: smaller steps
+    assert kl_on(bounded, dense, calib) < start
     for name, m in v_only.named_modules():  # V never touches the continuous parameters
         if isinstance(m, AQLMLinear):
             assert torch.equal(m.codebooks, base.get_submodule(name).codebooks)
@@ -226,7 +265,8 @@ def test_pv_tuning_errors(setup):
     q = quantized("rtn", calib)
     with pytest.raises(ConfigError, match="teacher_model"):
         PVTuning()(q, calib)
-    for bad in ({"max_code_change": 0.0}, {"mode": "sgd"}, {"loss": "mse"}, {"steps": 0}, {"resume": True}):
+    for bad in ({"max_code_change": 0.0}, {"mode": "sgd"}, {"loss": "mse"}, {"steps": 0}, {"resume": True},
+                {"code_trust_ratio": 0.0}):
         with pytest.raises(ConfigError):
             PVTuning(teacher_model=dense, **bad)(q, calib)
     sparse = Magnitude(sparsity=0.5)(llmdeploy.load("tiny-llama")[0], calib)
