@@ -305,6 +305,10 @@ def test_readme_quotes_the_pv_tuning_benchmark():
                 assert (f"on the rebuilt base alone: calibration alone {row['ppl']:.2f}, P-only {of['p_only']['ppl']:.2f}, "
                         f"STE {of['ste']['ppl']:.2f}") in readme
                 assert (f"P-only {of['p_only']['eval_ppl'][-1]:.1f}, STE {of['ste']['eval_ppl'][-1]:.1f})") in readme
+    for name, row in rows.items():  # runs with the trust ratio: quoted with their held-out curve
+        if "/trust" in name:
+            curve = ", ".join(f"{p:.1f}" for p in row["eval_ppl"][1:])
+            assert f"`{name}`: {row['ppl']:.2f} (held-out perplexity at steps 5–20: {curve}" in readme
     for name, row in rows.items():  # longer runs than the table's: their own sentence
         if "@" in name:
             base, mode = name.split("@")[0].split("+")
