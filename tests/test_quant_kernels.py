@@ -207,6 +207,9 @@ def test_readme_quotes_the_speed_benchmark():
     m = res["model"]
     assert (f"AQLM 2x8 {m['aqlm 2x8 g8 (random codes)']['decode_x_dense']:.2f}x and 1x16 "
             f"{m['aqlm 1x16 g8 (random codes)']['decode_x_dense']:.2f}x") in readme
+    mib = {k: m[k]["bytes"] / 2**20 for k in ("aqlm 1x16 g8 (random codes)", "dense fp32")}
+    assert (f"the 1x16 model takes {mib['aqlm 1x16 g8 (random codes)']:.1f} MiB against dense's "
+            f"{mib['dense fp32']:.1f} MiB") in readme
     a8 = m["aqlm 2x8 g8 (random codes) + int8 embedding/head"]
     assert f"AQLM 2x8 {a8['decode_x_dense']:.2f}x ({a8['compiled_decode_x_dense']:.2f}x compiled" in readme
     ms = {k: 1e3 / m[k]["decode_tok_s"] for k in ("floor: decoder linears removed", "dense fp32")}
