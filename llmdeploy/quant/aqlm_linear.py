@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +86,11 @@ def check_aqlm_shapes(in_features: int, out_features: int, num_codebooks: int, n
 @register_module
 class AQLMLinear(CompressedModule):
     """A linear layer with additive-quantized weights (see the module docstring)."""
+
+    #: what the CPU kernels (``llmdeploy.kernels.aqlm_cpu``) keep per module: transposed layouts,
+    #: 16-bit codes and the C call's plan (raw pointers, a ctypes function)
+    derived_caches: ClassVar[tuple[str, ...]] = (*CompressedModule.derived_caches, "_cpu_codes_t", "_cpu_books_t",
+                                                 "_cpu_codes_u16", "_cpu_c_plan")
 
     def __init__(self, in_features: int, out_features: int, num_codebooks: int, nbits_per_codebook: int,
                  in_group_size: int, out_group_size: int = 1, bias: bool = True,
