@@ -315,3 +315,23 @@ def test_readme_quotes_the_pv_tuning_benchmark():
             ppl = row["ppl"]
             assert (f"{base} + {mode} for {row['steps']} steps: {ppl:.2f} ({ppl / res['dense']:.3f}x dense) "
                     f"in {row['seconds'] / 60:.0f} min") in readme
+
+
+def test_readme_quotes_the_full_scoreboard_pv_rows():
+    """The README's full-scoreboard PV-Tuning rows are those of benchmarks/results/full/*.json, with
+    the share of code groups each step changed (from the run's report)."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = " ".join((root / "README.md").read_text().split())
+    rows = {p.stem: json.loads(p.read_text()) for p in (root / "benchmarks/results/full").glob("*.json")}
+    tuned = {n: r for n, r in rows.items() if r["recipe"] and r["recipe"][-1]["method"] == "pv_tuning"}
+    quoted = [n for n in rows if "pv" in n or "aqlm" in n or n in {r["meta"]["base"] for r in tuned.values()}]
+    assert tuned and quoted
+    for name in quoted:
+        assert f"`{name}`: {rows[name]['perplexity']['shakespeare']['ppl']:.2f}" in readme
+    for name, r in tuned.items():
+        change = r["meta"]["report"]["code_change"]
+        assert f"{100 * sum(change) / len(change):.2g}% of the code groups changed per step" in readme
+        assert r["recipe"][-1]["code_trust_ratio"] == 0.01 and "trust ratio 1e-2" in readme

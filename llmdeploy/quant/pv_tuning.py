@@ -282,7 +282,8 @@ class PVReport(TrainingReport):
         s = (f"PV-Tuning ({self.mode}): {len(self.history)} steps of {self.windows_per_step} windows, "
              f"{len(self.tuned)} quantized linears; {self.trend()}")
         if self.code_change:
-            s += f"; codes changed per step {sum(self.code_change) / len(self.code_change):.2%} of groups on average"
+            mean = sum(self.code_change) / len(self.code_change)  # may be tiny under a trust ratio: 2 digits
+            s += f"; codes changed per step {100 * mean:.2g}% of groups on average"
         return s + f"; {self.seconds:.0f} s"
 
 
