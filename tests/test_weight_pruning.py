@@ -398,3 +398,30 @@ def test_true_sequential_is_exact_and_differs(tiny, cls):
     # later groups were calibrated on pruned outputs, so o_proj/out_proj's weights differ
     name = "model.decoder.layers.0.self_attn.out_proj"
     assert not torch.equal(seq.get_submodule(name).weight, one_pass.get_submodule(name).weight)
+
+
+def test_readme_pruning_table_quotes_the_scoreboard():
+    """Every perplexity of the README's weight-pruning table is its quick-scoreboard row's, rounded
+    to the digits shown."""
+    import json
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    lines = (root / "README.md").read_text().splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| sparsity | magnitude |"))
+    columns = ["magnitude", "wanda", "sparsegpt", "sparsellm", "sparsellm-block", "sparsellm-block-best"]
+    assert len(lines[head].split("|")[2:-1]) == len(columns)
+    checked = 0
+    for line in lines[head + 2:head + 6]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        level = {"50%": "50", "70%": "70", "80%": "80", "2:4": "2of4"}[cells[0]]
+        for method, cell in zip(columns, cells[1:], strict=True):
+            if cell == "—":
+                continue
+            row = json.loads((root / f"benchmarks/results/quick/{method}-{level}.json").read_text())
+            ppl = row["perplexity"]["shakespeare"]["ppl"]
+            digits = len(cell.split(".")[1]) if "." in cell else 0
+            assert re.fullmatch(r"\d+(\.\d+)?", cell) and f"{ppl:.{digits}f}" == cell, (method, level, cell, ppl)
+            checked += 1
+    assert checked == 22
