@@ -1,7 +1,8 @@
 """CPU matrix-vector kernels for AQLM layers (C, or numba without a compiler), for batch-1 decoding.
 
-``csrc/aqlm.c`` (built by :mod:`.native`) is used when it builds: AVX2 gathers of eight table
-entries for codebooks of at most 256 entries, and a codeword-streaming kernel (8 outputs at a time)
+``csrc/aqlm.c`` (built by :mod:`.native`) is used when it builds: table lookups for codebooks of at
+most 256 entries (with AVX-512, a 256-entry table row held in 16 registers and read with register
+permutes, 16 outputs at a time; with AVX2, gathers of eight entries), and a codeword-streaming kernel (8 outputs at a time)
 for larger ones such as 1x16; for many tokens (prefill) it decodes the weight once and one BLAS
 matmul follows. Without a compiler the numba kernels below compute the same decode-step sums.
 
@@ -9,9 +10,10 @@ For codebooks of at most 4096 entries (2x8, 1x8, 4x8...) the kernel first builds
 ``lut[b, j, c, k] = x[b, group j] · codebooks[c, k]`` (small: in/in_group_size x C x K floats),
 then every output is a sum of ``in/in_group_size x C`` table entries read through the codes: one
 byte per code instead of ``in_group_size`` fp32 weights, which is what lets it beat a dense matvec
-whose cost is reading the weight. The codes are streamed in a transposed copy (in groups,
-codebooks, out), cached on the layer, so that each table row stays in L1 while a tile of outputs
-accumulates. Larger codebooks (1x16) gather the codewords and multiply directly. Tiles of outputs
+whose cost is reading the weight. The codes are streamed in a transposed copy cached on the
+layer: tiles of 64 outputs, (out / 64, in groups, codebooks, 64), so that each table row stays in L1
+while a tile accumulates (AVX2); for the AVX-512 kernel, which walks table rows outer and outputs
+inner, (in groups, codebooks, out) padded to 64 outputs. Larger codebooks (1x16) gather the codewords and multiply directly. Tiles of outputs
 run in parallel; no two threads write one output.
 """
 
@@ -210,6 +212,8 @@ def _c_plan(module) -> tuple:
     bias = None if module.bias is None else module.bias.detach().float().contiguous()
     if k <= C_LUT_MAX_CODEBOOK and module.codes.dtype == torch.int8:
         books, codes = torch.from_numpy(transposed_books(module)), tiled_codes(codes.detach())
+        if k == 256 and _c("aqlm_simd")() == 512:  # the AVX-512 permute kernel reads a (j, c) row at a time
+            codes = codes.permute(1, 2, 0, 3).contiguous()
         fn = _c("aqlm_lut_matvec")
     else:
         books, codes = module.codebooks.detach().reshape(n_c, k, g).float().contiguous(), _codes_u16(module)
