@@ -5,7 +5,7 @@
 
 Layer: out 11008, in 4096, batch 1 (one decode token), random codes and codebooks (speed does not
 depend on the values). CPU rows, fp32 activations: torch's dense fp32 matvec; llmdeploy's lookup-
-table kernel; the ``aqlm`` package's CPU kernel (its numba kernel for 8-bit codebooks, its
+table kernel (on an AVX-512 CPU also its AVX2 gather path, for 2x8); the ``aqlm`` package's CPU kernel (its numba kernel for 8-bit codebooks, its
 dequantize-then-matmul otherwise), through its ``QuantizedLinear``; the plain-torch reference.
 Medians over blocks of calls that take turns, with pauses between blocks (see ``timeit``);
 ratios are against dense measured in the same run. Writes
@@ -75,8 +75,17 @@ def timeit(fns: dict, repeats: int, sync=lambda: None, rounds: int = 5, pause: f
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
+def _on_avx2(fn, *args):
+    """``fn(*args)`` with the C kernels' AVX2 variant (on an AVX-512 CPU: the gather kernel that the
+    AVX-512 permute kernel replaces for 256-entry codebooks)."""
+    from llmdeploy.kernels import native
+
+    with native.isa("avx2"):
+        return fn(*args)
+
+
 def run_cpu(repeats: int) -> list[dict]:
-    from llmdeploy.kernels import aqlm_cpu
+    from llmdeploy.kernels import aqlm_cpu, native
 
     rows = []
     x = torch.randn(1, IN)
@@ -91,6 +100,9 @@ def run_cpu(repeats: int) -> list[dict]:
             fns = {"dense fp32": lambda: F.linear(x, dense_w),
                    "llmdeploy kernel": lambda m=m: aqlm_cpu.aqlm_gemv(x, m),
                    "reference (dequantize + matmul)": lambda m=m: m.forward_reference(x)}
+            if nb == 8 and aqlm_cpu.c_available() and aqlm_cpu._c("aqlm_simd")() == 512 \
+                    and "avx2" in native.available_isas():
+                fns["llmdeploy kernel, AVX2 path"] = lambda m=m: _on_avx2(aqlm_cpu.aqlm_gemv, x, m)
             if pkg is not None:
                 pkg_err = (pkg(x) - ref).abs().max().item()
                 fns["aqlm package"] = lambda pkg=pkg: pkg(x)
@@ -99,7 +111,7 @@ def run_cpu(repeats: int) -> list[dict]:
             rows.append({"config": f"{nc}x{nb} g{g}", "kernel": name, "ms": t,
                          "speedup_vs_dense": ms["dense fp32"] / t,
                          "speedup_vs_aqlm_package": (ms["aqlm package"] / t) if "aqlm package" in ms else None,
-                         "max_abs_err_vs_reference": err if name == "llmdeploy kernel" else
+                         "max_abs_err_vs_reference": err if name.startswith("llmdeploy kernel") else
                          (pkg_err if name == "aqlm package" else 0.0)})
     return rows
 
