@@ -97,6 +97,18 @@ void aqlm_build_lut(const float *x, const float *books_t, float *lut, int64_t n_
 #define CHUNK 2048
 #endif
 
+/* The outputs [lo, hi) of the calling thread of a parallel region: an equal share of whole tiles. */
+static inline void thread_outputs(int64_t n_t, int64_t n_o, int64_t *lo, int64_t *hi) {
+#ifdef _OPENMP
+    int nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+    int nth = 1, me = 0;
+#endif
+    *lo = n_t * me / nth * TILE;
+    *hi = n_t * (me + 1) / nth * TILE;
+    if (*hi > n_o) *hi = n_o;
+}
+
 #if defined(__AVX512F__)
 /* AVX-512, 256-entry codebooks: the 256 floats of one table row (j, c) are held in 16 registers and
  * each code is looked up with register permutes instead of a gather (gathers measured at about a
@@ -121,15 +133,10 @@ static void gemv_lut_perm512(const float *lb, const uint8_t *codes_t, const floa
                              int64_t n_c, int64_t n_o, int64_t n_t, int threads) {
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        int nth = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-        int nth = 1, me = 0;
-#endif
-        int64_t t0 = n_t * me / nth, t1 = n_t * (me + 1) / nth;
-        for (int64_t c0 = t0 * TILE; c0 < t1 * TILE && c0 < n_o; c0 += CHUNK) {
-            int64_t c1 = c0 + CHUNK < t1 * TILE ? c0 + CHUNK : t1 * TILE;
-            if (c1 > n_o) c1 = n_o;
+        int64_t lo, hi;
+        thread_outputs(n_t, n_o, &lo, &hi);
+        for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+            int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
             for (int64_t j = 0; j < n_g; j++)
                 for (int64_t c = 0; c < n_c; c++) {
                     __m512 t[16];
@@ -168,15 +175,10 @@ void aqlm_gemv_lut(const float *lut, const uint8_t *codes_t, const float *scales
 #endif
 #pragma omp parallel num_threads(threads)
         {
-#ifdef _OPENMP
-            int nth = omp_get_num_threads(), me = omp_get_thread_num();
-#else
-            int nth = 1, me = 0;
-#endif
-            int64_t t0 = n_t * me / nth, t1 = n_t * (me + 1) / nth;
-            for (int64_t c0 = t0 * TILE; c0 < t1 * TILE && c0 < n_o; c0 += CHUNK) {
-                int64_t c1 = c0 + CHUNK < t1 * TILE ? c0 + CHUNK : t1 * TILE;
-                if (c1 > n_o) c1 = n_o;
+            int64_t lo, hi;
+            thread_outputs(n_t, n_o, &lo, &hi);
+            for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+                int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
                 for (int64_t j0 = 0; j0 < n_g; j0 += JB) {
                     int64_t j1 = j0 + JB < n_g ? j0 + JB : n_g;
                     for (int64_t i0 = c0; i0 < c1; i0 += TILE) {
