@@ -13,8 +13,10 @@ byte per code instead of ``in_group_size`` fp32 weights, which is what lets it b
 whose cost is reading the weight. The codes are streamed in a transposed copy cached on the
 layer: tiles of 64 outputs, (out / 64, in groups, codebooks, 64), so that each table row stays in L1
 while a tile accumulates (AVX2); for the AVX-512 kernel, which walks table rows outer and outputs
-inner, (in groups, codebooks, out) padded to 64 outputs. Larger codebooks (1x16) gather the codewords and multiply directly. Tiles of outputs
-run in parallel; no two threads write one output.
+inner, (in groups, codebooks, out) padded to 64 outputs. Threads split the input groups: each builds
+and reads only its own table rows, and their partial sums are added at the end (split by outputs,
+each core read table rows the other had written). Larger codebooks (1x16) gather the codewords and
+multiply directly, tiles of outputs in parallel.
 """
 
 from __future__ import annotations
@@ -57,10 +59,7 @@ def _c_isa(symbol: str, isa: str):
     from .native import function
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     matvec = (p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32)
-    sig = {"aqlm_simd": (), "aqlm_build_lut": (p, p, p, i64, i64, i64, i64, i64, i32),
-           "aqlm_gemv_lut": (p, p, p, p, i64, i64, i64, i64, i64, i32, i32),
-           "aqlm_gemv_direct": (p, p, p, p, p, i64, i64, i64, i64, i64, i64, i32, i32),
-           "aqlm_lut_matvec": matvec, "aqlm_direct_matvec": matvec,
+    sig = {"aqlm_simd": (), "aqlm_lut_matvec": matvec, "aqlm_direct_matvec": matvec,
            "aqlm_dequantize": (p, i32, p, p, p, i64, i64, i64, i64, i64, i32, i32)}[symbol]
     returns_int = symbol in ("aqlm_simd", "aqlm_lut_matvec", "aqlm_direct_matvec")
     return function("aqlm", symbol, sig, ctypes.c_int if returns_int else None)

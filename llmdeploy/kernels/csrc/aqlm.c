@@ -6,7 +6,7 @@
  *   lut[b, j, c, k] = codebook_c[k] . x[b, group j]        (in/g x C x K floats per token)
  * is built first, then every output is a sum of in/g x C table entries read through its codes:
  * one byte per code instead of g fp32 weights. With AVX-512 and 256-entry codebooks, register
- * permutes do the lookups (gemv_lut_perm512 below). Otherwise codes come tiled, (out / 64, groups, codebooks, 64), so
+ * permutes do the lookups (perm512_outputs below). Otherwise codes come tiled, (out / 64, groups, codebooks, 64), so
  * that 8 consecutive outputs' codes of one (group, codebook) are 8 adjacent bytes: one gather of 8
  * table entries (AVX2; scalar loads measured ~2x slower). Table rows are visited in blocks of JB
  * groups (JB x C x K floats stay in L1) while tiles of 64 outputs accumulate in registers; each
@@ -49,12 +49,12 @@ int aqlm_simd(void) {
 #endif
 }
 
-/* lut (n_b, G, C, K): lut[b, j, c, k] = sum_t x[b, j*g + t] * books_t[c, t, k]; books_t (C, g, K) */
-void aqlm_build_lut(const float *x, const float *books_t, float *lut, int64_t n_b, int64_t n_g, int64_t g,
-                    int64_t n_c, int64_t n_k, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < n_b * n_g; task++) {
-        int64_t b = task / n_g, j = task % n_g;
+/* lut (n_b, G, C, K): lut[b, j, c, k] = sum_t x[b, j*g + t] * books_t[c, t, k]; books_t (C, g, K); the rows of
+ * groups j in [j_lo, j_hi) only (each thread of the kernel builds the rows it reads). */
+static void build_lut_rows(const float *x, const float *books_t, float *lut, int64_t n_b, int64_t n_g, int64_t g,
+                           int64_t n_c, int64_t n_k, int64_t j_lo, int64_t j_hi) {
+    for (int64_t task = 0; task < n_b * (j_hi - j_lo); task++) {
+        int64_t b = task / (j_hi - j_lo), j = j_lo + task % (j_hi - j_lo);
         const float *xj = x + b * n_g * g + j * g;
         for (int64_t c = 0; c < n_c; c++) {
             float *row = lut + ((b * n_g + j) * n_c + c) * n_k;
@@ -87,12 +87,18 @@ void aqlm_build_lut(const float *x, const float *books_t, float *lut, int64_t n_
     }
 }
 
-/* out (n_b, n_o) = scales * sum over (j, c) of lut[b, j, c, code(o, j, c) & mask]; codes_t tile-major,
- * (ceil(n_o / TILE), G, C, TILE) u8: the codes of one tile for one (group, codebook) are TILE adjacent
- * bytes and a tile's group block is contiguous (measured faster on 11008x4096 than (G, C, n_o)); the
- * signed storage read as unsigned (for fewer than 8 bits the mask K - 1 recovers the code).
- * Each thread owns an equal share of the outputs (whole tiles), walked in chunks of CHUNK outputs
- * whose partial sums (in out) stay in L1 beside the JB table rows being read. */
+
+/* part (n_o) = sum over groups j in [j_lo, j_hi) and codebooks c of lut[j, c, code(o, j, c) & mask], for one
+ * token. codes_t tile-major, (ceil(n_o / TILE), G, C, TILE) u8: the codes of one tile for one (group,
+ * codebook) are TILE adjacent bytes and a tile's group block is contiguous (measured faster on
+ * 11008x4096 than (G, C, n_o)); the signed storage read as unsigned (for fewer than 8 bits the mask
+ * K - 1 recovers the code). Outputs are walked in chunks of CHUNK whose partial sums (in part) stay
+ * in L1 beside the JB table rows being read.
+ *
+ * Threads split the input groups, not the outputs: each builds and reads only its own table rows
+ * (in its own core's cache), then the per-thread partial sums (n_o floats each) are added. Split
+ * by outputs, every thread read every row, half of them written by the other core: on smollm2's
+ * 1536x576 layer that cost ~60 us a call against ~40 us for the table and lookups apart. */
 #ifndef CHUNK
 #define CHUNK 2048
 #endif
@@ -129,88 +135,72 @@ static inline __m512 lookup256(const __m512 *t, __m512i idx) {
     return _mm512_mask_blend_ps(m7, _mm512_mask_blend_ps(m6, a0, a1), _mm512_mask_blend_ps(m6, a2, a3));
 }
 
-static void gemv_lut_perm512(const float *lb, const uint8_t *codes_t, const float *scales, float *ob, int64_t n_g,
-                             int64_t n_c, int64_t n_o, int64_t n_t, int threads) {
-#pragma omp parallel num_threads(threads)
-    {
-        int64_t lo, hi;
-        thread_outputs(n_t, n_o, &lo, &hi);
-        for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
-            int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
-            for (int64_t j = 0; j < n_g; j++)
-                for (int64_t c = 0; c < n_c; c++) {
-                    __m512 t[16];
-                    const float *row = lb + (j * n_c + c) * 256;
-                    for (int r = 0; r < 16; r++) t[r] = _mm512_loadu_ps(row + 16 * r);
-                    for (int64_t i0 = c0; i0 < c1; i0 += TILE) {
-                        const uint8_t *cj = codes_t + (j * n_c + c) * n_t * TILE + i0;
-                        int64_t n = c1 - i0 < TILE ? c1 - i0 : TILE;
-                        for (int v = 0; v < TILE / 16; v++) {
-                            int64_t left = n - 16 * v;
-                            if (left <= 0) break;
-                            __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-                            __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cj + 16 * v)));
-                            float *o = ob + i0 + 16 * v;
-                            _mm512_mask_storeu_ps(o, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), lookup256(t, idx)));
-                        }
+static void perm512_partial(const float *lb, const uint8_t *codes_t, float *part, int64_t n_c, int64_t n_o,
+                            int64_t n_t, int64_t j_lo, int64_t j_hi) {
+    for (int64_t c0 = 0; c0 < n_o; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < n_o ? c0 + CHUNK : n_o;
+        for (int64_t j = j_lo; j < j_hi; j++)
+            for (int64_t c = 0; c < n_c; c++) {
+                __m512 t[16];
+                const float *row = lb + (j * n_c + c) * 256;
+                for (int r = 0; r < 16; r++) t[r] = _mm512_loadu_ps(row + 16 * r);
+                for (int64_t i0 = c0; i0 < c1; i0 += TILE) {
+                    const uint8_t *cj = codes_t + (j * n_c + c) * n_t * TILE + i0;
+                    int64_t n = c1 - i0 < TILE ? c1 - i0 : TILE;
+                    for (int v = 0; v < TILE / 16; v++) {
+                        int64_t left = n - 16 * v;
+                        if (left <= 0) break;
+                        __mmask16 k = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+                        __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(cj + 16 * v)));
+                        float *o = part + i0 + 16 * v;
+                        _mm512_mask_storeu_ps(o, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, o), lookup256(t, idx)));
                     }
                 }
-            for (int64_t i = c0; i < c1; i++) ob[i] *= scales[i];
-        }
+            }
     }
 }
 #endif
-void aqlm_gemv_lut(const float *lut, const uint8_t *codes_t, const float *scales, float *out, int64_t n_b,
-                   int64_t n_g, int64_t n_c, int64_t n_k, int64_t n_o, int mask, int threads) {
-    int64_t n_t = (n_o + TILE - 1) / TILE;
-    for (int64_t b = 0; b < n_b; b++) {
-        const float *lb = lut + b * n_g * n_c * n_k;
-        float *ob = out + b * n_o;
-        memset(ob, 0, sizeof(float) * (size_t)n_o);
+
+static void lut_partial(const float *lb, const uint8_t *codes_t, float *part, int64_t n_g, int64_t n_c, int64_t n_k,
+                        int64_t n_o, int mask, int64_t j_lo, int64_t j_hi) {
+    memset(part, 0, sizeof(float) * (size_t)n_o);
 #if defined(__AVX512F__)
-        if (n_k == 256) {
-            gemv_lut_perm512(lb, codes_t, scales, ob, n_g, n_c, n_o, n_t, threads);
-            continue;
-        }
+    if (n_k == 256) {
+        perm512_partial(lb, codes_t, part, n_c, n_o, (n_o + TILE - 1) / TILE, j_lo, j_hi);
+        return;
+    }
 #endif
-#pragma omp parallel num_threads(threads)
-        {
-            int64_t lo, hi;
-            thread_outputs(n_t, n_o, &lo, &hi);
-            for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
-                int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
-                for (int64_t j0 = 0; j0 < n_g; j0 += JB) {
-                    int64_t j1 = j0 + JB < n_g ? j0 + JB : n_g;
-                    for (int64_t i0 = c0; i0 < c1; i0 += TILE) {
-                        int64_t n = c1 - i0 < TILE ? c1 - i0 : TILE;
+    for (int64_t c0 = 0; c0 < n_o; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < n_o ? c0 + CHUNK : n_o;
+        for (int64_t j0 = j_lo; j0 < j_hi; j0 += JB) {
+            int64_t j1 = j0 + JB < j_hi ? j0 + JB : j_hi;
+            for (int64_t i0 = c0; i0 < c1; i0 += TILE) {
+                int64_t n = c1 - i0 < TILE ? c1 - i0 : TILE;
 #if defined(__AVX2__) && defined(__FMA__)
-                        if (n == TILE) {
-                            const __m256i mv = _mm256_set1_epi32(mask);
-                            __m256 acc[TILE / 8];
-                            for (int v = 0; v < TILE / 8; v++) acc[v] = _mm256_loadu_ps(ob + i0 + 8 * v);
-                            for (int64_t j = j0; j < j1; j++)
-                                for (int64_t c = 0; c < n_c; c++) {
-                                    const float *row = lb + (j * n_c + c) * n_k;
-                                    const uint8_t *cj = codes_t + ((i0 / TILE * n_g + j) * n_c + c) * TILE;
-                                    for (int v = 0; v < TILE / 8; v++) {
-                                        __m256i idx = _mm256_and_si256(
-                                            _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cj + 8 * v))), mv);
-                                        acc[v] = _mm256_add_ps(acc[v], _mm256_i32gather_ps(row, idx, 4));
-                                    }
-                                }
-                            for (int v = 0; v < TILE / 8; v++) _mm256_storeu_ps(ob + i0 + 8 * v, acc[v]);
-                            continue;
-                        }
-#endif
-                        for (int64_t j = j0; j < j1; j++)
-                            for (int64_t c = 0; c < n_c; c++) {
-                                const float *row = lb + (j * n_c + c) * n_k;
-                                const uint8_t *cj = codes_t + ((i0 / TILE * n_g + j) * n_c + c) * TILE;
-                                for (int64_t i = 0; i < n; i++) ob[i0 + i] += row[cj[i] & mask];
+                if (n == TILE) {
+                    const __m256i mv = _mm256_set1_epi32(mask);
+                    __m256 acc[TILE / 8];
+                    for (int v = 0; v < TILE / 8; v++) acc[v] = _mm256_loadu_ps(part + i0 + 8 * v);
+                    for (int64_t j = j0; j < j1; j++)
+                        for (int64_t c = 0; c < n_c; c++) {
+                            const float *row = lb + (j * n_c + c) * n_k;
+                            const uint8_t *cj = codes_t + ((i0 / TILE * n_g + j) * n_c + c) * TILE;
+                            for (int v = 0; v < TILE / 8; v++) {
+                                __m256i idx = _mm256_and_si256(
+                                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(cj + 8 * v))), mv);
+                                acc[v] = _mm256_add_ps(acc[v], _mm256_i32gather_ps(row, idx, 4));
                             }
-                    }
+                        }
+                    for (int v = 0; v < TILE / 8; v++) _mm256_storeu_ps(part + i0 + 8 * v, acc[v]);
+                    continue;
                 }
-                for (int64_t i = c0; i < c1; i++) ob[i] *= scales[i];
+#endif
+                for (int64_t j = j0; j < j1; j++)
+                    for (int64_t c = 0; c < n_c; c++) {
+                        const float *row = lb + (j * n_c + c) * n_k;
+                        const uint8_t *cj = codes_t + ((i0 / TILE * n_g + j) * n_c + c) * TILE;
+                        for (int64_t i = 0; i < n; i++) part[i0 + i] += row[cj[i] & mask];
+                    }
             }
         }
     }
@@ -260,19 +250,53 @@ void aqlm_gemv_direct(const float *x, const float *books, const uint16_t *codes,
     }
 }
 
-/* One call for a few tokens (what a decode step needs): the table into a scratch buffer, the
- * lookups, then the bias. Returns 0, or -2 when the table cannot be allocated. */
+/* One call for a few tokens (what a decode step needs), in one parallel region: each thread builds
+ * the table rows of its share of the input groups and sums their entries into its partial outputs;
+ * after one barrier, each thread adds the partials of its share of the outputs (in thread order),
+ * scales them and adds the bias. Returns 0, or -2 when the scratch buffer cannot be allocated.
+ * The scratch buffer (table and partials) belongs to the calling thread and only grows: a decode
+ * step's table is 150-400 KB, above malloc's mmap threshold, and a fresh mapping per call (its pages
+ * faulted in again each time) cost more than the lookups (1536x576 2x8: ~146 us a call against
+ * ~60 us with the buffer kept). */
+static _Thread_local float *scratch = NULL;
+static _Thread_local size_t scratch_floats = 0;
+
 int aqlm_lut_matvec(const float *x, const float *books_t, const uint8_t *codes_t, const float *scales,
                     const float *bias, float *out, int64_t n_b, int64_t n_g, int64_t g, int64_t n_c, int64_t n_k,
                     int64_t n_o, int mask, int threads) {
-    float *lut = malloc(sizeof(float) * (size_t)(n_b * n_g * n_c * n_k > 0 ? n_b * n_g * n_c * n_k : 1));
-    if (!lut) return -2;
-    aqlm_build_lut(x, books_t, lut, n_b, n_g, g, n_c, n_k, threads);
-    aqlm_gemv_lut(lut, codes_t, scales, out, n_b, n_g, n_c, n_k, n_o, mask, threads);
-    free(lut);
-    if (bias)
+    if (threads < 1) threads = 1;
+    size_t n_lut = (size_t)(n_b * n_g * n_c * n_k), need = n_lut + (size_t)(threads * n_b * n_o) + 1;
+    if (need > scratch_floats) {
+        free(scratch);
+        scratch = malloc(sizeof(float) * need);
+        scratch_floats = scratch ? need : 0;
+        if (!scratch) return -2;
+    }
+    float *lut = scratch, *parts = scratch + n_lut;
+    int64_t n_t = (n_o + TILE - 1) / TILE;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        int nth = omp_get_num_threads(), me = omp_get_thread_num();
+#else
+        int nth = 1, me = 0;
+#endif
+        int64_t j_lo = n_g * me / nth, j_hi = n_g * (me + 1) / nth;
+        build_lut_rows(x, books_t, lut, n_b, n_g, g, n_c, n_k, j_lo, j_hi);
         for (int64_t b = 0; b < n_b; b++)
-            for (int64_t o = 0; o < n_o; o++) out[b * n_o + o] += bias[o];
+            lut_partial(lut + b * n_g * n_c * n_k, codes_t, parts + (me * n_b + b) * n_o, n_g, n_c, n_k, n_o, mask,
+                        j_lo, j_hi);
+#pragma omp barrier
+        int64_t lo, hi;
+        thread_outputs(n_t, n_o, &lo, &hi);
+        for (int64_t b = 0; b < n_b; b++)
+            for (int64_t i = lo; i < hi; i++) {
+                float acc = parts[b * n_o + i];
+                for (int t = 1; t < nth; t++) acc += parts[(t * n_b + b) * n_o + i];
+                acc *= scales[i];
+                out[b * n_o + i] = bias ? acc + bias[i] : acc;
+            }
+    }
     return 0;
 }
 
