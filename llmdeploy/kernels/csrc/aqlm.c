@@ -118,7 +118,7 @@ static inline void thread_outputs(int64_t n_t, int64_t n_o, int64_t *lo, int64_t
 #if defined(__AVX512F__)
 /* AVX-512, 256-entry codebooks: the 256 floats of one table row (j, c) are held in 16 registers and
  * each code is looked up with register permutes instead of a gather (on the 11008x4096 benchmark
- * layer, 1.44 ms against the gather path's 2.02 ms; benchmarks/results/kernels/aqlm_cpu.md): vpermt2ps picks from 32 entries by the code's low 5 bits, and
+ * layer, 1.39 ms against the gather path's 1.98 ms; benchmarks/results/kernels/aqlm_cpu.md): vpermt2ps picks from 32 entries by the code's low 5 bits, and
  * three levels of blends on bits 5, 6 and 7 choose among the 8 results, for 16 outputs at a time.
  * Loops run row (j, c) outer and outputs inner, the partial sums in out (a chunk of CHUNK outputs
  * stays in L1), so every output adds its entries in the same order as the AVX2 path: results are
