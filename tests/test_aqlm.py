@@ -99,6 +99,26 @@ def test_cpu_kernel_equals_reference(cfg, tokens, out_f):
         assert torch.equal(paths["native"], paths["avx2"])
 
 
+def test_cpu_table_kernel_any_thread_count_and_a_reused_scratch_buffer():
+    """The table kernel splits input groups among threads (partial sums added at the end) and keeps
+    its table in a per-thread buffer that grows: any thread count, including more threads than
+    groups, and a small layer after a large one (the buffer reused, not cleared) give the reference."""
+    if not aqlm_cpu.c_available():
+        pytest.skip("no C compiler here")
+    big, small = random_layer(2, 8, 8, out_f=200, in_f=512, seed=1), random_layer(2, 8, 8, out_f=46, in_f=16, seed=2)
+    old = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for threads in (1, 2, 3):  # in_f=16: 2 groups, so a third thread gets none
+                torch.set_num_threads(threads)
+                for m, tokens in ((big, 5), (small, 1), (big, 1), (small, 3)):
+                    x = torch.randn(tokens, m.in_features)
+                    torch.testing.assert_close(aqlm_cpu.aqlm_gemv_c(x, m), m.forward_reference(x),
+                                               atol=1e-4, rtol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("cfg", [c for c in CONFIGS if c[3] == 1])
 def test_cpu_prefill_decodes_the_reference_weight(cfg):
     """Many tokens on CPU: the weight decoded in C (bit for bit the reference's up to 4 codebooks), one matmul."""

@@ -6,11 +6,12 @@
  *   lut[b, j, c, k] = codebook_c[k] . x[b, group j]        (in/g x C x K floats per token)
  * is built first, then every output is a sum of in/g x C table entries read through its codes:
  * one byte per code instead of g fp32 weights. With AVX-512 and 256-entry codebooks, register
- * permutes do the lookups (perm512_outputs below). Otherwise codes come tiled, (out / 64, groups, codebooks, 64), so
+ * permutes do the lookups (perm512_partial below). Otherwise codes come tiled, (out / 64, groups, codebooks, 64), so
  * that 8 consecutive outputs' codes of one (group, codebook) are 8 adjacent bytes: one gather of 8
  * table entries (AVX2; scalar loads measured ~2x slower). Table rows are visited in blocks of JB
- * groups (JB x C x K floats stay in L1) while tiles of 64 outputs accumulate in registers; each
- * thread owns an equal share of whole tiles.
+ * groups (JB x C x K floats stay in L1) while tiles of 64 outputs accumulate in registers. Each
+ * thread takes an equal share of the input groups (it builds and reads only those table rows) and
+ * sums into its own partial outputs; the partials are added at the end (aqlm_lut_matvec).
  *
  * Larger codebooks (1x16: 65536 entries, the table would be larger than the weight): each output
  * reads its codewords (g floats each) and multiplies them with x, NQ outputs at a time so that
