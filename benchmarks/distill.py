@@ -24,6 +24,8 @@ the teacher's low-probability tokens more. Two more add to KD + CE: TinyBERT's h
 teacher's at the same depth, normalised MSE; the richer signal per token that Minitron adds when
 distilling a pruned model), and DistiLLM's skew KL in place of the forward KL (``loss="skew_kl"``,
 λ = 0.1: KL to a mix of 10% teacher and 90% student, bounded gradients early in training). Gap recovered = (start ppl − ppl) / (start ppl − dense ppl).
+``--steps N`` other than 16 trains rows of their own, named ``… (N steps)`` (the corrected teacher
+too: trained for N steps); ``--recoveries`` picks some of the recoveries.
 
 Part ``multi``: two teachers that are better on different domains — the full fine-tunes of
 ``smollm2-135m`` on Shakespeare and on the Python standard library that ``benchmarks.bitdelta
@@ -116,21 +118,23 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
         rows["dense"] = {"ppl": _ppl(dense, tok, "shakespeare", args.windows), "env": _environment()}
         save()
     corrected = None
+    # rows at the default 16 steps keep their names; other step counts are rows of their own
+    suffix = "" if args.steps == 16 else f" ({args.steps} steps)"
 
     def corrected_teacher():  # dense + CE: Distill(teacher_correction_steps=steps) trains exactly this
         nonlocal corrected
         if corrected is None:
             model, info = _train(copy.deepcopy(dense), calib, ce_weight=1.0, steps=args.steps, **curve)
             corrected = model.eval(), info
-            if "dense + CE" not in rows:
-                rows["dense + CE"] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, "env": _environment()}
+            if "dense + CE" + suffix not in rows:
+                rows["dense + CE" + suffix] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, "env": _environment()}
                 save()
         return corrected
 
     for start, (make, n_calib) in STARTS.items():
         if start not in args.starts:
             continue
-        todo = [n for n in (start, *(f"{start} + {label}" for label in RECOVERIES)) if n not in rows]
+        todo = [n for n in (start, *(f"{start} + {label}{suffix}" for label in args.recoveries)) if n not in rows]
         if not todo:
             continue
         t0 = time.perf_counter()
@@ -139,8 +143,8 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
             rows[start] = {"ppl": _ppl(base, tok, "shakespeare", args.windows), "seconds": time.perf_counter() - t0,
                            "env": _environment()}
             save()
-        for label in RECOVERIES:
-            name = f"{start} + {label}"
+        for label in args.recoveries:
+            name = f"{start} + {label}{suffix}"
             if name in rows:
                 continue
             extra = {}
@@ -159,7 +163,7 @@ def part_recovery(res: dict, dense, tok, args, save) -> None:
             rows[name] = {"ppl": _ppl(model, tok, "shakespeare", args.windows), **info, **extra, "env": _environment()}
             log.info("%s: ppl %.3f", name, rows[name]["ppl"])
             save()
-    if "dense + CE" not in rows:  # the reference: the dense model fine-tuned the same way
+    if "dense + CE" + suffix not in rows:  # the reference: the dense model fine-tuned the same way
         corrected_teacher()
 
 
@@ -308,7 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", nargs="+", default=["recovery", "multi"], choices=["recovery", "multi"])
     p.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS),
                    help="compressed models of part recovery to train (the others' rows are kept)")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=16,
+                   help="training steps of part recovery (rows at other than 16 are named with their steps)")
+    p.add_argument("--recoveries", nargs="+", default=list(RECOVERIES), choices=list(RECOVERIES),
+                   help="recoveries of part recovery to train (the others' rows are kept)")
     p.add_argument("--steps-multi", type=int, default=16)
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=16)

@@ -348,6 +348,13 @@ def test_readme_quotes_the_distill_benchmark():
                 v = rec[f"{start} + {label}, corrected teacher"]["ppl"]
                 assert f"{words} {v:.2f} ({(s - v) / (s - dense):.1%})" in readme
         quoted += 1
+        ce32, skew32 = rec.get(f"{start} + CE (32 steps)"), rec.get(f"{start} + skew KD + CE, corrected teacher (32 steps)")
+        if ce32 and skew32:
+            assert (f"{start} at 32 steps: LoRA cross-entropy {ce32['ppl']:.2f} "
+                    f"({(s - ce32['ppl']) / (s - dense):.1%} of the gap recovered), skew KD + CE from the corrected "
+                    f"teacher {skew32['ppl']:.2f} ({(s - skew32['ppl']) / (s - dense):.1%})") in readme
+            assert f"the dense model fine-tuned the same way for 32 steps: {rec['dense + CE (32 steps)']['ppl']:.2f}" \
+                in readme
     assert quoted
     for name, r in multi.items():
         if not name.startswith(("fine-tune", "dense", "shortgpt")):
