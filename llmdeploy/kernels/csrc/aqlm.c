@@ -88,7 +88,6 @@ static void build_lut_rows(const float *x, const float *books_t, float *lut, int
     }
 }
 
-
 /* part (n_o) = sum over groups j in [j_lo, j_hi) and codebooks c of lut[j, c, code(o, j, c) & mask], for one
  * token. codes_t tile-major, (ceil(n_o / TILE), G, C, TILE) u8: the codes of one tile for one (group,
  * codebook) are TILE adjacent bytes and a tile's group block is contiguous (measured faster on
@@ -121,9 +120,9 @@ static inline void thread_outputs(int64_t n_t, int64_t n_o, int64_t *lo, int64_t
  * each code is looked up with register permutes instead of a gather (on the 11008x4096 benchmark
  * layer, 1.39 ms against the gather path's 1.98 ms; benchmarks/results/kernels/aqlm_cpu.md): vpermt2ps picks from 32 entries by the code's low 5 bits, and
  * three levels of blends on bits 5, 6 and 7 choose among the 8 results, for 16 outputs at a time.
- * Loops run row (j, c) outer and outputs inner, the partial sums in out (a chunk of CHUNK outputs
- * stays in L1), so every output adds its entries in the same order as the AVX2 path: results are
- * bit for bit the same. Codes row-major, (G, C, ceil(n_o / 64) * 64) u8 (the tiles' axes swapped: the
+ * Loops run row (j, c) outer and outputs inner, the sums in the thread's partial outputs (a chunk of
+ * CHUNK outputs stays in L1), so every output adds its entries in the same order as the AVX2 path:
+ * results are bit for bit the same. Codes row-major, (G, C, ceil(n_o / 64) * 64) u8 (the tiles' axes swapped: the
  * outputs of one (j, c) adjacent), so that this loop order reads them sequentially. */
 static inline __m512 lookup256(const __m512 *t, __m512i idx) {
     const __m512i b5 = _mm512_set1_epi32(32), b6 = _mm512_set1_epi32(64), b7 = _mm512_set1_epi32(128);
