@@ -234,7 +234,7 @@ def model(rounds: int, new_tokens: int, only: list[str] | None, compiled: bool =
 
 ROW_SHAPES = {"attention 576x576": (576, 576), "mlp up 1536x576": (1536, 576), "mlp down 576x1536": (576, 1536),
               "head 49152x576": (49152, 576)}
-ROW_COUNTS = (1, 2, 3, 4, 8, 16)
+ROW_COUNTS = (1, 2, 3, 4, 5, 6, 8, 16)
 
 
 @torch.no_grad()

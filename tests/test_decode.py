@@ -387,6 +387,28 @@ def test_training_lowers_the_loss_saves_loads_and_resumes(tiny, tmp_path, kind):
     assert a.sequences == b.sequences and a.stats.tokens_per_step == b.stats.tokens_per_step
 
 
+def test_medusa_runs_only_the_heads_its_tree_reaches(tiny):
+    """A tree two levels deep drafts with heads 1-2 only, and proposes what all four heads would."""
+    model, _ = tiny
+    med = D.MedusaHeads.for_model(model, 4, tree=[(0,), (1,), (0, 0), (0, 1)], topk=3)
+    for p in med.parameters():
+        torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(0))
+    ran = []
+    for k, head in enumerate(med.heads):
+        head.register_forward_hook(lambda *_a, k=k: ran.append(k))
+    out = D.generate(model, None, PROMPTS, 6, drafter=med)
+    assert ran and set(ran) == {0, 1}
+    h = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        full = med.head_logits(model.get_output_embeddings(), h)  # every head
+    med.begin(Runner(model, 2), None)
+    trees = med.propose([0, 1], [5, 7], h)
+    top = full.topk(3, dim=-1).indices
+    for b, tree in enumerate(trees):
+        assert tree.tokens == [[5, 7][b], *(int(top[b, len(c) - 1, c[-1]]) for c in med.choices())]
+    assert out.sequences == D.generate(model, None, PROMPTS, 6).sequences
+
+
 def test_measured_accuracy_builds_the_tree(tiny):
     model, tok = tiny
     data = D.self_distill_data(model, tok, n=4, prompt_len=6, new_tokens=16)

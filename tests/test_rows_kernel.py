@@ -19,8 +19,9 @@ def test_linear_rows_equals_f_linear(isa, shape, bias):
     b = torch.randn(n_out, generator=g) if bias else None
     with native.isa(isa):
         assert rows.simd() >= 0
-        # 1..3 rows: one pass over each block of outputs; more: passes of 3 rows and a remainder
-        for m in (1, 2, 3, 4, 7, 16, 41, 64, 70):
+        # up to 6 rows (AVX-512) or 3 (AVX2): one pass over each block of outputs; more: passes of
+        # that many rows and a remainder of every size
+        for m in (1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 16, 41, 64, 70):
             x = torch.randn(2, m, n_in, generator=g)[1]  # a view that is not at offset 0
             y = rows.linear_rows(x, w, b)
             ref = F.linear(x.double(), w.double(), None if b is None else b.double())

@@ -6,8 +6,9 @@ block per head, the model's own LM head shared (Medusa-1's cheap variant: a head
 parameters, 332k on SmolLM2-135M, not a vocabulary-sized matrix). ``W_k`` starts at zero, so an
 untrained head predicts what the model predicts next (as in the reference). Candidates are the
 top-ranked tokens of each head arranged in a sparse tree chosen for the measured per-rank accuracy
-(:func:`~.tree.best_tree`). Trained with the summed cross-entropy of the heads, head ``k`` weighted
-``0.8^(k-1)``, on the model's own continuations (:mod:`.train`), the base frozen.
+(:func:`~.tree.best_tree`); drafting runs only the heads the tree reaches (a tree ``d`` levels
+deep computes ``d`` heads' logits, not all K). Trained with the summed cross-entropy of the heads,
+head ``k`` weighted ``0.8^(k-1)``, on the model's own continuations (:mod:`.train`), the base frozen.
 """
 
 from __future__ import annotations
@@ -63,20 +64,22 @@ class MedusaHeads(DraftVocabMixin, RankedTreeMixin, Drafter):
         return {"hidden_size": self.hidden_size, "n_heads": self.n_heads, "tree": self.tree,
                 "topk": self.topk, "n_layers": self.n_layers, "draft_vocab": self._draft_vocab_size()}
 
-    def features(self, h: torch.Tensor) -> torch.Tensor:
-        """(..., d) -> (..., K, d): what each head hands to the LM head."""
-        return torch.stack([head(h) for head in self.heads], dim=-2)
+    def features(self, h: torch.Tensor, n: int | None = None) -> torch.Tensor:
+        """(..., d) -> (..., n, d): what each of the first ``n`` heads (default all) hands to the LM head."""
+        return torch.stack([head(h) for head in self.heads[:n]], dim=-2)
 
-    def head_logits(self, lm_head: nn.Module, h: torch.Tensor, draft: bool = False) -> torch.Tensor:
-        """(..., K, V) logits of the heads (``draft``: over the drafting vocabulary)."""
-        feats = self.features(h.to(self.heads[0][0].linear.weight.dtype)).to(h.dtype)
+    def head_logits(self, lm_head: nn.Module, h: torch.Tensor, draft: bool = False, n: int | None = None
+                    ) -> torch.Tensor:
+        """(..., n, V) logits of the first ``n`` heads (default all; ``draft``: over the drafting vocabulary)."""
+        feats = self.features(h.to(self.heads[0][0].linear.weight.dtype), n).to(h.dtype)
         return self.draft_logits(lm_head, feats) if draft else lm_head(feats).float()
 
     @torch.no_grad()
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
-        logits = self.head_logits(self._runner.adapter.head(), hidden, draft=True)  # (B, K, V or |vocabulary|)
-        top = self.vocab_ids(logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices).cpu()
         choices = self.choices()
+        depth = max(len(c) for c in choices)  # heads below the tree's depth are not run
+        logits = self.head_logits(self._runner.adapter.head(), hidden, draft=True, n=depth)  # (B, depth, V')
+        top = self.vocab_ids(logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices).cpu()
         return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]
 
     def training_loss(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

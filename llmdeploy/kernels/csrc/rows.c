@@ -18,7 +18,16 @@
 #endif
 
 #define OB 4 /* outputs per block */
-#define RB 3 /* token rows per pass over a block (OB * RB accumulators) */
+/* token rows per pass over a block (OB * RB accumulators, RB inputs and one weight vector in
+ * registers): AVX-512VL gives 32 vector registers, so 6 rows (31 registers); AVX2 has 16, so 3. The
+ * rows of the first pass are computed while the block's weights stream in from memory, nearly for
+ * free; every further pass re-reads the block from L1 and costs its arithmetic (benchmarks/results/
+ * speed, "Few token rows"). */
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define RB 6
+#else
+#define RB 3
+#endif
 
 /* which SIMD path this build compiled: 256 (AVX2+FMA) or 0 (portable C) */
 int rows_simd(void) {
@@ -81,8 +90,16 @@ void linear_rows(const float *x, const float *w, const float *bias, float *out, 
         if (no == OB) {
             int64_t m0 = 0;
             for (; m0 + RB <= M; m0 += RB) block_rows(x, w, bias, out, m0, RB, K, N, o0);
-            if (M - m0 == 1) block_rows(x, w, bias, out, m0, 1, K, N, o0);
-            else if (M - m0 == 2) block_rows(x, w, bias, out, m0, 2, K, N, o0);
+            switch (M - m0) { /* the rest, with a constant row count so the loops unroll */
+            case 1: block_rows(x, w, bias, out, m0, 1, K, N, o0); break;
+            case 2: block_rows(x, w, bias, out, m0, 2, K, N, o0); break;
+#if RB > 3
+            case 3: block_rows(x, w, bias, out, m0, 3, K, N, o0); break;
+            case 4: block_rows(x, w, bias, out, m0, 4, K, N, o0); break;
+            case 5: block_rows(x, w, bias, out, m0, 5, K, N, o0); break;
+#endif
+            default: break;
+            }
             continue;
         }
 #endif
