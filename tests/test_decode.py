@@ -407,6 +407,9 @@ def test_medusa_runs_only_the_heads_its_tree_reaches(tiny):
     for b, tree in enumerate(trees):
         assert tree.tokens == [[5, 7][b], *(int(top[b, len(c) - 1, c[-1]]) for c in med.choices())]
     assert out.sequences == D.generate(model, None, PROMPTS, 6).sequences
+    med.set_tree([])  # no candidates: the root is verified alone, no head runs
+    ran.clear()
+    assert [t.tokens for t in med.propose([0, 1], [5, 7], h)] == [[5], [7]] and not ran
 
 
 def test_measured_accuracy_builds_the_tree(tiny):

@@ -77,7 +77,9 @@ class MedusaHeads(DraftVocabMixin, RankedTreeMixin, Drafter):
     @torch.no_grad()
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
         choices = self.choices()
-        depth = max(len(c) for c in choices)  # heads below the tree's depth are not run
+        depth = max((len(c) for c in choices), default=0)  # heads below the tree's depth are not run
+        if depth == 0:  # an empty tree: verify the root alone
+            return [TokenTree([int(r)], [-1]) for r in roots]
         logits = self.head_logits(self._runner.adapter.head(), hidden, draft=True, n=depth)  # (B, depth, V')
         top = self.vocab_ids(logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices).cpu()
         return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]

@@ -21,9 +21,8 @@
 /* token rows per pass over a block (OB * RB accumulators, RB inputs and one weight vector in
  * registers): AVX-512VL gives 32 vector registers, so 6 rows (31 registers); AVX2 has 16, so 3.
  * Each further pass re-reads the block from L1 and adds its loop and reductions, so fewer passes
- * make a 4-6 row tree cheaper (a smollm2 forward of 5 tree nodes took 47 ms with 6 rows per pass
- * against 55 ms with 3, one node 35 ms, same run); the rows' arithmetic itself is not free
- * (benchmarks/results/speed, "Few token rows"). */
+ * make a 4-6 row tree cheaper; the rows' arithmetic itself is not free (benchmarks/results/speed,
+ * "Few token rows", against one row). */
 #if defined(__AVX512F__) && defined(__AVX512VL__)
 #define RB 6
 #else
