@@ -252,9 +252,10 @@ def few_rows(rounds: int) -> dict:
         return {}
     fns = {"blas": F.linear, "rows": rows_kernel.linear_rows}
     if "avx2" in native.available_isas():  # the AVX2 build: 3 rows per pass (native AVX-512: 6)
-        with native.isa("avx2"):
-            avx2 = rows_kernel._fn("linear_rows")
-        fns["rows_avx2"] = lambda x, w: rows_kernel._call(avx2, x, w, None, x.shape[0])
+        def rows_avx2(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            with native.isa("avx2"):
+                return rows_kernel.linear_rows(x, w)
+        fns["rows_avx2"] = rows_avx2
     out = {}
     for label, (o, i) in ROW_SHAPES.items():
         weights = itertools.cycle([torch.randn(o, i) for _ in range(max(2, 2**26 // (o * i)))])
