@@ -19,7 +19,7 @@ format, then dense again…) so that machine noise hits every row alike; medians
   a static KV cache (compressed modules are opaque operators in it: ``llmdeploy.kernels.opaque``),
   in the same rounds; those ratios are against the compiled dense model;
 - **few rows** (``--part rows``): ``F.linear`` against the row kernel
-  (:func:`llmdeploy.kernels.rows.linear_rows`) for 1..16 token rows at smollm2's shapes — the cost
+  (:func:`llmdeploy.kernels.rows.linear_rows`) for 1..64 token rows at smollm2's shapes — the cost
   of verifying a tree of drafted tokens (BLAS's GEMM path for a few rows costs a multiple of one).
 
 Parts not measured in a run keep their earlier results in ``speed.json``.
@@ -234,12 +234,12 @@ def model(rounds: int, new_tokens: int, only: list[str] | None, compiled: bool =
 
 ROW_SHAPES = {"attention 576x576": (576, 576), "mlp up 1536x576": (1536, 576), "mlp down 576x1536": (576, 1536),
               "head 49152x576": (49152, 576)}
-ROW_COUNTS = (1, 2, 3, 4, 5, 6, 8, 16)
+ROW_COUNTS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 @torch.no_grad()
 def few_rows(rounds: int) -> dict:
-    """BLAS (``F.linear``) against :func:`llmdeploy.kernels.rows.linear_rows` for 1..16 token rows
+    """BLAS (``F.linear``) against :func:`llmdeploy.kernels.rows.linear_rows` for 1..64 token rows
     at smollm2-135m's shapes: what verifying a tree of that many nodes costs per linear. Each call
     takes the next of several weights (at least two, about 256 MiB in all), so weights stream from memory as in a
     model's forward rather than sitting in cache."""
@@ -272,6 +272,7 @@ def few_rows(rounds: int) -> dict:
         out[label] = {str(m): {"blas_ms": 1e3 * med["blas", m], "rows_ms": 1e3 * med["rows", m],
                                "x_blas": med["blas", m] / med["rows", m],
                                "blas_x_one_row": med["blas", m] / med["blas", 1],
+                               "rows_x_one_row": med["rows", m] / med["rows", 1],
                                **({"rows_avx2_ms": 1e3 * med["rows_avx2", m]} if "rows_avx2" in fns else {})}
                       for m in ROW_COUNTS}
         log.info("%s: %s", label, {m: round(v["x_blas"], 2) for m, v in out[label].items()})
@@ -341,13 +342,18 @@ def markdown(res: dict) -> str:
                   "every call on the next of several weights (at least two, about 256 MiB) so that they stream from memory.", "",
                   "Column \"AVX2 build\": the same kernel compiled without AVX-512 (16 vector registers: 3 token "
                   "rows per pass over a block of weights, against 6 in the native build), timed in the same rounds.", "",
-                  "| shape | rows | BLAS ms | BLAS / its 1 row | row kernel ms | x BLAS | AVX2 build ms |",
-                  "|---|---|---|---|---|---|---|"]
+                  "The engine sends up to `llmdeploy.kernels.rows.MAX_ROWS` rows to the row kernel; "
+                  "column \"row kernel / its 1 row\" is what verifying that many tree nodes costs per linear "
+                  "against decoding one token.", "",
+                  "| shape | rows | BLAS ms | BLAS / its 1 row | row kernel ms | row kernel / its 1 row | x BLAS "
+                  "| AVX2 build ms |",
+                  "|---|---|---|---|---|---|---|---|"]
         for shape, by_m in r0["shapes"].items():
             for m, r in by_m.items():
                 a = f"{r['rows_avx2_ms']:.3f}" if "rows_avx2_ms" in r else "—"
                 lines.append(f"| {shape} | {m} | {r['blas_ms']:.3f} | {r['blas_x_one_row']:.2f}x | "
-                             f"{r['rows_ms']:.3f} | {r['x_blas']:.2f}x | {a} |")
+                             f"{r['rows_ms']:.3f} | {r.get('rows_x_one_row', float('nan')):.2f}x | "
+                             f"{r['x_blas']:.2f}x | {a} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -206,7 +206,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
     drafter's own. ``eos_token_id`` (default: the tokenizer's) ends a row early.
 
     ``row_kernel``: the model's and the drafter's fp32 CPU ``nn.Linear`` layers compute inputs of
-    up to 16 token rows with :func:`llmdeploy.kernels.rows.linear_rows`, which reads each weight
+    up to :data:`llmdeploy.kernels.rows.MAX_ROWS` (48) token rows with :func:`llmdeploy.kernels.rows.linear_rows`, which reads each weight
     once (BLAS's GEMM path makes a tree of a few tokens cost several times one token) and computes
     every row exactly as it would alone (a node's projections do not depend on the tree around
     it). Off: plain ``F.linear`` everywhere.

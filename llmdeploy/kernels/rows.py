@@ -26,8 +26,10 @@ import torch.nn.functional as F
 
 from . import forced_reference, native
 
-#: inputs with more token rows than this go to BLAS (prefill)
-MAX_ROWS = 16
+#: inputs with more token rows than this go to BLAS (prefill). With weights streaming from memory
+#: the row kernel beats BLAS's GEMM up to about 48 rows on smollm2's shapes (``python -m
+#: benchmarks.speed --part rows``): a batch of 4 rows verifying trees of up to 11 nodes stays here.
+MAX_ROWS = 48
 #: the row limit of the innermost active :func:`few_row_linears` block (0: none), for :func:`linear`
 _ROUTING: contextvars.ContextVar[int] = contextvars.ContextVar("llmdeploy_row_routing", default=0)
 

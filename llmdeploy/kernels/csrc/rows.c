@@ -10,6 +10,12 @@
  * 8 FMA lanes over k in steps of 8, the lanes added pairwise, then the k % 8 tail — whatever M is
  * and whichever block it falls in, so a row's result does not depend on the other rows: a node of a
  * verified tree gets bit for bit the projections it gets when decoded alone.
+ *
+ * A decoder's weights do not fit in cache, so each block streams from DRAM. Without help the
+ * hardware prefetcher and the FMAs take turns: one row runs at memory speed, but six rows cost
+ * memory time plus arithmetic time. A software prefetch of the next block's rows into L2 overlaps
+ * the two, so that up to RB rows cost about what one row costs (benchmarks/results/speed,
+ * "Few token rows", cold weights).
  */
 #include <stdint.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -58,10 +64,14 @@ static inline __attribute__((always_inline)) void block_rows(const float *x, con
     __m256 acc[OB][RB];
     for (int o = 0; o < OB; o++)
         for (int r = 0; r < nr; r++) acc[o][r] = _mm256_setzero_ps();
+    /* the next block's weight rows (this thread's next block under the static schedule), fetched
+     * into L2 while this one computes; the last block prefetches itself */
+    const float *next = w + (o0 + 2 * OB <= N ? o0 + OB : o0) * K;
     for (int64_t k = 0; k < kv; k += 8) {
         __m256 xv[RB];
         for (int r = 0; r < nr; r++) xv[r] = _mm256_loadu_ps(x + (m0 + r) * K + k);
         for (int o = 0; o < OB; o++) {
+            _mm_prefetch((const char *)(next + o * K + k), _MM_HINT_T1);
             __m256 wv = _mm256_loadu_ps(w + (o0 + o) * K + k);
             for (int r = 0; r < nr; r++) acc[o][r] = _mm256_fmadd_ps(wv, xv[r], acc[o][r]);
         }
