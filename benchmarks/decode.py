@@ -6,9 +6,10 @@ verification engine, against plain greedy decoding of the same model in the same
 
 Stages (results in ``results/decode/decode.json``; delete a key to redo it):
 
-- ``data``: self-distillation data — 512 prompts of 32 tokens from the Shakespeare *train* split,
-  each continued by 96 greedy tokens of the model (training); 16 more prompts with another seed
-  (validation: per-rank accuracy, from which the trees are built). Cached under
+- ``data``: self-distillation data — chunks of 512 prompts of 32 tokens from the Shakespeare
+  *train* split (one seed each), each continued by 96 greedy tokens of the model (training: one
+  chunk, four for Medusa, see ``CHUNKS``); 16 more prompts with another seed (validation:
+  per-rank accuracy, from which the trees are built). Cached under
   ``results/decode/cache`` (not committed).
 - ``train``: Medusa (4 heads), ReDrafter (4 steps ahead) and hidden transfer (4 future positions
   at block 22 of 30) trained with the model frozen; steps, loss and seconds recorded; weights under
@@ -26,7 +27,7 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
   engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
   repeated ``--repeats`` times interleaved; medians, 2 threads. The engine computes the model's
-  linears for up to 16 token rows with the row kernel (``generate(row_kernel=True)``); rows marked
+  linears for up to ``llmdeploy.kernels.rows.MAX_ROWS`` token rows with the row kernel (``generate(row_kernel=True)``); rows marked
   ", BLAS linears" (plain decoding and the fastest method) decode with ``F.linear`` instead.
 
 Writes ``decode.json``, ``DECODE.md`` and ``decode.png`` (accepted length against tree size).
@@ -48,6 +49,7 @@ import llmdeploy
 from llmdeploy import decode as D
 from llmdeploy.data import calibration
 from llmdeploy.eval.perplexity import test_windows
+from llmdeploy.kernels.rows import MAX_ROWS
 from llmdeploy.prune import ShortGPT
 
 RESULTS = Path(__file__).resolve().parent / "results" / "decode"
@@ -56,18 +58,23 @@ NEW = 64
 log = logging.getLogger("benchmarks.decode")
 
 TRAIN = {  # drafter -> (constructor, training options)
-    "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 2000, "batch": 4, "anchors_per_seq": 16}),
+    "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 4000, "batch": 4, "anchors_per_seq": 16}),
     "redrafter": (lambda m: D.ReDrafter.for_model(m, beam_width=4, beam_length=4),
                   {"steps": 1000, "batch": 4, "anchors_per_seq": 16}),
     "hidden_transfer": (lambda m: D.HiddenTransfer.for_model(m, layer=22, n_future=4, topk=8),
                         {"steps": 400, "batch": 1, "anchors_per_seq": 24}),
+}
+CHUNKS = {  # drafter -> seeds of the 512-sequence self-distillation chunks it trains on (default: the first)
+    # Medusa's heads overfit 512 sequences (top-1 of head 1: 0.64 on training sequences, 0.42 held
+    # out), so they train on four chunks, 2048 sequences.
+    "medusa": (0, 2, 3, 4),
 }
 SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), beams, draft lengths
     "medusa": [2, 4, 8, 16, 32],
     "hidden_transfer": [2, 4, 8, 16, 32],
     "hidden_transfer main": [4, 8, 16, 32],
     "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (8, 3), (16, 3)],
-    "medusa fr8k": [2, 4, 5, 8, 16],
+    "medusa fr8k": [2, 4, 5, 8, 11, 16, 32],
     "redrafter fr8k": [(1, 2), (1, 4), (4, 2)],
     "draft shortgpt-15": [1, 2, 3, 4],
     "draft shortgpt-20": [1, 2, 3, 4],
@@ -101,19 +108,31 @@ def _drafter(name: str, model, cfg, drafts: dict):
     return d
 
 
-def stage_data(res, model, tok, save) -> tuple[D.SelfDistillData, D.SelfDistillData]:
+def stage_data(res, model, tok, save, methods=METHODS) -> tuple[dict[int, D.SelfDistillData], D.SelfDistillData]:
+    """The self-distillation chunks the drafters of ``methods`` train on (by seed; each cached), and
+    the validation sequences."""
     cache = RESULTS / "cache"
-    t0 = time.perf_counter()
-    train = D.self_distill_data(model, tok, n=512, prompt_len=32, new_tokens=96, seed=0, batch=32, cache_dir=cache)
+    seeds = sorted({0, *(s for m in methods for s in CHUNKS.get(m, (0,)))})
+    chunks = {}
+    for seed in seeds:
+        t0 = time.perf_counter()
+        chunks[seed] = D.self_distill_data(model, tok, n=512, prompt_len=32, new_tokens=96, seed=seed, batch=32,
+                                           cache_dir=cache)
+        if seed == 0 and "data" not in res:
+            res["data"] = {"train": list(chunks[0].tokens.shape), "prompt_len": 32,
+                           "corpus": "shakespeare (train split)", "seconds": time.perf_counter() - t0}
     val = D.self_distill_data(model, tok, n=16, prompt_len=32, new_tokens=96, seed=1, cache_dir=cache)
-    if "data" not in res:
-        res["data"] = {"train": list(train.tokens.shape), "validation": list(val.tokens.shape), "prompt_len": 32,
-                       "corpus": "shakespeare (train split)", "seconds": time.perf_counter() - t0}
-        save()
-    return train, val
+    res["data"]["validation"] = list(val.tokens.shape)
+    save()
+    return chunks, val
 
 
-def stage_train(res, model, train, val, save, methods=METHODS) -> None:
+def training_data(name: str, chunks: dict[int, D.SelfDistillData]) -> D.SelfDistillData:
+    parts = [chunks[s] for s in CHUNKS.get(name, (0,))]
+    return D.SelfDistillData(torch.cat([p.tokens for p in parts]), parts[0].prompt_len)
+
+
+def stage_train(res, model, chunks, val, save, methods=METHODS) -> None:
     rows = res.setdefault("train", {})
     for name, (make, opts) in TRAIN.items():
         if name not in methods:
@@ -122,8 +141,10 @@ def stage_train(res, model, train, val, save, methods=METHODS) -> None:
         if name in rows and (folder / "drafter.json").exists():
             continue
         drafter = make(model)
+        train = training_data(name, chunks)
         rep = D.train_drafter(drafter, model, train, lr=1e-3, checkpoint_dir=RESULTS / "checkpoints" / name, **opts)
-        row = {**opts, "loss_first": sum(rep.history[:20]) / 20, "loss_last": sum(rep.history[-20:]) / 20,
+        row = {**opts, "sequences": len(train.tokens), "loss_first": sum(rep.history[:20]) / 20,
+               "loss_last": sum(rep.history[-20:]) / 20,
                "seconds": rep.seconds, "resumed_at": rep.resumed_at,
                "parameters": sum(p.numel() for p in drafter.parameters())}
         if name != "redrafter":
@@ -224,11 +245,12 @@ def markdown(res: dict) -> str:
            "trained on the model's own continuations of Shakespeare train-split prompts. Tokens/step = accepted "
            "drafts + 1 per verification forward (plain decoding: 1.0). Generated by `python -m benchmarks.decode`.", ""]
     if "train" in res:
-        out += ["## Training", "", "| drafter | parameters | steps | loss first → last (means of 20 steps) | "
-                "top-1 accuracy per future position | seconds |", "|---|---|---|---|---|---|"]
+        out += ["## Training", "", "Top-1 accuracy on the validation sequences (held out from training).", "",
+                "| drafter | parameters | training sequences | steps | loss first → last (means of 20 steps) | "
+                "top-1 accuracy per future position | seconds |", "|---|---|---|---|---|---|---|"]
         for name, r in res["train"].items():
             acc = ", ".join(f"{a:.2f}" for a in r.get("top1_accuracy", [])) or "—"
-            out.append(f"| {name} | {r['parameters']:,} | {r['steps']} | {r['loss_first']:.3f} → "
+            out.append(f"| {name} | {r['parameters']:,} | {r.get('sequences', 512)} | {r['steps']} | {r['loss_first']:.3f} → "
                        f"{r['loss_last']:.3f} | {acc} | {r['seconds']:.0f} |")
         out.append("")
     if "sweep" in res:
@@ -248,11 +270,12 @@ def markdown(res: dict) -> str:
                 for b in ("1", "4")}
         out += ["## Wall clock (medians of {} interleaved repeats)".format(res["timing"]["repeats"]), "",
                 "Speed-up against the faster of the two plain decoders in the same run. This engine computes the "
-                "model's linears for up to 16 token rows with `llmdeploy.kernels.rows` (each weight read once); "
+                f"model's linears for up to {MAX_ROWS} token rows with `llmdeploy.kernels.rows` (each weight read once, "
+                "the next block of weights prefetched while one computes); "
                 "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead."
                 + ("" if set(res["timing"].get("methods", METHODS)) == set(METHODS) else
                    f" Timed on {res['timing']['date']}: {', '.join(res['timing']['methods'])} only (`--methods`); "
-                   "the sweep rows of the other methods were measured earlier, when the engine had no row kernel."),
+                   "the sweep rows of the other methods were measured earlier, with an older engine (no row kernel)."),
                 "", "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
         for key, r in rows.items():
             out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
@@ -329,12 +352,12 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = llmdeploy.load(MODEL)
     model.eval()
-    train, val = stage_data(res, model, tok, save)
+    chunks, val = stage_data(res, model, tok, save, args.methods)
     if "train" in args.stage:
-        stage_train(res, model, train, val, save, args.methods)
+        stage_train(res, model, chunks, val, save, args.methods)
     prompts = test_windows(tok, "shakespeare", 32, 8).tolist()
     drafts = make_drafts(model, tok) if {"sweep", "timing"} & set(args.stage) and "draft" in args.methods else {}
-    drafts["vocab"] = D.frequent_tokens(train.tokens, DRAFT_VOCAB, model.config.vocab_size)
+    drafts["vocab"] = D.frequent_tokens(chunks[0].tokens, DRAFT_VOCAB, model.config.vocab_size)
     plain = D.generate(model, None, prompts, NEW).sequences
     if "sweep" in args.stage:
         stage_sweep(res, model, prompts, drafts, plain, save, args.methods)

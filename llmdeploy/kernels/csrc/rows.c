@@ -56,10 +56,15 @@ static float dot_portable(const float *a, const float *b, int64_t K) {
 }
 
 #ifdef ROWS_AVX2
-/* rows m0 .. m0 + nr - 1 of one full block of OB outputs (nr <= RB; a constant where inlined) */
+/* rows m0 .. m0 + nw - 1 of one full block of OB outputs, computed as nr >= nw rows (nr <= RB; a
+ * constant where inlined): rows past nw repeat row m0 + nw - 1 and are not written. A pass of RB
+ * rows compiles to a tighter loop than one of 3..5 (at 5 the compiler reloads the inputs from L1
+ * at every FMA), so a 3..5-row rest is padded to RB: it costs what RB rows cost, less than 5 did. */
 static inline __attribute__((always_inline)) void block_rows(const float *x, const float *w, const float *bias,
-                                                             float *out, int64_t m0, int nr, int64_t K, int64_t N,
-                                                             int64_t o0) {
+                                                             float *out, int64_t m0, int nr, int nw, int64_t K,
+                                                             int64_t N, int64_t o0) {
+    const float *xp[RB];
+    for (int r = 0; r < nr; r++) xp[r] = x + (m0 + (r < nw ? r : nw - 1)) * K;
     int64_t kv = K & ~(int64_t)7;
     __m256 acc[OB][RB];
     for (int o = 0; o < OB; o++)
@@ -69,14 +74,14 @@ static inline __attribute__((always_inline)) void block_rows(const float *x, con
     const float *next = w + (o0 + 2 * OB <= N ? o0 + OB : o0) * K;
     for (int64_t k = 0; k < kv; k += 8) {
         __m256 xv[RB];
-        for (int r = 0; r < nr; r++) xv[r] = _mm256_loadu_ps(x + (m0 + r) * K + k);
+        for (int r = 0; r < nr; r++) xv[r] = _mm256_loadu_ps(xp[r] + k);
         for (int o = 0; o < OB; o++) {
             _mm_prefetch((const char *)(next + o * K + k), _MM_HINT_T1);
             __m256 wv = _mm256_loadu_ps(w + (o0 + o) * K + k);
             for (int r = 0; r < nr; r++) acc[o][r] = _mm256_fmadd_ps(wv, xv[r], acc[o][r]);
         }
     }
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < nw; r++)
         for (int o = 0; o < OB; o++) {
             /* lanes added as the portable path does: ((0+4) + (2+6)) + ((1+5) + (3+7)) */
             __m128 lo = _mm256_castps256_ps128(acc[o][r]), hi = _mm256_extractf128_ps(acc[o][r], 1);
@@ -99,14 +104,14 @@ void linear_rows(const float *x, const float *w, const float *bias, float *out, 
 #ifdef ROWS_AVX2
         if (no == OB) {
             int64_t m0 = 0;
-            for (; m0 + RB <= M; m0 += RB) block_rows(x, w, bias, out, m0, RB, K, N, o0);
+            for (; m0 + RB <= M; m0 += RB) block_rows(x, w, bias, out, m0, RB, RB, K, N, o0);
             switch (M - m0) { /* the rest, with a constant row count so the loops unroll */
-            case 1: block_rows(x, w, bias, out, m0, 1, K, N, o0); break;
-            case 2: block_rows(x, w, bias, out, m0, 2, K, N, o0); break;
+            case 1: block_rows(x, w, bias, out, m0, 1, 1, K, N, o0); break;
+            case 2: block_rows(x, w, bias, out, m0, 2, 2, K, N, o0); break;
 #if RB > 3
-            case 3: block_rows(x, w, bias, out, m0, 3, K, N, o0); break;
-            case 4: block_rows(x, w, bias, out, m0, 4, K, N, o0); break;
-            case 5: block_rows(x, w, bias, out, m0, 5, K, N, o0); break;
+            case 3: block_rows(x, w, bias, out, m0, RB, 3, K, N, o0); break;
+            case 4: block_rows(x, w, bias, out, m0, RB, 4, K, N, o0); break;
+            case 5: block_rows(x, w, bias, out, m0, RB, 5, K, N, o0); break;
 #endif
             default: break;
             }
