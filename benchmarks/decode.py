@@ -7,8 +7,8 @@ verification engine, against plain greedy decoding of the same model in the same
 Stages (results in ``results/decode/decode.json``; delete a key to redo it):
 
 - ``data``: self-distillation data — chunks of 512 prompts of 32 tokens from the Shakespeare
-  *train* split (one seed each), each continued by 96 greedy tokens of the model (training: one
-  chunk, four for Medusa, see ``CHUNKS``); 16 more prompts with another seed (validation:
+  *train* split (one seed each), each continued by 96 greedy tokens of the model (training: four
+  chunks, 2048 sequences, see ``CHUNKS``); 16 more prompts with another seed (validation:
   per-rank accuracy, from which the trees are built). Cached under
   ``results/decode/cache`` (not committed).
 - ``train``: Medusa (4 heads), ReDrafter (4 steps ahead) and hidden transfer (4 future positions
@@ -21,7 +21,7 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
   drafts + 1), candidates verified and positions per forward (hidden transfer adds its pseudo
   positions: under every node, or with ``main`` under the first-ranked chain only), per method and
   tree size; every output is checked equal to plain greedy decoding. Rows ``fr8k``: the same
-  drafter drafting from the 8192 most frequent tokens of its training data (FR-Spec's drafting
+  drafter drafting from the 8192 most frequent tokens of the first 512 training sequences (FR-Spec's drafting
   vocabulary: a sixth of the LM-head rows read per drafting pass).
 - ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
@@ -64,13 +64,11 @@ TRAIN = {  # drafter -> (constructor, training options)
     "hidden_transfer": (lambda m: D.HiddenTransfer.for_model(m, layer=22, n_future=4, topk=8),
                         {"steps": 400, "batch": 1, "anchors_per_seq": 24}),
 }
-CHUNKS = {  # drafter -> seeds of the 512-sequence self-distillation chunks it trains on (default: the first)
-    # Medusa's heads overfit 512 sequences (top-1 of head 1: 0.64 on training sequences, 0.42 held
-    # out), so they train on four chunks, 2048 sequences.
-    "medusa": (0, 2, 3, 4),
-}
+# Seeds of the 512-sequence self-distillation chunks every drafter trains on: Medusa's heads overfit
+# one chunk (top-1 of head 1: 0.64 on training sequences, 0.42 held out), so all train on four.
+CHUNKS = (0, 2, 3, 4)
 SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), beams, draft lengths
-    "medusa": [2, 4, 8, 16, 32],
+    "medusa": [2, 4, 8, 16, 32, 48, 64],  # 64: the size of the reference's default Medusa tree (63 nodes)
     "hidden_transfer": [2, 4, 8, 16, 32],
     "hidden_transfer main": [4, 8, 16, 32],
     "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (8, 3), (16, 3)],
@@ -108,11 +106,11 @@ def _drafter(name: str, model, cfg, drafts: dict):
     return d
 
 
-def stage_data(res, model, tok, save, methods=METHODS) -> tuple[dict[int, D.SelfDistillData], D.SelfDistillData]:
+def stage_data(res, model, tok, save) -> tuple[dict[int, D.SelfDistillData], D.SelfDistillData]:
     """The self-distillation chunks the drafters of ``methods`` train on (by seed; each cached), and
     the validation sequences."""
     cache = RESULTS / "cache"
-    seeds = sorted({0, *(s for m in methods for s in CHUNKS.get(m, (0,)))})
+    seeds = sorted(CHUNKS)
     chunks = {}
     for seed in seeds:
         t0 = time.perf_counter()
@@ -127,8 +125,8 @@ def stage_data(res, model, tok, save, methods=METHODS) -> tuple[dict[int, D.Self
     return chunks, val
 
 
-def training_data(name: str, chunks: dict[int, D.SelfDistillData]) -> D.SelfDistillData:
-    parts = [chunks[s] for s in CHUNKS.get(name, (0,))]
+def training_data(chunks: dict[int, D.SelfDistillData]) -> D.SelfDistillData:
+    parts = [chunks[s] for s in CHUNKS]
     return D.SelfDistillData(torch.cat([p.tokens for p in parts]), parts[0].prompt_len)
 
 
@@ -141,7 +139,7 @@ def stage_train(res, model, chunks, val, save, methods=METHODS) -> None:
         if name in rows and (folder / "drafter.json").exists():
             continue
         drafter = make(model)
-        train = training_data(name, chunks)
+        train = training_data(chunks)
         rep = D.train_drafter(drafter, model, train, lr=1e-3, checkpoint_dir=RESULTS / "checkpoints" / name, **opts)
         row = {**opts, "sequences": len(train.tokens), "loss_first": sum(rep.history[:20]) / 20,
                "loss_last": sum(rep.history[-20:]) / 20,
@@ -352,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tok = llmdeploy.load(MODEL)
     model.eval()
-    chunks, val = stage_data(res, model, tok, save, args.methods)
+    chunks, val = stage_data(res, model, tok, save)
     if "train" in args.stage:
         stage_train(res, model, chunks, val, save, args.methods)
     prompts = test_windows(tok, "shakespeare", 32, 8).tolist()
