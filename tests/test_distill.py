@@ -347,6 +347,11 @@ def test_readme_quotes_the_distill_benchmark():
             if f"{start} + {label}, corrected teacher" in rec:
                 v = rec[f"{start} + {label}, corrected teacher"]["ppl"]
                 assert f"{words} {v:.2f} ({(s - v) / (s - dense):.1%})" in readme
+        if f"{start} + KD + CE, fine-tuned teacher" in rec:
+            v = rec[f"{start} + KD + CE, fine-tuned teacher"]["ppl"]
+            assert f"{start} {v:.2f} ({(s - v) / (s - dense):.1%}) against {ce:.2f} ({(s - ce) / (s - dense):.1%})" \
+                in readme
+            assert f"perplexity {rec['fine-tuned teacher']['ppl']:.2f}" in readme
         quoted += 1
         ce32, skew32 = rec.get(f"{start} + CE (32 steps)"), rec.get(f"{start} + skew KD + CE, corrected teacher (32 steps)")
         if ce32 and skew32:
