@@ -13,7 +13,9 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
   ``results/decode/cache`` (not committed).
 - ``train``: Medusa (4 heads), ReDrafter (4 steps ahead) and hidden transfer (4 future positions
   at block 22 of 30) trained with the model frozen; steps, loss and seconds recorded; weights under
-  ``results/decode/drafters`` (not committed; ``load_drafter`` reads them).
+  ``results/decode/drafters`` (not committed; ``load_drafter`` reads them). A drafter trained anew
+  has its sweep rows redone; the rows the timing table used stay, under ``sweep_timed``, until the
+  next timing run.
 - ``drafts``: self-speculation drafts — ShortGPT copies of the model with 15 and 20 of 30 blocks
   removed (Block Influence on 16 calibration windows).
 - ``sweep``: held-out prompts (the first 8 windows of 32 tokens of the Shakespeare *test* split,
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import statistics
@@ -60,7 +63,7 @@ log = logging.getLogger("benchmarks.decode")
 TRAIN = {  # drafter -> (constructor, training options)
     "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 4000, "batch": 4, "anchors_per_seq": 16}),
     "redrafter": (lambda m: D.ReDrafter.for_model(m, beam_width=4, beam_length=4),
-                  {"steps": 1000, "batch": 4, "anchors_per_seq": 16}),
+                  {"steps": 4000, "batch": 4, "anchors_per_seq": 16}),  # Medusa's steps
     "hidden_transfer": (lambda m: D.HiddenTransfer.for_model(m, layer=22, n_future=4, topk=8),
                         {"steps": 400, "batch": 1, "anchors_per_seq": 24}),
 }
@@ -149,10 +152,35 @@ def stage_train(res, model, chunks, val, save, methods=METHODS) -> None:
             acc = D.measure_accuracy(drafter, model, val)
             row["top1_accuracy"] = acc[:, 0].tolist()
             row["top8_accuracy"] = acc.sum(1).tolist()
+        row["weights_sha256"] = hashlib.sha256(b"".join(
+            v.detach().cpu().contiguous().numpy().tobytes() for v in drafter.state_dict().values())).hexdigest()[:16]
         drafter.save(folder)
+        if not _same_drafter(rows.get(name), row):  # training is deterministic: a rerun gives the same drafter
+            _retire_sweep(res, name)
         rows[name] = row
         log.info("%s trained: %s", name, row)
         save()
+
+
+SAME = ("steps", "batch", "anchors_per_seq", "sequences", "loss_first", "loss_last", "top1_accuracy",
+        "top8_accuracy", "weights_sha256")
+
+
+def _same_drafter(old: dict | None, new: dict) -> bool:
+    """Whether a retraining reproduced the drafter of ``old`` exactly: the same options and loss
+    history means (full precision), accuracies and, where both have it, the same weights hash."""
+    return old is not None and all(old.get(k) == new.get(k) for k in SAME if k in old and k in new) \
+        and all(k in old for k in ("loss_first", "loss_last"))
+
+
+def _retire_sweep(res: dict, name: str) -> None:
+    """Drafter ``name`` was (re)trained: its sweep rows are redone; those the timing table used
+    move to ``sweep_timed`` (the timing stays that of the earlier drafter until re-timed)."""
+    timed = res.get("timing", {}).get("rows", {})
+    for key in [k for k, r in res.get("sweep", {}).items() if family(r["method"]) == name]:
+        row = res["sweep"].pop(key)
+        if key in timed:
+            res.setdefault("sweep_timed", {}).setdefault(key, row)
 
 
 def make_drafts(model, tok) -> dict:
@@ -211,6 +239,9 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHOD
             fastest + BLAS: res["sweep"][fastest]}
     times: dict[str, dict[str, list[float]]] = {k: {"1": [], "4": []} for k in runs}
 
+    # each drafter loaded once, outside the timed loops (its per-generation state is reset by begin())
+    drafters = {k: None if r is None else _drafter(r["method"], model, r["config"], drafts) for k, r in runs.items()}
+
     def once(key, batch) -> float:
         groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
         t0 = time.perf_counter()
@@ -219,8 +250,7 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHOD
                 model.generate(torch.tensor(g), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
                                pad_token_id=0)
             else:
-                d = None if runs[key] is None else _drafter(runs[key]["method"], model, runs[key]["config"], drafts)
-                D.generate(model, None, g, NEW, drafter=d, row_kernel=not key.endswith(BLAS))
+                D.generate(model, None, g, NEW, drafter=drafters[key], row_kernel=not key.endswith(BLAS))
         return len(prompts) * NEW / (time.perf_counter() - t0)
 
     for key in runs:  # warm-up
@@ -233,8 +263,17 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHOD
     for key, t in times.items():
         out[key] = {f"tok_s_b{b}": statistics.median(v) for b, v in t.items()}
         out[key].update({f"all_b{b}": v for b, v in t.items()})
-    res["timing"] = {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d")}
+    res.pop("sweep_timed", None)  # every timed row is now of the current drafters
+    res["timing"] = {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d"),
+                     "trained_steps": {n: r["steps"] for n, r in res.get("train", {}).items()}}
     save()
+
+
+def _sweep_line(r: dict) -> str:
+    cfg = r["config"]
+    cfg = f"{cfg[0]} beams x {cfg[1]}" if isinstance(cfg, (list, tuple)) else cfg
+    return (f"| {r['method']} | {cfg} | {r['tree']:.1f} | {r.get('positions', 0):.1f} | {r['tokens_per_step']:.3f} | "
+            f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
 
 
 def markdown(res: dict) -> str:
@@ -255,12 +294,15 @@ def markdown(res: dict) -> str:
         out += ["## Accepted length against tree size (batch 1)", "",
                 "| method | configuration | candidates verified / step | positions per forward | tokens / step | "
                 "output = plain greedy |", "|---|---|---|---|---|---|"]
-        for r in res["sweep"].values():
-            cfg = r["config"]
-            cfg = f"{cfg[0]} beams x {cfg[1]}" if isinstance(cfg, (list, tuple)) else cfg
-            out.append(f"| {r['method']} | {cfg} | {r['tree']:.1f} | {r.get('positions', 0):.1f} | "
-                       f"{r['tokens_per_step']:.3f} | "
-                       f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
+        out += [_sweep_line(r) for r in res["sweep"].values()]
+        out.append("")
+    if res.get("sweep_timed"):
+        out += ["## Sweep rows of the timed drafters retrained since", "",
+                "The timing below ran with these drafters (their training then: "
+                + ", ".join(f"{n} {s} steps" for n, s in res["timing"].get("trained_steps", {}).items()) + ").", "",
+                "| method | configuration | candidates verified / step | positions per forward | tokens / step | "
+                "output = plain greedy |", "|---|---|---|---|---|---|"]
+        out += [_sweep_line(r) for r in res["sweep_timed"].values()]
         out.append("")
     if "timing" in res:
         rows = res["timing"]["rows"]
@@ -273,7 +315,11 @@ def markdown(res: dict) -> str:
                 "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead."
                 + ("" if set(res["timing"].get("methods", METHODS)) == set(METHODS) else
                    f" Timed on {res['timing']['date']}: {', '.join(res['timing']['methods'])} only (`--methods`); "
-                   "the sweep rows of the other methods were measured earlier, with an older engine (no row kernel)."),
+                   "the sweep rows of the other methods were measured earlier, with an older engine (no row kernel).")
+                + "".join(f" The {n} rows were timed with its {s}-step training; the sweep's {n} rows are of its "
+                          f"{res['train'][n]['steps']}-step retraining."
+                          for n, s in res["timing"].get("trained_steps", {}).items()
+                          if n in res.get("train", {}) and res["train"][n]["steps"] != s),
                 "", "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
         for key, r in rows.items():
             out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
@@ -285,11 +331,13 @@ def markdown(res: dict) -> str:
 def readme_paragraph(res: dict) -> str:
     """The README's sentence on this benchmark, built from ``decode.json`` (tests check the README
     quotes it)."""
-    sweep, rows = res["sweep"], res["timing"]["rows"]
-    best = _best(res, res["timing"].get("methods", METHODS))
+    rows = res["timing"]["rows"]
+    sweep = {**res["sweep"], **res.get("sweep_timed", {})}  # a timed drafter's own sweep rows
     parts = []
-    for method, key in best.items():
-        r, t = sweep[key], rows[key]
+    for key, t in rows.items():
+        if key.startswith(("plain", "hf generate")) or key.endswith(BLAS):
+            continue
+        method, r = sweep[key]["method"], sweep[key]
         cfg = r["config"]
         cfg = f"{cfg[0]} beams x {cfg[1]}" if isinstance(cfg, (list, tuple)) else f"{cfg}"
         parts.append(f"{method} ({cfg}): {r['tokens_per_step']:.2f} tokens per step with "

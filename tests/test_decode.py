@@ -543,3 +543,29 @@ def test_readme_quotes_the_decode_benchmark():
         assert f"Medusa with a {fr[0].split()[-1]}-node tree" in readme
         assert (f"is {m / rows['plain']['tok_s_b1']:.2f}x plain decoding at batch 1 "
                 f"({m / rows['hf generate']['tok_s_b1']:.2f}x transformers' generate)") in readme
+
+
+def test_decode_benchmark_redoes_the_sweep_of_a_retrained_drafter_and_keeps_what_was_timed():
+    """A drafter trained anew loses its sweep rows (they are redone); the rows the timing table
+    used move to ``sweep_timed``, which the README sentence quotes until the next timing run."""
+    from benchmarks.decode import _retire_sweep, markdown, readme_paragraph
+
+    def row(method, cfg, tps):
+        return {"method": method, "config": cfg, "tokens_per_step": tps, "tree": 2.0, "positions": 3.0,
+                "identical_to_greedy": True, "generate_seconds": 1.0}
+
+    timing = {"tok_s_b1": 10.0, "tok_s_b4": 20.0}
+    res = {"meta": {"new_tokens": 64},
+           "train": {"redrafter": {"steps": 4000, "parameters": 1, "loss_first": 2.0, "loss_last": 1.0, "seconds": 1.0}},
+           "sweep": {"medusa 2": row("medusa", 2, 1.5), "redrafter (1, 2)": row("redrafter", [1, 2], 1.4),
+                     "redrafter (4, 2)": row("redrafter", [4, 2], 1.6)},
+           "timing": {"repeats": 3, "rows": {"hf generate": timing, "plain": timing, "medusa 2": timing,
+                                             "redrafter (1, 2)": timing},
+                      "trained_steps": {"medusa": 4000, "redrafter": 1000}}}
+    _retire_sweep(res, "redrafter")
+    assert set(res["sweep"]) == {"medusa 2"}
+    assert set(res["sweep_timed"]) == {"redrafter (1, 2)"}
+    assert "redrafter (1 beams x 2): 1.40 tokens per step" in readme_paragraph(res)
+    text = markdown(res)
+    assert "The redrafter rows were timed with its 1000-step training" in text
+    assert "retrained since" in text
