@@ -263,6 +263,11 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHOD
     for key, t in times.items():
         out[key] = {f"tok_s_b{b}": statistics.median(v) for b, v in t.items()}
         out[key].update({f"all_b{b}": v for b, v in t.items()})
+    old = res.get("timing")
+    if old and not set(old.get("methods", METHODS)) <= set(methods):  # keep the last timing of the others
+        res["timing_earlier"] = {**old, "sweep_timed": res.get("sweep_timed", {})}
+    elif set(methods) >= set(res.get("timing_earlier", {}).get("methods", ())):
+        res.pop("timing_earlier", None)
     res.pop("sweep_timed", None)  # every timed row is now of the current drafters
     res["timing"] = {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d"),
                      "trained_steps": {n: r["steps"] for n, r in res.get("train", {}).items()}}
@@ -274,6 +279,31 @@ def _sweep_line(r: dict) -> str:
     cfg = f"{cfg[0]} beams x {cfg[1]}" if isinstance(cfg, (list, tuple)) else cfg
     return (f"| {r['method']} | {cfg} | {r['tree']:.1f} | {r.get('positions', 0):.1f} | {r['tokens_per_step']:.3f} | "
             f"{'yes' if r['identical_to_greedy'] else 'NO'} |")
+
+
+def _timing_section(res: dict, timing: dict, title: str) -> list[str]:
+    rows = timing["rows"]
+    base = {b: max(r[f"tok_s_b{b}"] for k, r in rows.items() if k.startswith(("hf generate", "plain")))
+            for b in ("1", "4")}
+    out = [f"## {title} (medians of {timing['repeats']} interleaved repeats)", "",
+           "Speed-up against the faster of the two plain decoders in the same run. This engine computes the "
+           f"model's linears for up to {MAX_ROWS} token rows with `llmdeploy.kernels.rows` (each weight read once, "
+           "the next block of weights prefetched while one computes); "
+           "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead."
+           + ("" if set(timing.get("methods", METHODS)) == set(METHODS) else
+              f" Timed on {timing['date']}: {', '.join(timing['methods'])} only (`--methods`).")
+           + " Drafters' training steps then: " + ", ".join(f"{n} {s}" for n, s in timing.get("trained_steps", {}).items())
+           + "."
+           + "".join(f" The {n} rows were timed with its {s}-step training; the sweep's {n} rows are of its "
+                     f"{res['train'][n]['steps']}-step retraining."
+                     for n, s in timing.get("trained_steps", {}).items()
+                     if n in res.get("train", {}) and res["train"][n]["steps"] != s),
+           "", "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
+    for key, r in rows.items():
+        out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
+                   f"{r['tok_s_b4'] / base['4']:.2f}x |")
+    out.append("")
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -305,26 +335,17 @@ def markdown(res: dict) -> str:
         out += [_sweep_line(r) for r in res["sweep_timed"].values()]
         out.append("")
     if "timing" in res:
-        rows = res["timing"]["rows"]
-        base = {b: max(r[f"tok_s_b{b}"] for k, r in rows.items() if k.startswith(("hf generate", "plain")))
-                for b in ("1", "4")}
-        out += ["## Wall clock (medians of {} interleaved repeats)".format(res["timing"]["repeats"]), "",
-                "Speed-up against the faster of the two plain decoders in the same run. This engine computes the "
-                f"model's linears for up to {MAX_ROWS} token rows with `llmdeploy.kernels.rows` (each weight read once, "
-                "the next block of weights prefetched while one computes); "
-                "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead."
-                + ("" if set(res["timing"].get("methods", METHODS)) == set(METHODS) else
-                   f" Timed on {res['timing']['date']}: {', '.join(res['timing']['methods'])} only (`--methods`); "
-                   "the sweep rows of the other methods were measured earlier, with an older engine (no row kernel).")
-                + "".join(f" The {n} rows were timed with its {s}-step training; the sweep's {n} rows are of its "
-                          f"{res['train'][n]['steps']}-step retraining."
-                          for n, s in res["timing"].get("trained_steps", {}).items()
-                          if n in res.get("train", {}) and res["train"][n]["steps"] != s),
-                "", "| decoder | tok/s batch 1 | speed-up | tok/s batch 4 | speed-up |", "|---|---|---|---|---|"]
-        for key, r in rows.items():
-            out.append(f"| {key} | {r['tok_s_b1']:.1f} | {r['tok_s_b1'] / base['1']:.2f}x | {r['tok_s_b4']:.1f} | "
-                       f"{r['tok_s_b4'] / base['4']:.2f}x |")
-        out.append("")
+        out += _timing_section(res, res["timing"], "Wall clock")
+    if "timing_earlier" in res:
+        early = res["timing_earlier"]
+        out += _timing_section(res, early, f"Earlier wall clock, {early['date']}: the last run that timed "
+                               + ", ".join(sorted(set(early.get("methods", METHODS)) - set(res["timing"]["methods"]))))
+        if early.get("sweep_timed"):
+            out += ["Sweep rows of that run's drafters retrained since:", "",
+                    "| method | configuration | candidates verified / step | positions per forward | tokens / step | "
+                    "output = plain greedy |", "|---|---|---|---|---|---|"]
+            out += [_sweep_line(r) for r in early["sweep_timed"].values()]
+            out.append("")
     return "\n".join(out)
 
 

@@ -537,12 +537,18 @@ def test_readme_quotes_the_decode_benchmark():
     plain = max(rows[k]["tok_s_b1"] for k in baselines)
     if "no drafter trained here beats plain decoding" in readme:
         assert all(r["tok_s_b1"] < plain for k, r in rows.items() if k not in baselines)
-    fr = [k for k in rows if k.startswith("medusa fr8k") and not k.endswith("BLAS linears")]
-    if fr and "x plain decoding at batch 1" in readme:
-        m = rows[fr[0]]["tok_s_b1"]
-        assert f"Medusa with a {fr[0].split()[-1]}-node tree" in readme
-        assert (f"is {m / rows['plain']['tok_s_b1']:.2f}x plain decoding at batch 1 "
-                f"({m / rows['hf generate']['tok_s_b1']:.2f}x transformers' generate)") in readme
+    fastest = max((k for k in rows if k not in baselines), key=lambda k: rows[k]["tok_s_b1"])
+    assert f"{rows[fastest]['tok_s_b1'] / rows['plain']['tok_s_b1']:.2f}x plain decoding at batch 1" in readme
+    for timing in (res["timing"], res.get("timing_earlier")):  # Medusa's sentence: its latest timing run
+        fr = [k for k in (timing or {}).get("rows", {})
+              if k.startswith("medusa fr8k") and not k.endswith("BLAS linears")]
+        if fr:
+            t = timing["rows"]
+            m = t[fr[0]]["tok_s_b1"]
+            assert f"Medusa with a {fr[0].split()[-1]}-node tree" in readme
+            assert (f"{m / t['plain']['tok_s_b1']:.2f}x plain decoding at batch 1 "
+                    f"({m / t['hf generate']['tok_s_b1']:.2f}x transformers' generate)") in readme
+            break
 
 
 def test_decode_benchmark_redoes_the_sweep_of_a_retrained_drafter_and_keeps_what_was_timed():
