@@ -110,8 +110,8 @@ def _drafter(name: str, model, cfg, drafts: dict):
 
 
 def stage_data(res, model, tok, save) -> tuple[dict[int, D.SelfDistillData], D.SelfDistillData]:
-    """The self-distillation chunks the drafters of ``methods`` train on (by seed; each cached), and
-    the validation sequences."""
+    """The self-distillation chunks every drafter trains on (by seed; each cached), and the
+    validation sequences."""
     cache = RESULTS / "cache"
     seeds = sorted(CHUNKS)
     chunks = {}
