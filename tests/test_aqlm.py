@@ -124,6 +124,7 @@ def test_cpu_prefill_decodes_the_reference_weight(cfg):
     """Many tokens on CPU: the weight decoded in C (bit for bit the reference's up to 4 codebooks), one matmul."""
     if not aqlm_cpu.c_available():
         pytest.skip("no C compiler here")
+    torch.manual_seed(0)
     m = random_layer(*cfg, out_f=46)
     x = torch.randn(2, 20, 64)  # 40 tokens: above the matrix-vector kernel's limit
     with torch.no_grad():
@@ -134,7 +135,9 @@ def test_cpu_prefill_decodes_the_reference_weight(cfg):
                 torch.testing.assert_close(aqlm_cpu.dequantize_c(m), m.dequantize(), atol=1e-6, rtol=1e-6)
         auto = m(x)
         ref = m.forward_reference(x)
-    torch.testing.assert_close(auto, ref, atol=1e-5, rtol=1e-5)
+    # 8 codebooks: the weight's last-bit differences (other summation order) add up over 64 inputs
+    tol = 1e-5 if m.num_codebooks <= 4 else 1e-4
+    torch.testing.assert_close(auto, ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("cfg", [(2, 8), (1, 16)])
