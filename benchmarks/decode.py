@@ -76,7 +76,7 @@ SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), bea
     "hidden_transfer main": [4, 8, 16, 32],
     "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (8, 3), (16, 3)],
     "medusa fr8k": [2, 4, 5, 8, 11, 16, 32],
-    "redrafter fr8k": [(1, 2), (1, 4), (4, 2)],
+    "redrafter fr8k": [(1, 2), (1, 4), (4, 2), (2, 2), (2, 3), (3, 2), (3, 3)],
     "draft shortgpt-15": [1, 2, 3, 4],
     "draft shortgpt-20": [1, 2, 3, 4],
 }

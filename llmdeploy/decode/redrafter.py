@@ -91,14 +91,15 @@ class ReDrafter(DraftVocabMixin, Drafter):
         seqs = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
         score = torch.zeros(B, 1, device=dev)
         rows = torch.arange(B, device=dev)[:, None]
-        for _ in range(self.beam_length):
+        for step in range(self.beam_length):
             n = score.shape[1]
             logp = torch.log_softmax(self.logits(lm_head, h.repeat_interleave(n, 0), s, draft=True), dim=-1)
             total = (score[..., None] + logp.view(B, n, -1)).flatten(1)  # (B, n * V)
             score, flat = total.topk(min(W, total.shape[1]), dim=1)
             parent, tok = flat // logp.shape[1], self.vocab_ids(flat % logp.shape[1])
             seqs = torch.cat([seqs[rows, parent], tok[..., None]], dim=2)
-            s = self.step(s.view(B, n, -1)[rows, parent].flatten(0, 1), embed(tok.flatten()).to(h.dtype))
+            if step + 1 < self.beam_length:  # the last tokens need no recurrent state
+                s = self.step(s.view(B, n, -1)[rows, parent].flatten(0, 1), embed(tok.flatten()).to(h.dtype))
         return [TokenTree.from_paths(root, seqs[b].tolist()) for b, root in enumerate(roots)]
 
     def _sampled(self, lm_head, embed, h: torch.Tensor, root: int) -> TokenTree:
@@ -114,7 +115,8 @@ class ReDrafter(DraftVocabMixin, Drafter):
             for i in range(W):
                 dists.setdefault(tuple(seqs[i]), q[i])
                 seqs[i].append(int(tok[i]))
-            s = self.step(s, embed(tok.to(dev)).to(h.dtype))
+            if len(seqs[0]) < self.beam_length:
+                s = self.step(s, embed(tok.to(dev)).to(h.dtype))
         tree = TokenTree.from_paths(root, seqs)
         # the distribution each node's children were drawn from, by the node's path
         prefix: dict[int, tuple[int, ...]] = {0: ()}
