@@ -52,7 +52,7 @@ def available() -> bool:
 
 
 def simd() -> int:
-    """The path of the current build: 256 (AVX2+FMA), 0 (portable C), -1 (none built)."""
+    """The path of the current build: 512 (AVX-512), 256 (AVX2+FMA), 0 (portable C), -1 (none built)."""
     fn = _fn("rows_simd")
     return -1 if fn is None else fn()
 
