@@ -24,7 +24,9 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
   positions: under every node, or with ``main`` under the first-ranked chain only), per method and
   tree size; every output is checked equal to plain greedy decoding. Rows ``fr8k``: the same
   drafter drafting from the 8192 most frequent tokens of the first 512 training sequences (FR-Spec's drafting
-  vocabulary: a sixth of the LM-head rows read per drafting pass).
+  vocabulary: a sixth of the LM-head rows read per drafting pass). Rows ``int8``: that drafter with
+  its linears and its drafting-vocabulary head stored as int8 RTN codes (``Drafter.quantize(8, 64)``,
+  the library's quantized kernels), a quarter of the bytes read per drafting pass.
 - ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
   engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
@@ -77,6 +79,7 @@ SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), bea
     "redrafter": [(1, 2), (1, 4), (2, 4), (4, 4), (8, 4), (4, 2), (8, 2), (16, 2), (8, 3), (16, 3)],
     "medusa fr8k": [2, 4, 5, 8, 11, 16, 32],
     "redrafter fr8k": [(1, 2), (1, 4), (4, 2), (2, 2), (2, 3), (3, 2), (3, 3)],
+    "redrafter fr8k int8": [(1, 4), (2, 2), (3, 2), (4, 2)],  # the same drafter, quantized (Drafter.quantize)
     "draft shortgpt-15": [1, 2, 3, 4],
     "draft shortgpt-20": [1, 2, 3, 4],
 }
@@ -94,15 +97,20 @@ DRAFT_VOCAB = 8192  # "fr8k": drafting from the 8192 most frequent tokens of the
 
 
 def _drafter(name: str, model, cfg, drafts: dict):
+    """The drafter a swept name describes: its family's trained drafter, "fr8k" drafting from the
+    frequent-token vocabulary, "int8" with its linears and that vocabulary's head as int8 codes
+    (``Drafter.quantize``), "main" (hidden transfer) with pseudo positions under the first-ranked chain."""
     if name.startswith("draft "):
         return D.DraftModel(drafts[name[6:]], n_draft=cfg)
-    d = D.load_drafter(RESULTS / "drafters" / name.split()[0])
-    if name.endswith(" fr8k"):
+    kind, *options = name.split()
+    d = D.load_drafter(RESULTS / "drafters" / kind)
+    if "fr8k" in options:
         d.set_draft_vocab(drafts["vocab"])
-        name = name.split()[0]
-    if name == "hidden_transfer main":  # pseudo positions only under the first-ranked chain
+    if "int8" in options:
+        d.quantize(8, 64)
+    if "main" in options:
         d.pseudo_on = "main"
-    if name == "redrafter":
+    if kind == "redrafter":
         d.beam_width, d.beam_length = cfg
     else:
         d.set_tree(cfg)

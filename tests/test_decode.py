@@ -289,6 +289,65 @@ def test_drafting_vocabulary_drafts_only_its_tokens_and_stays_lossless(tiny, tmp
                           for q in tree.q.values())
 
 
+@pytest.mark.parametrize("kind", ["medusa", "redrafter"])
+def test_quantized_drafter_drafts_from_codes_and_stays_lossless(tiny, kind):
+    """Drafter.quantize: every linear of the drafter and its drafting-vocabulary head become RTN
+    codes; at 8 bits its draft logits stay within 2% of the float drafter's largest logit; greedy
+    output stays plain greedy decoding's at batch 1 and 3; the quantized cut of the head is kept
+    across generations until the head's weight changes; what cannot be done says so."""
+    from llmdeploy.quant.rtn import RTNLinear
+
+    model, _ = tiny
+    V, H = model.config.vocab_size, model.config.hidden_size
+    d = random_drafters(model)[kind]
+    d.set_draft_vocab(torch.arange(0, V, 2))
+    n_linear = sum(type(m) is torch.nn.Linear for m in d.modules())
+    q = copy.deepcopy(d).quantize(8, 32)
+    assert q.quantized == (8, 32) and n_linear > 0
+    assert not any(type(m) is torch.nn.Linear for m in q.modules())
+    assert sum(isinstance(m, RTNLinear) for m in q.modules()) == n_linear
+    runner = Runner(model, 3)
+    head = runner.adapter.head()
+    h = torch.randn(3, H, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for drafter in (d, q):
+            drafter.begin(runner, PROMPTS)
+        if kind == "medusa":
+            ref, got = (x.head_logits(head, h, draft=True) for x in (d, q))
+        else:
+            s = torch.randn(3, d.embed_dim, generator=torch.Generator().manual_seed(1))
+            ref, got = (x.logits(head, h, s, draft=True) for x in (d, q))
+    assert isinstance(q._sub_head, RTNLinear) and got.shape == ref.shape
+    assert 0 < float((got - ref).abs().max()) <= 0.02 * float(ref.abs().max())
+    for prompts in (PROMPTS[:1], PROMPTS):
+        assert D.generate(model, None, prompts, 10, drafter=q, eos_token_id=None).sequences == \
+            hf_greedy(model, prompts, 10)
+    cut = q._sub_head
+    D.generate(model, None, PROMPTS[:1], 4, drafter=q, eos_token_id=None)
+    assert q._sub_head is cut  # not cut and quantized again per generation
+    with torch.no_grad():
+        head.weight.mul_(1.0)  # an in-place change of the head (same values): cut again
+    D.generate(model, None, PROMPTS[:1], 4, drafter=q, eos_token_id=None)
+    assert q._sub_head is not cut
+    with pytest.raises(ConfigError, match="save it before quantizing"):
+        q.save("/nonexistent")
+    with pytest.raises(ConfigError, match="already quantized"):
+        q.quantize()
+    with pytest.raises(ConfigError, match="group_size"):
+        copy.deepcopy(d).quantize(8, 7)
+    with pytest.raises(ConfigError, match="bits"):
+        copy.deepcopy(d).quantize(5)
+
+
+def test_drafters_that_cannot_be_quantized_say_so(tiny):
+    model, _ = tiny
+    drafters = random_drafters(model)
+    with pytest.raises(ConfigError, match="no nn.Linear"):
+        drafters["hidden_transfer"].quantize()
+    with pytest.raises(ConfigError, match="compress that model"):
+        drafters["draft_model"].quantize()
+
+
 def test_typical_acceptance_takes_the_longest_plausible_path():
     tree = D.TokenTree([0, 1, 2, 3], [-1, 0, 0, 2])
     probs = torch.full((4, 4), 0.01)

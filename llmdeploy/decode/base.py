@@ -88,10 +88,58 @@ class Drafter(nn.Module):
         at the node that predicted it."""
         raise NotImplementedError
 
+    # --- compression -------------------------------------------------------------------------
+    #: ``(bits, group_size)`` once :meth:`quantize` ran, else None
+    quantized: tuple[int, int] | None = None
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the drafter computes in: its first floating parameter's (float32 once
+        quantized: the quantized kernels take float32 inputs)."""
+        if self.quantized is not None:
+            return torch.float32
+        return next((p.dtype for p in self.parameters() if p.is_floating_point()), torch.float32)
+
+    def quantize(self, bits: int = 8, group_size: int = 64) -> Drafter:
+        """Store this drafter's linears — and the cut of the LM head it drafts from, when it drafts
+        from a vocabulary subset (:meth:`DraftVocabMixin.set_draft_vocab`) — as weight-only RTN codes
+        (:class:`~llmdeploy.quant.rtn.RTNLinear`: ``bits`` bits, asymmetric groups of
+        ``group_size`` inputs) computed by the library's quantized CPU kernels, so that drafting,
+        which reads the drafter's weights at every drafting pass, reads a quarter (int8) or an
+        eighth (int4) of the bytes. The model still verifies every candidate: greedy output stays
+        plain greedy decoding's and rejection sampling stays exact (it uses the quantized drafter's
+        own distribution); only the proposals, and so acceptance, can change. For inference after
+        training: a quantized drafter is neither saved (save it first, quantize after
+        :func:`load_drafter`) nor trained. Returns ``self``."""
+        # the only user of quant here: not imported before it is asked for
+        from ..quant.rtn import RTNLinear
+
+        if self.quantized is not None:
+            raise ConfigError(f"this drafter is already quantized ({self.quantized[0]} bits); quantize a freshly "
+                              "loaded one for other settings")
+        if bits not in (2, 3, 4, 8) or group_size < 1:
+            raise ConfigError(f"quantize() takes bits in (2, 3, 4, 8) and group_size >= 1, got {bits} and {group_size}")
+        targets = [(parent, name, child) for parent in self.modules() for name, child in parent.named_children()
+                   if type(child) is nn.Linear]
+        if not targets:
+            raise ConfigError(f"{type(self).__name__} has no nn.Linear layers to quantize")
+        for _parent, _name, child in targets:
+            if child.in_features % group_size:
+                raise ConfigError(f"quantize(): a linear of this drafter takes {child.in_features} inputs, not a "
+                                  f"multiple of group_size={group_size}; pick a group size that divides it")
+        for parent, name, child in targets:
+            setattr(parent, name, RTNLinear.from_linear(child, bits, group_size, symmetric=False).eval())
+        self.quantized = (bits, group_size)
+        if hasattr(self, "_sub_head"):
+            self._sub_head = None  # cut (and quantized) again on first use
+        return self
+
     # --- save / load --------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
         """Write ``drafter.json`` (kind and config) and ``drafter.safetensors`` into ``path``
         (e.g. the model's own checkpoint folder), each atomically."""
+        if self.quantized is not None:
+            raise ConfigError("this drafter was quantized (quantize()); save it before quantizing and quantize "
+                              "again after load_drafter()")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
@@ -149,7 +197,10 @@ class DraftVocabMixin:
         super().begin(runner, prompts, **kw)
         head = runner.adapter.head()
         self._vocab_size = getattr(head, "out_features", None) or head.weight.shape[0]
-        self._sub_head = None  # cut again from this runner's head on first use
+        weight = head._parameters.get("weight")  # None for a compressed head (its .weight decodes)
+        key = (id(head), None if weight is None else (weight.data_ptr(), weight._version))
+        if key != getattr(self, "_sub_key", None):  # another head, or its weight changed: cut again on first use
+            self._sub_head, self._sub_key = None, key
 
     def set_draft_vocab(self, ids: torch.Tensor | Sequence[int] | None) -> None:
         """Draft from these token ids only (None: the whole vocabulary)."""
@@ -176,7 +227,17 @@ class DraftVocabMixin:
                               f"model's {w.shape[0]}")
         bias = getattr(head, "bias", None)
         ids = self.draft_vocab.to(w.device)
-        self._sub_head = (w.detach()[ids].contiguous(), None if bias is None else bias.detach()[ids])
+        w, b = w.detach()[ids].contiguous(), None if bias is None else bias.detach()[ids]
+        if self.quantized is not None:  # the cut stored as codes too (Drafter.quantize)
+            from ..quant.rtn import RTNLinear
+
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+            lin.weight = nn.Parameter(w, requires_grad=False)
+            if b is not None:
+                lin.bias = nn.Parameter(b, requires_grad=False)
+            self._sub_head = RTNLinear.from_linear(lin, *self.quantized, symmetric=False).eval()
+            return
+        self._sub_head = (w, b)
 
     def draft_logits(self, head: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Float logits of ``x`` (..., d) over the drafting vocabulary (..., |subset| or V)."""
@@ -184,6 +245,8 @@ class DraftVocabMixin:
             return head(x).float()
         if self._sub_head is None:
             self._cut_head(head)
+        if isinstance(self._sub_head, nn.Module):
+            return self._sub_head(x.float()).float()
         w, b = self._sub_head
         return rows.linear(x.to(w.dtype), w, b).float()  # the row kernel when generate() routes linears
 

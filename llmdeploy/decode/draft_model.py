@@ -44,6 +44,10 @@ class DraftModel(Drafter):
     def save(self, path) -> None:
         raise ConfigError("a DraftModel is a model: save it with llmdeploy.save(draft, path) and wrap it again")
 
+    def quantize(self, bits: int = 8, group_size: int = 64) -> DraftModel:
+        raise ConfigError("a DraftModel drafts with a whole model: compress that model (e.g. llmdeploy.quant.RTN) "
+                          "and wrap it again")
+
     continuous = False  # its own cache is prefilled with all prompts in begin()
 
     def begin(self, runner, prompts=None, *, temperature=0.0, top_p=1.0, generator=None) -> None:

@@ -71,7 +71,7 @@ class MedusaHeads(DraftVocabMixin, RankedTreeMixin, Drafter):
     def head_logits(self, lm_head: nn.Module, h: torch.Tensor, draft: bool = False, n: int | None = None
                     ) -> torch.Tensor:
         """(..., n, V) logits of the first ``n`` heads (default all; ``draft``: over the drafting vocabulary)."""
-        feats = self.features(h.to(self.heads[0][0].linear.weight.dtype), n).to(h.dtype)
+        feats = self.features(h.to(self.compute_dtype()), n).to(h.dtype)
         return self.draft_logits(lm_head, feats) if draft else lm_head(feats).float()
 
     @torch.no_grad()

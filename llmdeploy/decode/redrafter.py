@@ -77,7 +77,7 @@ class ReDrafter(DraftVocabMixin, Drafter):
     def propose(self, keys: Sequence, roots: Sequence[int], hidden: torch.Tensor) -> list[TokenTree]:
         lm_head = self._runner.adapter.head()
         embed = self._runner.model.get_input_embeddings()
-        h = hidden.to(self.W.weight.dtype)
+        h = hidden.to(self.compute_dtype())
         if self._temperature > 0:
             return [self._sampled(lm_head, embed, h[b], root) for b, root in enumerate(roots)]
         return self._beams(lm_head, embed, h, roots)
@@ -136,7 +136,7 @@ class ReDrafter(DraftVocabMixin, Drafter):
     def future_logits(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
                       inputs: torch.Tensor) -> torch.Tensor:
         """(N, n, V): the drafter's prediction after each teacher-forced prefix of ``inputs``."""
-        h = hidden.to(self.W.weight.dtype)
+        h = hidden.to(self.compute_dtype())
         s = torch.zeros(len(h), self.embed_dim, device=h.device, dtype=h.dtype)
         out = []
         for t in range(inputs.shape[1]):
