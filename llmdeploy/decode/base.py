@@ -182,7 +182,7 @@ class DraftVocabMixin:
     A drafter that scores tokens with the model's LM head reads the whole head (vocabulary x width)
     at every drafting pass — on SmolLM2 a 49,152 x 576 matrix, as many bytes as a fifth of the
     model. With ``set_draft_vocab(ids)`` drafting scores only the rows ``ids`` (their sub-matrix is
-    cut once per generation, in :meth:`begin`), so drafts come from that subset; verification still
+    cut on first use and kept while the model's head stays the same object with the same weight), so drafts come from that subset; verification still
     uses the full head, so greedy output is unchanged and rejection sampling stays exact (the
     drafter's distribution is zero outside the subset). Training always uses the full vocabulary.
     """
