@@ -271,15 +271,25 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHOD
     for key, t in times.items():
         out[key] = {f"tok_s_b{b}": statistics.median(v) for b, v in t.items()}
         out[key].update({f"all_b{b}": v for b, v in t.items()})
-    old = res.get("timing")
-    if old and not set(old.get("methods", METHODS)) <= set(methods):  # keep the last timing of the others
-        res["timing_earlier"] = {**old, "sweep_timed": res.get("sweep_timed", {})}
-    elif set(methods) >= set(res.get("timing_earlier", {}).get("methods", ())):
-        res.pop("timing_earlier", None)
-    res.pop("sweep_timed", None)  # every timed row is now of the current drafters
-    res["timing"] = {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d"),
-                     "trained_steps": {n: r["steps"] for n, r in res.get("train", {}).items()}}
+    _replace_timing(res, {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d"),
+                          "trained_steps": {n: r["steps"] for n, r in res.get("train", {}).items()}})
     save()
+
+
+def _replace_timing(res: dict, new: dict) -> None:
+    """Make ``new`` the timing table. The one it replaces is kept: under ``timing_earlier`` when it
+    timed methods this run did not (their last timing), else appended to ``timing_history`` (the
+    same methods timed again: how much a ratio moves between runs on one machine)."""
+    old, methods = res.get("timing"), set(new["methods"])
+    if old and not set(old.get("methods", METHODS)) <= methods:  # keep the last timing of the others
+        res["timing_earlier"] = {**old, "sweep_timed": res.get("sweep_timed", {})}
+    else:
+        if old:
+            res.setdefault("timing_history", []).append(old)
+        if methods >= set(res.get("timing_earlier", {}).get("methods", ())):
+            res.pop("timing_earlier", None)
+    res.pop("sweep_timed", None)  # every timed row is now of the current drafters
+    res["timing"] = new
 
 
 def _sweep_line(r: dict) -> str:
@@ -344,6 +354,8 @@ def markdown(res: dict) -> str:
         out.append("")
     if "timing" in res:
         out += _timing_section(res, res["timing"], "Wall clock")
+    for past in reversed(res.get("timing_history", [])):
+        out += _timing_section(res, past, f"Wall clock of an earlier run of the same methods, {past['date']}")
     if "timing_earlier" in res:
         early = res["timing_earlier"]
         out += _timing_section(res, early, f"Earlier wall clock, {early['date']}: the last run that timed "

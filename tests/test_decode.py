@@ -634,3 +634,38 @@ def test_decode_benchmark_redoes_the_sweep_of_a_retrained_drafter_and_keeps_what
     text = markdown(res)
     assert "The redrafter rows were timed with its 1000-step training" in text
     assert "retrained since" in text
+
+
+def test_decode_benchmark_keeps_the_timing_it_replaces():
+    """Re-timing the same methods appends the replaced table to ``timing_history`` (shown in
+    DECODE.md); a run of fewer methods keeps the others' last table under ``timing_earlier``; and
+    every earlier run the README quotes is in decode.json."""
+    import json
+    from pathlib import Path
+
+    from benchmarks.decode import _replace_timing, markdown
+
+    def timing(methods, rate, date):
+        r = {"tok_s_b1": rate, "tok_s_b4": rate}
+        return {"repeats": 3, "methods": methods, "date": date, "trained_steps": {},
+                "rows": {"hf generate": {"tok_s_b1": 10.0, "tok_s_b4": 10.0}, "plain": {"tok_s_b1": 10.0, "tok_s_b4": 10.0},
+                         f"{methods[0]} 2": r}}
+
+    res = {"timing": timing(["medusa", "redrafter"], 12.0, "d1")}
+    _replace_timing(res, timing(["redrafter"], 13.0, "d2"))
+    assert res["timing_earlier"]["date"] == "d1" and "timing_history" not in res
+    _replace_timing(res, timing(["redrafter"], 14.0, "d3"))
+    assert [t["date"] for t in res["timing_history"]] == ["d2"] and res["timing_earlier"]["date"] == "d1"
+    _replace_timing(res, timing(["medusa", "redrafter"], 15.0, "d4"))
+    assert [t["date"] for t in res["timing_history"]] == ["d2", "d3"] and "timing_earlier" not in res
+    res.update({"meta": {"new_tokens": 64}, "sweep": {}})
+    text = markdown(res)
+    assert "earlier run of the same methods, d3" in text and "1.40x" in text  # d3's 14 against 10
+
+    root = Path(__file__).resolve().parent.parent
+    res = json.loads((root / "benchmarks/results/decode/decode.json").read_text())
+    readme = " ".join((root / "README.md").read_text().split())
+    quoted = {(k, f"{r['tok_s_b1'] / max(v['tok_s_b1'] for n, v in t['rows'].items() if n.startswith(('plain', 'hf'))):.2f}x")
+              for t in res.get("timing_history", []) for k, r in t["rows"].items()
+              if k.startswith("redrafter fr8k (") and not k.endswith("BLAS linears")}
+    assert quoted and all(x in readme for _, x in quoted)
