@@ -1,6 +1,7 @@
 """llmdeploy.decode: tree verification is lossless for every drafter, the tree layout and the
 compacted cache are right, and rejection sampling draws from the model's distribution."""
 
+import contextlib
 import copy
 
 import pytest
@@ -123,6 +124,44 @@ def test_greedy_output_equals_plain_greedy_for_every_drafter(tiny, batch):
         out = D.generate(model, None, prompts, 18, drafter=drafter)
         assert out.sequences == ref, name
         assert out.stats.mean_tree > 0, name
+
+
+def test_folded_gqa_attention_equals_attention_over_repeated_keys(tiny):
+    """Tree forwards of a grouped-query model attend with the query heads of a group folded into
+    rows (no per-head copy of the cache): the same output as transformers' SDPA over repeated keys,
+    for a tree mask with masked-out cache slots; one query, or no mask, goes to transformers."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llmdeploy.decode.attention import ATTN_IMPLEMENTATION, folded_gqa, folded_gqa_attention
+
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.num_key_value_groups = 3
+    B, Hk, T, L, Dh = 2, 2, 5, 19, 8
+    q, k, v = torch.randn(B, Hk * 3, T, Dh), torch.randn(B, Hk, L, Dh), torch.randn(B, Hk, L, Dh)
+    allowed = torch.rand(B, 1, T, L) > 0.4
+    allowed[..., -T:] = torch.eye(T, dtype=torch.bool)  # every node sees itself
+    for mask in (allowed, torch.zeros(B, 1, T, L).masked_fill(~allowed, float("-inf")), None):
+        ref, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+        out, _ = folded_gqa_attention(module, q, k, v, mask, scaling=0.3)
+        assert out.shape == (B, T, Hk * 3, Dh)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    one, _ = folded_gqa_attention(module, q[:, :, :1], k, v, allowed[:, :, :1], scaling=0.3)
+    torch.testing.assert_close(one, sdpa_attention_forward(module, q[:, :, :1], k, v, allowed[:, :, :1], scaling=0.3)[0])
+
+    model, _ = tiny
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # the tiny Llama is GQA
+    trees = [D.TokenTree([5, 6, 7, 8, 9], [-1, 0, 0, 1, 1]), D.TokenTree([3, 4, 40, 41, 42], [-1, 0, 1, 0, 3])]
+    outs = []
+    for fold in (False, True):
+        runner = Runner(model, 2)
+        runner.forward([D.TokenTree.chain(p) for p in PROMPTS[:2]])
+        runner.cache.commit([range(len(p)) for p in PROMPTS[:2]])
+        with folded_gqa(model) if fold else contextlib.nullcontext():
+            assert model.config._attn_implementation == (ATTN_IMPLEMENTATION if fold else "sdpa")
+            outs.append(runner.forward(trees)[0])
+        assert model.config._attn_implementation == "sdpa"  # restored
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
 
 
 def test_draft_model_equal_to_the_model_accepts_everything(tiny):

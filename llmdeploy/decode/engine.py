@@ -38,6 +38,7 @@ from ..errors import ConfigError
 from ..kernels.rows import few_row_linears
 from ..kv.engine import cache_kwarg
 from ..models import get_adapter
+from .attention import folded_gqa
 from .cache import TreeCache
 from .tree import TokenTree, tree_inputs
 
@@ -210,6 +211,10 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
     once (BLAS's GEMM path makes a tree of a few tokens cost several times one token) and computes
     every row exactly as it would alone (a node's projections do not depend on the tree around
     it). Off: plain ``F.linear`` everywhere.
+
+    Models attending with transformers' ``"sdpa"`` attend through
+    :func:`llmdeploy.decode.attention.folded_gqa` meanwhile: a grouped-query model's tree forwards
+    read the cache's key/value heads in place instead of a copy per query head (same numbers).
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -226,6 +231,7 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
             raise ConfigError(f"acceptance must be 'typical' or 'rejection', got {mode!r}")
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
     with contextlib.ExitStack() as stack:
+        stack.enter_context(folded_gqa(model, *(drafter.networks() if drafter is not None else [])))
         if row_kernel:
             for m in [model, *(drafter.networks() if drafter is not None else [])]:
                 stack.enter_context(few_row_linears(m))
