@@ -4,8 +4,8 @@ transformers' SDPA attention expands the keys and values of a grouped-query (GQA
 copy per query head (``repeat_kv``) whenever a forward has more than one query and a mask (its
 GQA flag of SDPA is used only without a mask), so every verification of a token tree copies the
 whole KV cache ``n_rep`` times in every layer (SmolLM2-135M: 3 copies of 3 heads, 30 layers).
-Measured on CPU only (a 5-node tree forward of SmolLM2-135M: 0.98x the time at batch 1, 0.94x at
-batch 4); on a GPU it is untimed. One query already avoids it (transformers folds the query heads of a group into rows).
+Measured on CPU only (``python -m benchmarks.gqa_fold``: a 5-node tree forward of SmolLM2-135M,
+results/decode/GQA_FOLD.md); on a GPU it is untimed. One query already avoids it (transformers folds the query heads of a group into rows).
 :func:`folded_gqa` does the same for any number of queries: the ``n_rep`` query heads that share a
 key/value head become ``n_rep * T`` rows of one head, the mask is repeated for them, and one SDPA
 call per key/value head gives exactly the same numbers as attention over repeated keys (each row
