@@ -230,10 +230,11 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[str | Sequence
         if mode not in ("typical", "rejection"):
             raise ConfigError(f"acceptance must be 'typical' or 'rejection', got {mode!r}")
     gen = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    networks = [model, *(drafter.networks() if drafter is not None else [])]
     with contextlib.ExitStack() as stack:
-        stack.enter_context(folded_gqa(model, *(drafter.networks() if drafter is not None else [])))
+        stack.enter_context(folded_gqa(*networks))
         if row_kernel:
-            for m in [model, *(drafter.networks() if drafter is not None else [])]:
+            for m in networks:
                 stack.enter_context(few_row_linears(m))
         return _generate(model, tokenizer, ids, max_new_tokens, drafter, mode, temperature, top_p, gen, stops,
                          typical_epsilon, typical_delta)
