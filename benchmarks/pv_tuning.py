@@ -21,7 +21,10 @@ unbounded (rows without the suffix: every row measured before the option existed
 ``--max-code-change F [F ...]`` runs PV once per fraction F of code groups it may re-encode per step
 (default 0.01, the library's default; other values name their rows ``base+pv/mccF…``): the subspace
 restriction only distinguishes PV from STE when it binds, i.e. below the fraction the trust ratio
-already lets change. Rows already in
+already lets change. ``--code-lr F [F ...]`` runs STE and PV once per V-step learning rate (default
+1e-2, the library's; other values name their rows ``base+mode/lrF…``): the classic unbounded
+straight-through baseline (``--trust-ratio 0``) diverges at 1e-2, so it is compared at its own
+tuned rate. Rows already in
 ``pv_tuning.json`` are kept (delete it to re-run). Writes ``results/pv_tuning/pv_tuning.json``,
 ``PV_TUNING.md`` and ``pv_tuning.png``.
 """
@@ -50,6 +53,7 @@ MODEL = "smollm2-135m"
 MODES = ("p_only", "ste", "pv")
 STEPS = 20  # the table's comparison of modes at equal steps
 MAX_CODE_CHANGE = 0.01  # PVTuning's default
+CODE_LR = 1e-2  # PVTuning's default
 BASES = {  # as benchmarks/methods.py registers them (32 calibration windows)
     "gptq-w2": lambda: GPTQ(bits=2, group_size=64),
     "gptq-w3": lambda: GPTQ(bits=3, group_size=64),
@@ -99,6 +103,9 @@ def markdown(res: dict) -> str:
     if any("/mcc" in name for name in res["rows"]):
         lines[2] += (" Rows `…/mccF` ran PV with `max_code_change` F instead of 1e-2: at most that fraction of code "
                      "groups re-encoded per step (the subspace restriction binding below what the trust ratio lets change).")
+    if any("/lr" in name for name in res["rows"]):
+        lines[2] += (" Rows `…/lrF` ran the V step's Adam at learning rate F instead of 1e-2 (the straight-through "
+                     "baseline tuned at its own rate).")
     if any("@" in name for name in res["rows"]):
         lines[2] += " Rows `base+mode@Nsteps` train for N steps (same windows, continuing the seeded order)."
     lines[2] += (" Base build: a hash of the base model's weights (\"first\": the first build, not recorded). The "
@@ -153,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="code_trust_ratio of the runs that change codes (0: unbounded)")
     p.add_argument("--max-code-change", type=float, nargs="+", default=[MAX_CODE_CHANGE],
                    help="PV's max_code_change; one PV run per value")
+    p.add_argument("--code-lr", type=float, nargs="+", default=[CODE_LR],
+                   help="the V step's learning rate of STE and PV runs; one run per value")
     p.add_argument("--windows", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=5)
@@ -184,12 +193,14 @@ def main(argv: list[str] | None = None) -> int:
             res["rows"][name] = {"ppl": ppl, "seconds": seconds, "base_build": build}
             log.info("%s: ppl %.3f", name, ppl)
             save()
-        runs = [(mode, mcc) for mode in args.modes
-                for mcc in (args.max_code_change if mode == "pv" else [MAX_CODE_CHANGE])]
-        for mode, mcc in runs:
+        runs = [(mode, mcc, lr) for mode in args.modes
+                for mcc in (args.max_code_change if mode == "pv" else [MAX_CODE_CHANGE])
+                for lr in (args.code_lr if mode != "p_only" else [CODE_LR])]  # P-only has no V step
+        for mode, mcc, lr in runs:
             trust = args.trust_ratio or None
             name = (f"{base}+{mode}" + ("" if args.steps == STEPS else f"@{args.steps}steps")
                     + ("" if mcc == MAX_CODE_CHANGE else f"/mcc{mcc:g}")
+                    + ("" if lr == CODE_LR else f"/lr{lr:g}")
                     + ("" if trust is None or mode == "p_only" else f"/trust{trust:g}"))  # P-only changes no code
             if name in res["rows"] and res["rows"][name].get("base_build") != build:
                 name = f"{name} (build {build})"  # the same mode from another build of the base
@@ -197,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             student = copy.deepcopy(model)
             pv = PVTuning(mode=mode, steps=args.steps, batch_size=args.batch, microbatch_size=2, beam_size=args.beam,
-                          max_code_change=mcc, code_trust_ratio=trust, teacher_model=dense, eval_windows=held_out, eval_every=args.eval_every)
+                          max_code_change=mcc, code_lr=lr, code_trust_ratio=trust, teacher_model=dense, eval_windows=held_out, eval_every=args.eval_every)
             student = pv(student, calib)
             r = pv.report_
             ppl = perplexity(student, tok, "shakespeare", seq_len=512, max_windows=args.windows).ppl
@@ -205,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                                  "eval_ppl": r.eval_ppl, "code_change": r.code_change,
                                  "beam": args.beam if base.startswith("aqlm") else None, "steps": args.steps,
                                  "base_build": build, "trust": trust,
-                                 "max_code_change": mcc if mode == "pv" else None}
+                                 "max_code_change": mcc if mode == "pv" else None,
+                                 "code_lr": lr if mode != "p_only" else None}
             log.info("%s: ppl %.3f (%s)", name, ppl, r.summary())
             save()
             del student

@@ -299,14 +299,14 @@ def test_readme_quotes_the_pv_tuning_benchmark():
     for name, row in rows.items():  # a rebuilt base: its rows quoted together
         if "(build" in name and "+" not in name:
             base, build = name.split(" ")[0], row["base_build"]
-            of = {m: r for m in ("p_only", "ste") for n, r in rows.items()
-                  if n.startswith(f"{base}+{m}") and "@" not in n and r.get("base_build") == build}
+            of = {m: r for m in ("p_only", "ste") for n, r in rows.items()  # at the table's steps and code_lr
+                  if n.startswith(f"{base}+{m}") and "@" not in n and "/lr" not in n and r.get("base_build") == build}
             if len(of) == 2:
                 assert (f"on the rebuilt base alone: calibration alone {row['ppl']:.2f}, P-only {of['p_only']['ppl']:.2f}, "
                         f"STE {of['ste']['ppl']:.2f}") in readme
                 assert (f"P-only {of['p_only']['eval_ppl'][-1]:.1f}, STE {of['ste']['eval_ppl'][-1]:.1f})") in readme
-    for name, row in rows.items():  # runs with the trust ratio: quoted with their held-out curve
-        if "/trust" in name:
+    for name, row in rows.items():  # runs with the trust ratio or another code_lr: quoted with their held-out curve
+        if "/trust" in name or "/lr" in name:
             curve = ", ".join(f"{p:.1f}" for p in row["eval_ppl"][1:])
             assert f"`{name}`: {row['ppl']:.2f} (held-out perplexity at steps 5–20: {curve}" in readme
     for name, row in rows.items():  # longer runs than the table's: their own sentence
