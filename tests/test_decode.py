@@ -146,6 +146,18 @@ def test_folded_gqa_attention_equals_attention_over_repeated_keys(tiny):
         out, _ = folded_gqa_attention(module, q, k, v, mask, scaling=0.3)
         assert out.shape == (B, T, Hk * 3, Dh)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    # the fold repeats a mask once per forward (every layer gets the same tensor): a mask changed in
+    # place, or a module with another group size, must not reuse the last repetition
+    mask = torch.zeros(B, 1, T, L).masked_fill(~allowed, float("-inf"))
+    folded_gqa_attention(module, q, k, v, mask, scaling=0.3)
+    mask[:, :, :, 0] = float("-inf")
+    torch.testing.assert_close(folded_gqa_attention(module, q, k, v, mask, scaling=0.3)[0],
+                               sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0], rtol=1e-5, atol=1e-6)
+    other = torch.nn.Module()
+    other.num_key_value_groups = 2
+    q2 = torch.randn(B, Hk * 2, T, Dh)
+    torch.testing.assert_close(folded_gqa_attention(other, q2, k, v, mask, scaling=0.3)[0],
+                               sdpa_attention_forward(other, q2, k, v, mask, scaling=0.3)[0], rtol=1e-5, atol=1e-6)
     one, _ = folded_gqa_attention(module, q[:, :, :1], k, v, allowed[:, :, :1], scaling=0.3)
     torch.testing.assert_close(one, sdpa_attention_forward(module, q[:, :, :1], k, v, allowed[:, :, :1], scaling=0.3)[0])
 

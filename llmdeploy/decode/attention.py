@@ -39,12 +39,28 @@ def folded_gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torc
             and attention_mask.shape[1] == 1 and kwargs.get("position_bias") is None
             and kwargs.get("softcap") is None and not kwargs.get("output_attentions", False)):
         q = query.reshape(B, H // n_rep, n_rep * T, D)  # head h = g * n_rep + r -> rows r * T + t of head g
-        mask = attention_mask.repeat(1, 1, n_rep, 1)
+        mask = _repeated(attention_mask, n_rep)
         out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
         return out.reshape(B, H, T, value.shape[-1]).transpose(1, 2).contiguous(), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
+
+
+#: the last mask folded and its repetition: every layer of one forward gets the same mask tensor,
+#: so it is repeated once per forward instead of once per layer (one tuple, replaced whole, so a
+#: reader never sees half of an update; cleared when :func:`folded_gqa` exits)
+_last: tuple = (None, 0, 0, None)  # mask, its _version, n_rep, repeated
+
+
+def _repeated(mask: torch.Tensor, n_rep: int) -> torch.Tensor:
+    global _last
+    last, version, reps, out = _last
+    if last is mask and version == mask._version and reps == n_rep:
+        return out
+    out = mask.repeat(1, 1, n_rep, 1)
+    _last = (mask, mask._version, n_rep, out)
+    return out
 
 
 def register() -> None:
@@ -67,5 +83,7 @@ def folded_gqa(*models: torch.nn.Module) -> Iterator[None]:
                 switched.append(m)
         yield
     finally:
+        global _last
+        _last = (None, 0, 0, None)
         for m in switched:
             m.set_attn_implementation("sdpa")
