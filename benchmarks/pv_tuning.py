@@ -133,14 +133,13 @@ def plot(res: dict, out: Path) -> None:
         return
     fig, axes = plt.subplots(2, len(bases), figsize=(5 * len(bases), 7), squeeze=False)
     for j, base in enumerate(bases):
-        for name, r in res["rows"].items():
-            if not name.startswith(f"{base}+"):
-                continue
-            label = name.split("+", 1)[1]
-            axes[0][j].plot(range(1, len(r["history"]) + 1), r["history"], label=label)
-            axes[1][j].plot(r["eval_steps"], r["eval_ppl"], marker="o", label=label)
+        runs = [(name, r) for name, r in res["rows"].items() if name.startswith(f"{base}+")]
+        for i, (name, r) in enumerate(runs):
+            label, color = name.split("+", 1)[1], plt.cm.tab20(i % 20)  # more runs than the default 10 colours
+            axes[0][j].plot(range(1, len(r["history"]) + 1), r["history"], label=label, color=color)
+            axes[1][j].plot(r["eval_steps"], r["eval_ppl"], marker="o", label=label, color=color)
         axes[0][j].set(title=base, xlabel="step", ylabel="training loss (KL to dense)")
-        axes[1][j].set(xlabel="step", ylabel="held-out perplexity")
+        axes[1][j].set(xlabel="step", ylabel="held-out perplexity (log)", yscale="log")  # diverged runs reach 1e3-1e5
         axes[1][j].axhline(res["dense"], color="gray", ls="--", label="dense")
         axes[0][j].legend()
         axes[1][j].legend()

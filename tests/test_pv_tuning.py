@@ -299,14 +299,20 @@ def test_readme_quotes_the_pv_tuning_benchmark():
     for name, row in rows.items():  # a rebuilt base: its rows quoted together
         if "(build" in name and "+" not in name:
             base, build = name.split(" ")[0], row["base_build"]
-            of = {m: r for m in ("p_only", "ste") for n, r in rows.items()  # at the table's steps and code_lr
+            # at the table's steps and code_lr, STE under the same trust ratio as P-only's run
+            of = {m: r for m in ("p_only", "ste") for n, r in rows.items()
                   if n.startswith(f"{base}+{m}") and "@" not in n and "/lr" not in n and r.get("base_build") == build}
+            p_only = of.get("p_only")
+            ste = [r for n, r in rows.items() if n.startswith(f"{base}+ste") and "@" not in n and "/lr" not in n
+                   and r.get("base_build") == build and p_only is not None and r.get("trust") == p_only.get("trust")]
+            if ste:
+                of["ste"] = ste[0]
             if len(of) == 2:
                 assert (f"on the rebuilt base alone: calibration alone {row['ppl']:.2f}, P-only {of['p_only']['ppl']:.2f}, "
                         f"STE {of['ste']['ppl']:.2f}") in readme
                 assert (f"P-only {of['p_only']['eval_ppl'][-1]:.1f}, STE {of['ste']['eval_ppl'][-1]:.1f})") in readme
-    for name, row in rows.items():  # runs with the trust ratio or another code_lr: quoted with their held-out curve
-        if "/trust" in name or "/lr" in name:
+    for name, row in rows.items():  # runs with the trust ratio or with code_lr recorded: quoted with their held-out curve
+        if "/trust" in name or (row.get("code_lr") is not None):
             curve = ", ".join(f"{p:.1f}" for p in row["eval_ppl"][1:])
             assert f"`{name}`: {row['ppl']:.2f} (held-out perplexity at steps 5–20: {curve}" in readme
     for name, row in rows.items():  # longer runs than the table's: their own sentence

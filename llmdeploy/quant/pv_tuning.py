@@ -35,7 +35,7 @@ measured on SmolLM2 AQLM 2x8 (20 steps, ratio 1e-2) about 0.05% of the groups ch
 PV land within 0.03% of each other, and a binding ``max_code_change`` (1e-4) moves PV toward P-only.
 Against the unbounded straight-through estimator (``code_trust_ratio=None``, the classic baseline)
 PV is the stable one: on one AQLM build STE at ``code_lr`` 1e-3 changed almost no code (= P-only,
-85.86), at 3e-3 reached 84.75 and at 1e-2 diverged (122.5, another build), where PV gave 79.61
+85.86), at 3e-3 reached 84.75 and at 1e-2 diverged (2187), where PV gave 79.61
 (``benchmarks/results/pv_tuning``).
 
 Every quantized module is read through a :class:`Representation` (one per storage format:
