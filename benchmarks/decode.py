@@ -62,15 +62,23 @@ MODEL = "smollm2-135m"
 NEW = 64
 log = logging.getLogger("benchmarks.decode")
 
-TRAIN = {  # drafter -> (constructor, training options)
+TRAIN = {  # drafter -> (constructor, training options; "chunks": the data's seeds, default CHUNKS)
     "medusa": (lambda m: D.MedusaHeads.for_model(m, 4, topk=8), {"steps": 4000, "batch": 4, "anchors_per_seq": 16}),
     "redrafter": (lambda m: D.ReDrafter.for_model(m, beam_width=4, beam_length=4),
                   {"steps": 4000, "batch": 4, "anchors_per_seq": 16}),  # Medusa's steps
     "hidden_transfer": (lambda m: D.HiddenTransfer.for_model(m, layer=22, n_future=4, topk=8),
                         {"steps": 400, "batch": 1, "anchors_per_seq": 24}),
+    # the ReDrafter the timing deploys, trained for it: two steps ahead (the beam length of its fastest
+    # trees), over the fr8k drafting vocabulary it drafts from (train_drafter(draft_vocab=True)), on
+    # twice the data (it overfit four chunks: teacher-forced top-1 two tokens ahead 0.73 on training
+    # sequences, 0.58 on the validation ones)
+    "redrafter-fr8k": (lambda m: D.ReDrafter.for_model(m, beam_width=2, beam_length=2),
+                       {"steps": 8000, "batch": 4, "anchors_per_seq": 16, "draft_vocab": True,
+                        "chunks": (0, 2, 3, 4, 5, 6, 7, 8)}),
 }
-# Seeds of the 512-sequence self-distillation chunks every drafter trains on: Medusa's heads overfit
-# one chunk (top-1 of head 1: 0.64 on training sequences, 0.42 held out), so all train on four.
+# Seeds of the 512-sequence self-distillation chunks the drafters train on: Medusa's heads overfit
+# one chunk (top-1 of head 1: 0.64 on training sequences, 0.42 held out), so all train on four
+# (redrafter-fr8k on eight).
 CHUNKS = (0, 2, 3, 4)
 SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), beams, draft lengths
     "medusa": [2, 4, 8, 16, 32, 48, 64],  # 64: the size of the reference's default Medusa tree (63 nodes)
@@ -80,6 +88,8 @@ SIZES = {  # the configurations swept: tree sizes (Medusa, hidden transfer), bea
     "medusa fr8k": [2, 4, 5, 8, 11, 16, 32],
     "redrafter fr8k": [(1, 2), (1, 4), (4, 2), (2, 2), (2, 3), (3, 2), (3, 3)],
     "redrafter fr8k int8": [(1, 4), (2, 2), (3, 2), (4, 2)],  # the same drafter, quantized (Drafter.quantize)
+    "redrafter-fr8k": [(1, 2), (2, 2), (3, 2), (4, 2)],  # trained for fr8k and two steps (TRAIN)
+    "redrafter-fr8k int8": [(2, 2), (3, 2), (4, 2)],
     "draft shortgpt-15": [1, 2, 3, 4],
     "draft shortgpt-20": [1, 2, 3, 4],
 }
@@ -89,7 +99,13 @@ METHODS = ("medusa", "redrafter", "hidden_transfer", "draft")
 
 
 def family(name: str) -> str:
-    """The method a swept name belongs to ("medusa fr8k" -> "medusa", "draft shortgpt-15" -> "draft")."""
+    """The method a swept name belongs to ("medusa fr8k" -> "medusa", "draft shortgpt-15" -> "draft",
+    "redrafter-fr8k int8" -> "redrafter")."""
+    return name.split()[0].split("-")[0]
+
+
+def trained(name: str) -> str:
+    """The trained drafter (a TRAIN key) a swept name uses ("redrafter-fr8k int8" -> "redrafter-fr8k")."""
     return name.split()[0]
 
 
@@ -110,7 +126,7 @@ def _drafter(name: str, model, cfg, drafts: dict):
         d.quantize(8, 64)
     if "main" in options:
         d.pseudo_on = "main"
-    if kind == "redrafter":
+    if family(kind) == "redrafter":
         d.beam_width, d.beam_length = cfg
     else:
         d.set_tree(cfg)
@@ -121,7 +137,7 @@ def stage_data(res, model, tok, save) -> tuple[dict[int, D.SelfDistillData], D.S
     """The self-distillation chunks every drafter trains on (by seed; each cached), and the
     validation sequences."""
     cache = RESULTS / "cache"
-    seeds = sorted(CHUNKS)
+    seeds = sorted({*CHUNKS, *(s for _, opts in TRAIN.values() for s in opts.get("chunks", ()))})
     chunks = {}
     for seed in seeds:
         t0 = time.perf_counter()
@@ -136,27 +152,30 @@ def stage_data(res, model, tok, save) -> tuple[dict[int, D.SelfDistillData], D.S
     return chunks, val
 
 
-def training_data(chunks: dict[int, D.SelfDistillData]) -> D.SelfDistillData:
-    parts = [chunks[s] for s in CHUNKS]
+def training_data(chunks: dict[int, D.SelfDistillData], seeds=CHUNKS) -> D.SelfDistillData:
+    parts = [chunks[s] for s in seeds]
     return D.SelfDistillData(torch.cat([p.tokens for p in parts]), parts[0].prompt_len)
 
 
 def stage_train(res, model, chunks, val, save, methods=METHODS) -> None:
     rows = res.setdefault("train", {})
     for name, (make, opts) in TRAIN.items():
-        if name not in methods:
+        if family(name) not in methods:
             continue
         folder = RESULTS / "drafters" / name
         if name in rows and (folder / "drafter.json").exists():
             continue
         drafter = make(model)
-        train = training_data(chunks)
+        opts = dict(opts)
+        train = training_data(chunks, opts.pop("chunks", CHUNKS))
+        if opts.get("draft_vocab"):  # the fr8k rows' vocabulary
+            drafter.set_draft_vocab(D.frequent_tokens(chunks[0].tokens, DRAFT_VOCAB, model.config.vocab_size))
         rep = D.train_drafter(drafter, model, train, lr=1e-3, checkpoint_dir=RESULTS / "checkpoints" / name, **opts)
         row = {**opts, "sequences": len(train.tokens), "loss_first": sum(rep.history[:20]) / 20,
                "loss_last": sum(rep.history[-20:]) / 20,
                "seconds": rep.seconds, "resumed_at": rep.resumed_at,
                "parameters": sum(p.numel() for p in drafter.parameters())}
-        if name != "redrafter":
+        if family(name) != "redrafter":
             acc = D.measure_accuracy(drafter, model, val)
             row["top1_accuracy"] = acc[:, 0].tolist()
             row["top8_accuracy"] = acc.sum(1).tolist()
@@ -185,7 +204,7 @@ def _retire_sweep(res: dict, name: str) -> None:
     """Drafter ``name`` was (re)trained: its sweep rows are redone; those the timing table used
     move to ``sweep_timed`` (the timing stays that of the earlier drafter until re-timed)."""
     timed = res.get("timing", {}).get("rows", {})
-    for key in [k for k, r in res.get("sweep", {}).items() if family(r["method"]) == name]:
+    for key in [k for k, r in res.get("sweep", {}).items() if trained(r["method"]) == name]:
         row = res["sweep"].pop(key)
         if key in timed:
             res.setdefault("sweep_timed", {}).setdefault(key, row)

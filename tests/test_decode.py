@@ -497,6 +497,76 @@ def test_training_lowers_the_loss_saves_loads_and_resumes(tiny, tmp_path, kind):
     assert a.sequences == b.sequences and a.stats.tokens_per_step == b.stats.tokens_per_step
 
 
+@pytest.mark.parametrize("kind", ["medusa", "redrafter"])
+def test_training_over_the_drafting_vocabulary(tiny, kind):
+    """draft_vocab=True: the drafter's logits and the model's distribution cover the subset only.
+    With the whole vocabulary as the subset (permuted) the loss is the full-vocabulary loss; on a
+    real subset it is the cross-entropy against the model's distribution renormalized over it (soft)
+    or against the in-subset tokens only (hard); training lowers it."""
+    model, tok = tiny
+    V = model.config.vocab_size
+    data = D.self_distill_data(model, tok, n=6, prompt_len=6, new_tokens=16)
+    make = {"medusa": lambda: D.MedusaHeads.for_model(model, 2, tree=6, topk=3),
+            "redrafter": lambda: D.ReDrafter.for_model(model, beam_width=2, beam_length=2)}[kind]
+    torch.manual_seed(0)
+    d = make()
+    hidden = D.train.final_hidden(model, data.tokens)
+    at = torch.tensor(list(data.anchors(D.train._ahead(d))))
+
+    def loss(soft, draft_vocab):
+        with torch.no_grad():
+            return D.train._loss(d, model, data.tokens, hidden, at, soft, draft_vocab).item()
+
+    full = {soft: loss(soft, False) for soft in (True, False)}
+    d.set_draft_vocab(torch.randperm(V, generator=torch.Generator().manual_seed(3)))
+    for soft in (True, False):
+        assert loss(soft, True) == pytest.approx(full[soft], rel=1e-5)
+    # a real subset: the most frequent three quarters of the tokens the data has, recomputed by hand
+    ids = D.frequent_tokens(data.tokens, V, V)[: data.tokens.unique().numel() * 3 // 4]
+    d.set_draft_vocab(ids)
+    head = model.get_output_embeddings()
+    k = 2 if kind == "redrafter" else d.n_heads
+    idx = at[:, None] + 2 + torch.arange(k)[None, :]  # the predicted positions
+    with torch.no_grad():
+        if kind == "redrafter":
+            inputs = data.tokens[:, (at[:, None] + 1 + torch.arange(k)[None, :])].flatten(0, 1)
+            logits = d.future_logits(head, model.get_input_embeddings(), hidden[:, at].flatten(0, 1), inputs)
+        else:
+            logits = d.future_logits(head, hidden[:, at].flatten(0, 1))
+        sub = logits[..., ids]  # the drafter over the subset
+        teacher = torch.softmax(head(hidden[:, idx - 1].flatten(0, 1))[..., ids], dim=-1)
+        soft_ce = -(teacher * torch.log_softmax(sub, -1)).sum(-1)  # (N, k)
+        target = data.tokens[:, idx].flatten(0, 1)
+        pos = torch.full((V,), -1)
+        pos[ids] = torch.arange(len(ids))
+        keep = pos[target] >= 0
+        assert 0 < int(keep.sum()) < keep.numel()  # some targets fall outside the subset
+        hard_ce = -torch.log_softmax(sub, -1).gather(-1, pos[target].clamp(min=0)[..., None])[..., 0]
+    if kind == "medusa":  # Medusa's 0.8^k weighting of the heads
+        w = 0.8 ** torch.arange(k, dtype=torch.float32)
+        want_soft = float((soft_ce.mean(0) * w).sum())
+        want_hard = float(sum(w[j] * hard_ce[keep[:, j], j].mean() for j in range(k)))
+    else:
+        want_soft, want_hard = float(soft_ce.mean()), float(hard_ce[keep].mean())
+    assert loss(True, True) == pytest.approx(want_soft, rel=1e-4)
+    assert loss(False, True) == pytest.approx(want_hard, rel=1e-4)
+    before = loss(True, True)
+    D.train_drafter(d, model, data, steps=24, lr=1e-2, batch=2, anchors_per_seq=4, draft_vocab=True, progress=False)
+    assert loss(True, True) < before - 1e-3
+    out = D.generate(model, None, PROMPTS, 10, drafter=d)  # still lossless
+    assert out.sequences == D.generate(model, None, PROMPTS, 10).sequences
+
+
+def test_training_over_the_drafting_vocabulary_needs_one(tiny):
+    model, tok = tiny
+    data = D.self_distill_data(model, tok, n=4, prompt_len=6, new_tokens=12)
+    with pytest.raises(ConfigError, match="set_draft_vocab"):
+        D.train_drafter(D.ReDrafter.for_model(model), model, data, steps=1, draft_vocab=True, progress=False)
+    with pytest.raises(ConfigError, match="set_draft_vocab"):
+        D.train_drafter(D.HiddenTransfer.for_model(model, n_future=2), model, data, steps=1, draft_vocab=True,
+                        progress=False)
+
+
 def test_medusa_runs_only_the_heads_its_tree_reaches(tiny):
     """A tree two levels deep drafts with heads 1-2 only, and proposes what all four heads would."""
     model, _ = tiny
@@ -674,12 +744,13 @@ def test_decode_benchmark_redoes_the_sweep_of_a_retrained_drafter_and_keeps_what
     res = {"meta": {"new_tokens": 64},
            "train": {"redrafter": {"steps": 4000, "parameters": 1, "loss_first": 2.0, "loss_last": 1.0, "seconds": 1.0}},
            "sweep": {"medusa 2": row("medusa", 2, 1.5), "redrafter (1, 2)": row("redrafter", [1, 2], 1.4),
-                     "redrafter (4, 2)": row("redrafter", [4, 2], 1.6)},
+                     "redrafter (4, 2)": row("redrafter", [4, 2], 1.6),
+                     "redrafter-fr8k (2, 2)": row("redrafter-fr8k", [2, 2], 1.9)},
            "timing": {"repeats": 3, "rows": {"hf generate": timing, "plain": timing, "medusa 2": timing,
                                              "redrafter (1, 2)": timing},
                       "trained_steps": {"medusa": 4000, "redrafter": 1000}}}
-    _retire_sweep(res, "redrafter")
-    assert set(res["sweep"]) == {"medusa 2"}
+    _retire_sweep(res, "redrafter")  # another trained drafter of the family keeps its rows
+    assert set(res["sweep"]) == {"medusa 2", "redrafter-fr8k (2, 2)"}
     assert set(res["sweep_timed"]) == {"redrafter (1, 2)"}
     assert "redrafter (1 beams x 2): 1.40 tokens per step" in readme_paragraph(res)
     text = markdown(res)

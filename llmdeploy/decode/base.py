@@ -184,7 +184,8 @@ class DraftVocabMixin:
     model. With ``set_draft_vocab(ids)`` drafting scores only the rows ``ids`` (their sub-matrix is
     cut on first use and kept while the model's head stays the same object with the same weight), so drafts come from that subset; verification still
     uses the full head, so greedy output is unchanged and rejection sampling stays exact (the
-    drafter's distribution is zero outside the subset). Training always uses the full vocabulary.
+    drafter's distribution is zero outside the subset). Training uses the full vocabulary unless
+    ``train_drafter(..., draft_vocab=True)`` trains over the subset.
     """
 
     draft_vocab: torch.Tensor | None
@@ -253,6 +254,16 @@ class DraftVocabMixin:
     def vocab_ids(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids of indices into :meth:`draft_logits`' last dimension."""
         return idx if self.draft_vocab is None else self.draft_vocab.to(idx.device)[idx]
+
+    def subset_index(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids as indices into :meth:`draft_logits`' last dimension; -100 (cross-entropy's
+        ignore index) for ids outside the drafting vocabulary."""
+        if self.draft_vocab is None:
+            return ids
+        vocab = self.draft_vocab.to(ids.device)
+        lookup = torch.full((max(int(vocab.max()), int(ids.max())) + 1,), -100, dtype=torch.long, device=ids.device)
+        lookup[vocab] = torch.arange(len(vocab), device=ids.device)
+        return lookup[ids]
 
     def full_distribution(self, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """A distribution over the drafting vocabulary as one over all ``vocab_size`` tokens."""

@@ -84,11 +84,15 @@ class MedusaHeads(DraftVocabMixin, RankedTreeMixin, Drafter):
         top = self.vocab_ids(logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices).cpu()
         return [tree_from_choices(r, top[b], choices) for b, r in enumerate(roots)]
 
-    def training_loss(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def training_loss(self, lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, draft: bool = False
+                      ) -> torch.Tensor:
         """``hidden`` (N, d) at anchors; ``targets`` for positions 1..K after each anchor's next
         token: ids (N, K), or the model's probabilities there (N, K, V) for soft distillation.
-        The 0.8^(k-1)-weighted sum of the heads' cross-entropies (Medusa's weighting)."""
-        logits = self.head_logits(lm_head, hidden)
+        The 0.8^(k-1)-weighted sum of the heads' cross-entropies (Medusa's weighting). ``draft``:
+        logits over the drafting vocabulary (probabilities over it too; an id outside it is no target)."""
+        logits = self.head_logits(lm_head, hidden, draft=draft)
+        if draft and not targets.is_floating_point():
+            targets = self.subset_index(targets)
         w = 0.8 ** torch.arange(self.n_heads, dtype=torch.float32)
         return sum(w[k] * distill_loss(logits[:, k], targets[:, k]) for k in range(self.n_heads))
 

@@ -126,20 +126,24 @@ class ReDrafter(DraftVocabMixin, Drafter):
         return tree
 
     def training_loss(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
-                      tokens: torch.Tensor, soft: torch.Tensor | None = None) -> torch.Tensor:
+                      tokens: torch.Tensor, soft: torch.Tensor | None = None, draft: bool = False) -> torch.Tensor:
         """``hidden`` (N, d) at anchors; ``tokens`` (N, 1 + n): the anchor's next token then the
         ``n`` tokens to predict, teacher-forced through the recurrence; mean cross-entropy against
-        those tokens, or against the model's probabilities ``soft`` (N, n, V) there."""
-        logits = self.future_logits(lm_head, embed, hidden, tokens[:, :-1])
-        return distill_loss(logits, tokens[:, 1:] if soft is None else soft)
+        those tokens, or against the model's probabilities ``soft`` (N, n, V) there. ``draft``:
+        logits over the drafting vocabulary (``soft`` over it too; a token outside it is no target)."""
+        logits = self.future_logits(lm_head, embed, hidden, tokens[:, :-1], draft=draft)
+        if soft is not None:
+            return distill_loss(logits, soft)
+        return distill_loss(logits, self.subset_index(tokens[:, 1:]) if draft else tokens[:, 1:])
 
     def future_logits(self, lm_head: nn.Module, embed: nn.Module, hidden: torch.Tensor,
-                      inputs: torch.Tensor) -> torch.Tensor:
-        """(N, n, V): the drafter's prediction after each teacher-forced prefix of ``inputs``."""
+                      inputs: torch.Tensor, draft: bool = False) -> torch.Tensor:
+        """(N, n, V): the drafter's prediction after each teacher-forced prefix of ``inputs``
+        (``draft``: over the drafting vocabulary)."""
         h = hidden.to(self.compute_dtype())
         s = torch.zeros(len(h), self.embed_dim, device=h.device, dtype=h.dtype)
         out = []
         for t in range(inputs.shape[1]):
             s = self.step(s, embed(inputs[:, t]).to(h.dtype))
-            out.append(self.logits(lm_head, h, s))
+            out.append(self.logits(lm_head, h, s, draft=draft))
         return torch.stack(out, dim=1)

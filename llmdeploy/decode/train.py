@@ -108,37 +108,54 @@ def _ahead(drafter: Drafter) -> int:
 
 
 def _loss(drafter: Drafter, model, tokens: torch.Tensor, hidden: torch.Tensor | None, anchors: torch.Tensor,
-          soft: bool = True) -> torch.Tensor:
+          soft: bool = True, draft_vocab: bool = False) -> torch.Tensor:
     """The drafter's loss at ``anchors`` of ``tokens``; ``soft``: against the model's distribution
-    at each predicted position (from its cached last hidden states), else its tokens."""
+    at each predicted position (from its cached last hidden states), else its tokens;
+    ``draft_vocab``: both over the drafter's drafting vocabulary only (see :func:`train_drafter`)."""
     lm_head = get_adapter(model).head()
     if isinstance(drafter, HiddenTransfer):
         return drafter.training_loss(model, tokens, anchors.tolist(), soft=soft)
 
     def teacher(idx: torch.Tensor) -> torch.Tensor:  # p(token at idx), from the hidden state before it
         with torch.no_grad():
-            return torch.softmax(lm_head(hidden[:, idx - 1].flatten(0, 1)).float(), dim=-1)
+            h = hidden[:, idx - 1].flatten(0, 1)
+            # over the drafting vocabulary: the model's distribution conditioned on that subset
+            return torch.softmax(drafter.draft_logits(lm_head, h) if draft_vocab else lm_head(h).float(), dim=-1)
 
     h = hidden[:, anchors].flatten(0, 1)  # (B*A, d)
     if isinstance(drafter, MedusaHeads):
         idx = anchors[:, None] + 2 + torch.arange(drafter.n_heads)[None, :]
         targets = teacher(idx) if soft else tokens[:, idx].flatten(0, 1).to(h.device)
-        return drafter.training_loss(lm_head, h, targets)
+        return drafter.training_loss(lm_head, h, targets, draft=draft_vocab)
     idx = anchors[:, None] + 1 + torch.arange(drafter.beam_length + 1)[None, :]
     probs = teacher(idx[:, 1:]) if soft else None
     return drafter.training_loss(lm_head, model.get_input_embeddings(), h, tokens[:, idx].flatten(0, 1).to(h.device),
-                                 probs)
+                                 probs, draft=draft_vocab)
 
 
 def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillData, *, steps: int = 200,
                   lr: float = 1e-3, batch: int = 4, anchors_per_seq: int = 16, seed: int = 0,
-                  soft: bool = True, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 25,
-                  progress: bool = True) -> TrainingReport:
+                  soft: bool = True, draft_vocab: bool = False, checkpoint_dir: str | os.PathLike | None = None,
+                  checkpoint_every: int = 25, progress: bool = True) -> TrainingReport:
     """Train ``drafter`` (the model frozen) for ``steps`` AdamW steps (cosine schedule) of
     ``batch`` sequences × ``anchors_per_seq`` random anchors; ``soft``: distil the model's full
     distribution at each predicted position (Medusa-2's self-distillation), else its tokens;
-    resumes from ``checkpoint_dir``."""
+    resumes from ``checkpoint_dir``.
+
+    ``draft_vocab``: train over the drafting vocabulary the drafter has (``set_draft_vocab``),
+    the one it will draft from — its logits and the model's distribution both cover only those
+    tokens (the model's renormalized over them; with ``soft=False`` a token outside the subset is
+    not a target). The LM head is read for those rows only, so on SmolLM2 with 8192 of 49,152
+    tokens a step costs a fraction of a full-vocabulary one. Not in the papers: FR-Spec restricts
+    the vocabulary of a drafter trained over all of it; this trains the drafter it deploys."""
+    if draft_vocab and getattr(drafter, "draft_vocab", None) is None:
+        raise ConfigError(f"draft_vocab=True trains over a drafting vocabulary: call set_draft_vocab(ids) on the "
+                          f"{type(drafter).__name__} first (frequent_tokens(data.tokens, 8192, vocab_size))")
+    if draft_vocab and drafter.quantized is not None:
+        raise ConfigError("a quantized drafter is not trainable: train it, save it, then quantize")
     ahead = _ahead(drafter)
+    if draft_vocab:
+        drafter._sub_head = None  # the subset's rows cut from this model's head on first use
     anchors = data.anchors(ahead)
     if len(anchors) < 1:
         raise ConfigError(f"continuations of {data.tokens.shape[1] - data.prompt_len} tokens are too short for a "
@@ -158,6 +175,8 @@ def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillDat
     if checkpoint_dir is not None:
         cfg = {"drafter": drafter.kind, **drafter.config(), "steps": steps, "lr": lr, "batch": batch,
                "anchors": anchors_per_seq, "seed": seed, "soft": soft}
+        if draft_vocab:  # (a key only when set: earlier runs' fingerprints stay valid)
+            cfg["draft_vocab_ids"] = hashlib.sha256(drafter.draft_vocab.cpu().numpy().tobytes()).hexdigest()[:16]
         state = TrainingState(checkpoint_dir, run_fingerprint(cfg, model, data.tokens), f"{drafter.kind} training")
         saved = state.load()
         if saved is not None:
@@ -178,7 +197,8 @@ def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillDat
         rows = torch.randint(len(data.tokens), (batch,), generator=gen)
         pick = torch.randperm(len(anchors), generator=gen)[:anchors_per_seq]
         at = torch.tensor([anchors[i] for i in sorted(pick.tolist())])
-        loss = _loss(drafter, model, data.tokens[rows], None if hidden is None else hidden[rows], at, soft)
+        loss = _loss(drafter, model, data.tokens[rows], None if hidden is None else hidden[rows], at, soft,
+                     draft_vocab)
         if not torch.isfinite(loss):
             raise TrainingDivergedError(f"{drafter.kind} training loss became {loss.item()} at step {step}: lower lr")
         opt.zero_grad(set_to_none=True)
