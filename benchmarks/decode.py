@@ -71,9 +71,10 @@ TRAIN = {  # drafter -> (constructor, training options; "chunks": the data's see
     # the ReDrafter the timing deploys, trained for it: two steps ahead (the beam length of its fastest
     # trees), over the fr8k drafting vocabulary it drafts from (train_drafter(draft_vocab=True)), on
     # twice the data (it overfit four chunks: teacher-forced top-1 two tokens ahead 0.73 on training
-    # sequences, 0.58 on the validation ones)
+    # sequences, 0.58 on the validation ones); a step costs an eighth of redrafter's (0.065 against 0.53 s
+    # at batch 4), so it takes twice the batch and steps
     "redrafter-fr8k": (lambda m: D.ReDrafter.for_model(m, beam_width=2, beam_length=2),
-                       {"steps": 8000, "batch": 4, "anchors_per_seq": 16, "draft_vocab": True,
+                       {"steps": 8000, "batch": 8, "anchors_per_seq": 16, "draft_vocab": True,
                         "chunks": (0, 2, 3, 4, 5, 6, 7, 8)}),
 }
 # Seeds of the 512-sequence self-distillation chunks the drafters train on: Medusa's heads overfit
