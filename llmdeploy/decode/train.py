@@ -154,8 +154,8 @@ def train_drafter(drafter: Drafter, model: torch.nn.Module, data: SelfDistillDat
     if draft_vocab and drafter.quantized is not None:
         raise ConfigError("a quantized drafter is not trainable: train it, save it, then quantize")
     ahead = _ahead(drafter)
-    if draft_vocab:
-        drafter._sub_head = None  # the subset's rows cut from this model's head on first use
+    if draft_vocab:  # the subset's rows cut again, from this model's head, on first use
+        drafter.set_draft_vocab(drafter.draft_vocab)
     anchors = data.anchors(ahead)
     if len(anchors) < 1:
         raise ConfigError(f"continuations of {data.tokens.shape[1] - data.prompt_len} tokens are too short for a "
