@@ -299,18 +299,16 @@ def test_readme_quotes_the_pv_tuning_benchmark():
     for name, row in rows.items():  # a rebuilt base: its rows quoted together
         if "(build" in name and "+" not in name:
             base, build = name.split(" ")[0], row["base_build"]
-            # at the table's steps and code_lr, STE under the same trust ratio as P-only's run
-            of = {m: r for m in ("p_only", "ste") for n, r in rows.items()
-                  if n.startswith(f"{base}+{m}") and "@" not in n and "/lr" not in n and r.get("base_build") == build}
-            p_only = of.get("p_only")
-            ste = [r for n, r in rows.items() if n.startswith(f"{base}+ste") and "@" not in n and "/lr" not in n
-                   and r.get("base_build") == build and p_only is not None and r.get("trust") == p_only.get("trust")]
-            if ste:
-                of["ste"] = ste[0]
-            if len(of) == 2:
-                assert (f"on the rebuilt base alone: calibration alone {row['ppl']:.2f}, P-only {of['p_only']['ppl']:.2f}, "
-                        f"STE {of['ste']['ppl']:.2f}") in readme
-                assert (f"P-only {of['p_only']['eval_ppl'][-1]:.1f}, STE {of['ste']['eval_ppl'][-1]:.1f})") in readme
+            # this build's runs at the table's steps and code_lr; STE with P-only's trust ratio
+            of = {m: [r for n, r in rows.items() if n.startswith(f"{base}+{m}") and "@" not in n and "/lr" not in n
+                      and r.get("base_build") == build] for m in ("p_only", "ste")}
+            p_only = of["p_only"]
+            ste = [r for r in of["ste"] if p_only and r.get("trust") == p_only[-1].get("trust")]
+            if p_only and ste:
+                p, st = p_only[-1], ste[0]
+                assert f"on the rebuilt base alone: calibration alone {row['ppl']:.2f}, P-only {p['ppl']:.2f}, STE {st['ppl']:.2f}" \
+                    in readme
+                assert f"P-only {p['eval_ppl'][-1]:.1f}, STE {st['eval_ppl'][-1]:.1f})" in readme
     for name, row in rows.items():  # runs with the trust ratio or with code_lr recorded: quoted with their held-out curve
         if "/trust" in name or (row.get("code_lr") is not None):
             curve = ", ".join(f"{p:.1f}" for p in row["eval_ppl"][1:])
