@@ -33,7 +33,8 @@ Stages (results in ``results/decode/decode.json``; delete a key to redo it):
 - ``timing``: wall-clock tokens/s of the best configuration of each method (by the sweep's tokens
   per forward-second estimate) against plain decoding — transformers' ``model.generate`` and this
   engine without a drafter — at batch 1 (8 prompts one after another) and batch 4 (two batches),
-  repeated ``--repeats`` times interleaved; medians, 2 threads. The engine computes the model's
+  ``--repeats`` times; interleaved per prompt group (every decoder decodes a prompt, or a batch of
+  4, before the next group; the order rotates), medians over repeats, 2 threads. The engine computes the model's
   linears for up to ``llmdeploy.kernels.rows.MAX_ROWS`` token rows with the row kernel (``generate(row_kernel=True)``); rows marked
   ", BLAS linears" (plain decoding and the fastest method) decode with ``F.linear`` instead.
 
@@ -260,6 +261,13 @@ def _best(res, methods=METHODS) -> dict[str, str]:
     return {m: k for m, (_, k) in best.items()}
 
 
+def rotations(keys: list[str], n: int, start: int = 0) -> list[list[str]]:
+    """The order the decoders run in for ``n`` consecutive prompt groups: ``keys`` rotated by one
+    more place for every group (from ``start``), so each decoder runs first, second, ... equally
+    often over ``len(keys)`` groups."""
+    return [keys[(start + i) % len(keys):] + keys[: (start + i) % len(keys)] for i in range(n)]
+
+
 BLAS = ", BLAS linears"  # a timing row decoded with row_kernel=False (the model's linears through F.linear)
 
 
@@ -273,28 +281,38 @@ def stage_timing(res, model, prompts, drafts, repeats: int, save, methods=METHOD
     # each drafter loaded once, outside the timed loops (its per-generation state is reset by begin())
     drafters = {k: None if r is None else _drafter(r["method"], model, r["config"], drafts) for k, r in runs.items()}
 
-    def once(key, batch) -> float:
-        groups = [prompts[i : i + batch] for i in range(0, len(prompts), batch)]
+    def once(key, group) -> float:
         t0 = time.perf_counter()
-        for g in groups:
-            if key == "hf generate":
-                model.generate(torch.tensor(g), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)
-            else:
-                D.generate(model, None, g, NEW, drafter=drafters[key], row_kernel=not key.endswith(BLAS))
-        return len(prompts) * NEW / (time.perf_counter() - t0)
+        if key == "hf generate":
+            model.generate(torch.tensor(group), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+        else:
+            D.generate(model, None, group, NEW, drafter=drafters[key], row_kernel=not key.endswith(BLAS))
+        return time.perf_counter() - t0
 
-    for key in runs:  # warm-up
-        once(key, 4)
+    keys = list(runs)
+    for key in keys:  # warm-up
+        once(key, prompts[:4])
+    # Interleaved per prompt group: each prompt (batch 1) or batch of 4 is decoded by every decoder in
+    # turn, the order rotated from group to group and repeat to repeat, so that the machine's drift
+    # (plain decoding alone moved 19-28 tok/s within one run) reaches every decoder alike rather than
+    # whichever ran in a slow minute. A decoder's rate in a repeat: all its tokens over all its seconds.
+    turn = 0
     for _ in range(repeats):
         for batch in ("1", "4"):
-            for key in runs:
-                times[key][batch].append(once(key, int(batch)))
+            groups = [prompts[i : i + int(batch)] for i in range(0, len(prompts), int(batch))]
+            secs = dict.fromkeys(keys, 0.0)
+            for g, order in zip(groups, rotations(keys, len(groups), turn)):
+                for key in order:
+                    secs[key] += once(key, g)
+            turn += len(groups)
+            for key in keys:
+                times[key][batch].append(len(prompts) * NEW / secs[key])
     out = {}
     for key, t in times.items():
         out[key] = {f"tok_s_b{b}": statistics.median(v) for b, v in t.items()}
         out[key].update({f"all_b{b}": v for b, v in t.items()})
-    _replace_timing(res, {"repeats": repeats, "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d"),
+    _replace_timing(res, {"repeats": repeats, "interleave": "group", "rows": out, "methods": list(methods), "date": time.strftime("%Y-%m-%d"),
                           "trained_steps": {n: r["steps"] for n, r in res.get("train", {}).items()}})
     save()
 
@@ -327,7 +345,10 @@ def _timing_section(res: dict, timing: dict, title: str) -> list[str]:
     base = {b: max(r[f"tok_s_b{b}"] for k, r in rows.items() if k.startswith(("hf generate", "plain")))
             for b in ("1", "4")}
     out = [f"## {title} (medians of {timing['repeats']} interleaved repeats)", "",
-           "Speed-up against the faster of the two plain decoders in the same run. This engine computes the "
+           "Speed-up against the faster of the two plain decoders in the same run"
+           + (" (every decoder decodes each prompt, or batch of 4, in turn before the next; the order rotates)"
+              if timing.get("interleave") == "group" else " (each decoder decoded all prompts in turn)")
+           + ". This engine computes the "
            f"model's linears for up to {MAX_ROWS} token rows with `llmdeploy.kernels.rows` (each weight read once, "
            "the next block of weights prefetched while one computes); "
            "rows ending in \"BLAS linears\" decode with `row_kernel=False` (`F.linear`) instead."

@@ -497,6 +497,24 @@ def test_training_lowers_the_loss_saves_loads_and_resumes(tiny, tmp_path, kind):
     assert a.sequences == b.sequences and a.stats.tokens_per_step == b.stats.tokens_per_step
 
 
+def test_final_hidden_is_what_the_head_sees_without_computing_logits(tiny):
+    """``final_hidden`` (the training's cached hidden states) stops each forward at the LM head: it
+    returns the final-normed states the model's own output reports, batch by batch, and the head
+    never runs."""
+    model, _ = tiny
+    tokens = torch.randint(0, model.config.vocab_size, (5, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(input_ids=tokens, output_hidden_states=True).hidden_states[-1]
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    try:
+        got = D.train.final_hidden(model, tokens, batch=2)  # batches of 2, 2 and 1
+    finally:
+        hook.remove()
+    assert got.shape == want.shape and not calls
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("kind", ["medusa", "redrafter"])
 def test_training_over_the_drafting_vocabulary(tiny, kind):
     """draft_vocab=True: the drafter's logits and the model's distribution cover the subset only.
@@ -791,3 +809,18 @@ def test_decode_benchmark_keeps_the_timing_it_replaces():
               for t in res.get("timing_history", []) for k, r in t["rows"].items()
               if k.startswith("redrafter fr8k (") and not k.endswith("BLAS linears")}
     assert quoted and all(x in readme for _, x in quoted)
+
+
+def test_decode_benchmark_rotates_the_decoders_per_prompt_group():
+    """The timing interleaves per prompt group: every group runs each decoder once, and over as many
+    consecutive groups as there are decoders each decoder takes every place in the order once (so
+    none always runs right after another, or in the same part of a slow minute)."""
+    from benchmarks.decode import rotations
+
+    keys = ["hf generate", "plain", "a", "b", "c"]
+    orders = rotations(keys, 12, start=3)
+    assert len(orders) == 12 and all(sorted(o) == sorted(keys) for o in orders)
+    for window in (orders[:5], orders[4:9]):
+        for place in range(len(keys)):
+            assert sorted(o[place] for o in window) == sorted(keys)
+    assert orders[0][0] == "b" and rotations(keys, 2, start=5) == rotations(keys, 2)  # start wraps

@@ -82,18 +82,34 @@ def self_distill_data(model: torch.nn.Module, tokenizer, *, corpus: str = "shake
     return data
 
 
+class _HeadReached(Exception):
+    """Raised by :func:`final_hidden`'s hook to end a forward at the LM head."""
+
+
 @torch.no_grad()
 def final_hidden(model: torch.nn.Module, tokens: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """(N, S, d): the hidden states the LM head sees, for every position (model frozen)."""
+    """(N, S, d): the hidden states the LM head sees, for every position (model frozen). Each
+    forward stops at the head: its logits (vocabulary-wide at every position, the largest matmul
+    and tensor of the pass) are not needed."""
     head = get_adapter(model).head()
     seen: list[torch.Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+
+    def stop(_m, args):
+        seen.append(args[0].detach())
+        raise _HeadReached
+
+    hook = head.register_forward_pre_hook(stop)
     dev = next(model.parameters()).device
     try:
         for at in range(0, len(tokens), batch):
-            model(input_ids=tokens[at : at + batch].to(dev), use_cache=False)
+            try:
+                model(input_ids=tokens[at : at + batch].to(dev), use_cache=False)
+            except _HeadReached:
+                pass
     finally:
         hook.remove()
+    if len(seen) != -(-len(tokens) // batch):
+        raise ConfigError("final_hidden: the model's forward did not reach its LM head once per batch")
     return torch.cat(seen)
 
 
