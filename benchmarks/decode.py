@@ -433,7 +433,9 @@ def readme_paragraph(res: dict) -> str:
     hf = rows["hf generate"]
     return ("Faster decoding on `smollm2-135m` (2 threads, greedy, 8 held-out Shakespeare prompts, "
             f"{res['meta']['new_tokens']} new tokens; tok/s at batch 1 / batch 4, medians of "
-            f"{res['timing']['repeats']} interleaved repeats): plain decoding {plain['tok_s_b1']:.1f} / "
+            f"{res['timing']['repeats']} "
+            + ("repeats interleaved per prompt" if res["timing"].get("interleave") == "group" else "interleaved repeats")
+            + f"): plain decoding {plain['tok_s_b1']:.1f} / "
             f"{plain['tok_s_b4']:.1f} tok/s (transformers' generate {hf['tok_s_b1']:.1f} / {hf['tok_s_b4']:.1f}); "
             + "; ".join(parts) + ". Every output equals plain greedy decoding "
             "([benchmarks/results/decode/DECODE.md](benchmarks/results/decode/DECODE.md), `python -m benchmarks.decode`).")
